@@ -1,0 +1,22 @@
+"""L-BFGS in JAX with exact implicit-function-theorem gradients through the solve."""
+
+import importlib.metadata
+
+from ._adjoint import (
+    AbstractAdjoint as AbstractAdjoint,
+    ImplicitAdjoint as ImplicitAdjoint,
+    QuasiNewtonAdjoint as QuasiNewtonAdjoint,
+)
+from ._history import History as History
+from ._linesearch import (
+    AbstractLineSearch as AbstractLineSearch,
+    Backtracking as Backtracking,
+    LineSearchResult as LineSearchResult,
+    StrongWolfe as StrongWolfe,
+)
+from ._optimize import optimize as optimize
+from ._solution import RESULTS as RESULTS, Solution as Solution
+from ._solver import AbstractMinimiser as AbstractMinimiser, LBFGS as LBFGS
+
+
+__version__ = importlib.metadata.version("lbfgs_implicit")

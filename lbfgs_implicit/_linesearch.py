@@ -1,0 +1,296 @@
+"""Line searches along a descent direction `p` from `x`.
+
+A line search evaluates `value_and_grad` at trial points `x + a p` and returns the
+accepted one together with its value and gradient, so the solver never evaluates the
+objective twice at the same point. No trial with a non-finite value, or a value above
+`f(x)`, is ever accepted: if no trial decreases the objective the search reports
+failure and the solver stays where it is.
+"""
+
+import abc
+from collections.abc import Callable
+
+import equinox as eqx
+import jax.lax as lax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Int, PyTree, Scalar
+
+from ._misc import tree_allfinite, tree_axpy, tree_dot, tree_where
+
+
+ValueAndGrad = Callable[[PyTree[Array]], tuple[Scalar, PyTree[Array]]]
+
+
+class LineSearchResult(eqx.Module):
+    """What a line search returns: the step taken and the point it leads to."""
+
+    step: Scalar
+    x: PyTree[Array]
+    f: Scalar
+    g: PyTree[Array]
+    num_evals: Int[Array, ""]
+    # True when the value decreased; the point is then accepted by the solver.
+    success: Bool[Array, ""]
+
+
+class AbstractLineSearch(eqx.Module):
+    """Base class of line searches; subclasses are configuration-only modules."""
+
+    @abc.abstractmethod
+    def __call__(
+        self,
+        value_and_grad: ValueAndGrad,
+        x: PyTree[Array],
+        f: Scalar,
+        g: PyTree[Array],
+        p: PyTree[Array],
+        dg: Scalar,
+        step0: Scalar,
+    ) -> LineSearchResult:
+        """Search along `p` (with `dg = g'p < 0`) starting from the trial step `step0`."""
+
+
+def _evaluate(value_and_grad, x, p, a, dtype):
+    xt = tree_axpy(a, p, x)
+    ft, gt = value_and_grad(xt)
+    ft = ft.astype(dtype)
+    dt = tree_dot(gt, p).astype(dtype)
+    finite = jnp.isfinite(ft) & jnp.isfinite(dt) & tree_allfinite(gt)
+    return ft, gt, dt, finite
+
+
+def _cubic_minimiser(a, fa, da, b, fb, db):
+    """Minimiser of the cubic through `(a, fa, da)` and `(b, fb, db)` (N&W eq. 3.59).
+
+    NaN when the cubic has no minimiser; the caller then falls back to bisection.
+    """
+    d1 = da + db - 3 * (fa - fb) / (a - b)
+    disc = d1 * d1 - da * db
+    d2 = jnp.sign(b - a) * jnp.sqrt(jnp.where(disc >= 0, disc, jnp.nan))
+    return b - (b - a) * (db + d2 - d1) / (db - da + 2 * d2)
+
+
+class _WolfeCarry(eqx.Module):
+    # fixed once the search starts: none
+    # bracket: `lo` is the best point meeting sufficient decrease so far, `hi` the other end
+    a_lo: Scalar
+    f_lo: Scalar
+    d_lo: Scalar
+    a_hi: Scalar
+    f_hi: Scalar
+    d_hi: Scalar
+    zoom: Bool[Array, ""]
+    a_next: Scalar
+    # the best trial seen: lowest finite value
+    a_best: Scalar
+    f_best: Scalar
+    g_best: PyTree[Array]
+    # bookkeeping
+    num_evals: Int[Array, ""]
+    found: Bool[Array, ""]
+    done: Bool[Array, ""]
+
+
+class StrongWolfe(AbstractLineSearch):
+    """Line search for the strong Wolfe conditions, with safeguarded cubic interpolation.
+
+    Finds a step $a$ with $f(x + a p) \\le f(x) + c_1 a g^\\top p$ and
+    $|\\nabla f(x + a p)^\\top p| \\le c_2 |g^\\top p|$ by bracketing (steps grow by
+    up to 5x) and then zooming, with cubic interpolation kept inside the middle 80% of
+    the bracket (Nocedal & Wright, Algorithms 3.5 and 3.6). Non-finite trials are
+    treated as too long and shrink the bracket.
+
+    If `max_evals` trials pass without meeting both conditions, the lowest trial below
+    `f(x)` is accepted (the history's curvature gate decides whether it updates the
+    memory); with no such trial the search fails and the solver retries along steepest
+    descent.
+
+    **Arguments:**
+
+    - `c1`: sufficient-decrease constant, default `1e-4`.
+    - `c2`: curvature constant, default `0.9` (the usual quasi-Newton choice).
+    - `max_evals`: the most value-and-gradient evaluations per search, default 20
+      (SciPy's `maxls`).
+    """
+
+    c1: float = 1e-4
+    c2: float = 0.9
+    max_evals: int = 20
+
+    def __check_init__(self):
+        if not 0 < self.c1 < self.c2 < 1:
+            raise ValueError(f"StrongWolfe needs 0 < c1 < c2 < 1, got c1={self.c1}, c2={self.c2}.")
+        if self.max_evals < 1:
+            raise ValueError(f"StrongWolfe needs max_evals >= 1, got {self.max_evals}.")
+
+    def __call__(self, value_and_grad, x, f, g, p, dg, step0):
+        dtype = f.dtype
+        zero = jnp.zeros((), dtype)
+        eps = jnp.finfo(dtype).eps
+        init = _WolfeCarry(
+            a_lo=zero,
+            f_lo=f,
+            d_lo=dg,
+            a_hi=zero,
+            f_hi=f,
+            d_hi=dg,
+            zoom=jnp.array(False),
+            a_next=step0.astype(dtype),
+            a_best=zero,
+            f_best=f,
+            g_best=g,
+            num_evals=jnp.zeros((), jnp.int32),
+            found=jnp.array(False),
+            done=jnp.array(False),
+        )
+
+        def cond(c: _WolfeCarry):
+            return ~c.done
+
+        def body(c: _WolfeCarry):
+            # The trial step: given while bracketing, interpolated while zooming.
+            lo, hi = jnp.minimum(c.a_lo, c.a_hi), jnp.maximum(c.a_lo, c.a_hi)
+            width = hi - lo
+            cubic = _cubic_minimiser(c.a_lo, c.f_lo, c.d_lo, c.a_hi, c.f_hi, c.d_hi)
+            bisect = 0.5 * (c.a_lo + c.a_hi)
+            cubic = jnp.where(jnp.isfinite(cubic), cubic, bisect)
+            interp = jnp.clip(cubic, lo + 0.1 * width, hi - 0.1 * width)
+            a = jnp.where(c.zoom, interp, c.a_next)
+
+            ft, gt, dt, finite = _evaluate(value_and_grad, x, p, a, dtype)
+            armijo = finite & (ft <= f + self.c1 * a * dg)
+            curvature = jnp.abs(dt) <= -self.c2 * dg
+            wolfe = armijo & curvature
+            too_long = ~armijo | (ft >= c.f_lo)
+
+            better = finite & (ft < c.f_best)
+            take = wolfe | better
+            a_best = jnp.where(take, a, c.a_best)
+            f_best = jnp.where(take, ft, c.f_best)
+            g_best = tree_where(take, gt, c.g_best)
+
+            # While bracketing, `lo` is the previous trial; a trial that is too long, or
+            # whose slope turned non-negative, closes the bracket and starts the zoom.
+            # While zooming, N&W Algorithm 3.6: replace `hi` by a trial that is too
+            # long, otherwise the trial becomes `lo` (and the old `lo` becomes `hi` if
+            # the slope says the minimum lies on its side).
+            slope_flip = dt * (c.a_hi - c.a_lo) >= 0
+            bracket_flip = dt >= 0
+            flip = jnp.where(c.zoom, slope_flip, bracket_flip)
+            new_lo = ~too_long
+            new_hi = too_long | flip
+            # (`hi` takes the trial if too long, else the old `lo` on a flip.)
+            a_hi = jnp.where(too_long, a, jnp.where(flip, c.a_lo, c.a_hi))
+            f_hi = jnp.where(too_long, ft, jnp.where(flip, c.f_lo, c.f_hi))
+            d_hi = jnp.where(too_long, dt, jnp.where(flip, c.d_lo, c.d_hi))
+            a_lo = jnp.where(new_lo, a, c.a_lo)
+            f_lo = jnp.where(new_lo, ft, c.f_lo)
+            d_lo = jnp.where(new_lo, dt, c.d_lo)
+            zoom = c.zoom | new_hi
+
+            # Extrapolate while the step is still too short (Moré-Thuente's factor).
+            a_next = a + 4 * (a - c.a_lo)
+
+            num_evals = c.num_evals + 1
+            new_width = jnp.abs(a_hi - a_lo)
+            collapsed = zoom & (new_width <= eps * jnp.maximum(jnp.abs(a_lo), jnp.abs(a_hi)))
+            done = wolfe | (num_evals >= self.max_evals) | collapsed
+            return _WolfeCarry(
+                a_lo=a_lo,
+                f_lo=f_lo,
+                d_lo=d_lo,
+                a_hi=a_hi,
+                f_hi=f_hi,
+                d_hi=d_hi,
+                zoom=zoom,
+                a_next=a_next,
+                a_best=a_best,
+                f_best=f_best,
+                g_best=g_best,
+                num_evals=num_evals,
+                found=wolfe,
+                done=done,
+            )
+
+        c = lax.while_loop(cond, body, init)
+        success = c.found | (c.f_best < f)
+        return LineSearchResult(
+            step=c.a_best,
+            x=tree_axpy(c.a_best, p, x),
+            f=c.f_best,
+            g=c.g_best,
+            num_evals=c.num_evals,
+            success=success,
+        )
+
+
+class _BacktrackCarry(eqx.Module):
+    a: Scalar
+    a_best: Scalar
+    f_best: Scalar
+    g_best: PyTree[Array]
+    num_evals: Int[Array, ""]
+    found: Bool[Array, ""]
+
+
+class Backtracking(AbstractLineSearch):
+    """Armijo backtracking: shrink the step by `factor` until sufficient decrease holds.
+
+    Cheaper per step than [`lbfgs_implicit.StrongWolfe`][] but it does not enforce the
+    curvature condition, so more pairs may be rejected by the history's curvature gate.
+
+    **Arguments:**
+
+    - `c1`: sufficient-decrease constant, default `1e-4`.
+    - `factor`: step shrink factor in `(0, 1)`, default `0.5`.
+    - `max_evals`: the most evaluations per search, default 30.
+    """
+
+    c1: float = 1e-4
+    factor: float = 0.5
+    max_evals: int = 30
+
+    def __check_init__(self):
+        if not 0 < self.c1 < 1:
+            raise ValueError(f"Backtracking needs 0 < c1 < 1, got {self.c1}.")
+        if not 0 < self.factor < 1:
+            raise ValueError(f"Backtracking needs 0 < factor < 1, got {self.factor}.")
+        if self.max_evals < 1:
+            raise ValueError(f"Backtracking needs max_evals >= 1, got {self.max_evals}.")
+
+    def __call__(self, value_and_grad, x, f, g, p, dg, step0):
+        dtype = f.dtype
+        init = _BacktrackCarry(
+            a=step0.astype(dtype),
+            a_best=jnp.zeros((), dtype),
+            f_best=f,
+            g_best=g,
+            num_evals=jnp.zeros((), jnp.int32),
+            found=jnp.array(False),
+        )
+
+        def cond(c):
+            return ~c.found & (c.num_evals < self.max_evals)
+
+        def body(c):
+            ft, gt, _, finite = _evaluate(value_and_grad, x, p, c.a, dtype)
+            armijo = finite & (ft <= f + self.c1 * c.a * dg)
+            take = armijo | (finite & (ft < c.f_best))
+            return _BacktrackCarry(
+                a=c.a * self.factor,
+                a_best=jnp.where(take, c.a, c.a_best),
+                f_best=jnp.where(take, ft, c.f_best),
+                g_best=tree_where(take, gt, c.g_best),
+                num_evals=c.num_evals + 1,
+                found=armijo,
+            )
+
+        c = lax.while_loop(cond, body, init)
+        return LineSearchResult(
+            step=c.a_best,
+            x=tree_axpy(c.a_best, p, x),
+            f=c.f_best,
+            g=c.g_best,
+            num_evals=c.num_evals,
+            success=c.found | (c.f_best < f),
+        )

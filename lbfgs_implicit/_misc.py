@@ -1,0 +1,90 @@
+"""Pytree arithmetic shared by the forward solve, the line searches and the adjoints.
+
+Every operation works leaf by leaf, so leaves keep their own shape, dtype and
+sharding; reductions sum the per-leaf results in the common dtype of the leaves.
+"""
+
+from collections.abc import Callable
+from typing import Any, TypeAlias
+
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jaxtyping import Array, Bool, PyTree, Scalar
+
+
+Y: TypeAlias = PyTree[Array]
+
+
+def common_dtype(tree: Y) -> Any:
+    """The floating dtype that all leaves of `tree` promote to."""
+    leaves = jtu.tree_leaves(tree)
+    return jnp.result_type(*leaves) if leaves else jnp.result_type(float)
+
+
+def _reduce(values: list[Array]) -> Scalar:
+    dtype = jnp.result_type(*values)
+    total = values[0].astype(dtype)
+    for v in values[1:]:
+        total = total + v.astype(dtype)
+    return total
+
+
+def tree_dot(a: Y, b: Y) -> Scalar:
+    """Real inner product `sum_leaves sum(a * b)`."""
+    return _reduce([jnp.sum(x * y) for x, y in zip(jtu.tree_leaves(a), jtu.tree_leaves(b))])
+
+
+def tree_sumsq(a: Y) -> Scalar:
+    return _reduce([jnp.sum(jnp.square(x)) for x in jtu.tree_leaves(a)])
+
+
+def tree_norm2(a: Y) -> Scalar:
+    return jnp.sqrt(tree_sumsq(a))
+
+
+def tree_norm_inf(a: Y) -> Scalar:
+    leaves = [jnp.max(jnp.abs(x)) if x.size else jnp.zeros((), x.dtype) for x in jtu.tree_leaves(a)]
+    dtype = jnp.result_type(*leaves)
+    return jnp.max(jnp.stack([v.astype(dtype) for v in leaves]))
+
+
+def tree_allfinite(a: Y) -> Bool[Array, ""]:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jtu.tree_leaves(a)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def tree_scale(c: Scalar | float, a: Y) -> Y:
+    return jtu.tree_map(lambda x: (c * x).astype(x.dtype), a)
+
+
+def tree_axpy(c: Scalar | float, x: Y, y: Y) -> Y:
+    """`c * x + y`, keeping the dtype of each leaf of `y`."""
+    return jtu.tree_map(lambda xi, yi: (c * xi + yi).astype(yi.dtype), x, y)
+
+
+def tree_sub(a: Y, b: Y) -> Y:
+    return jtu.tree_map(lambda x, y: x - y, a, b)
+
+
+def tree_add(a: Y, b: Y) -> Y:
+    return jtu.tree_map(lambda x, y: x + y, a, b)
+
+
+def tree_neg(a: Y) -> Y:
+    return jtu.tree_map(lambda x: -x, a)
+
+
+def tree_where(pred: Bool[Array, ""], a: Y, b: Y) -> Y:
+    return jtu.tree_map(lambda x, y: jnp.where(pred, x, y), a, b)
+
+
+def tree_zeros_like(a: Y) -> Y:
+    return jtu.tree_map(jnp.zeros_like, a)
+
+
+def verbose_printer(verbose: bool) -> Callable[..., None]:
+    """Resolve `verbose` once: a no-op when off, so nothing is traced."""
+    if verbose:
+        return lambda fmt, **kw: jax.debug.print(fmt, ordered=True, **kw)
+    return lambda fmt, **kw: None

@@ -1,0 +1,173 @@
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+from jaxtyping import ArrayLike, PyTree
+
+from ._adjoint import AbstractAdjoint, ImplicitAdjoint, implicit_solve
+from ._solution import RESULTS, Solution
+from ._solver import LBFGS, AbstractMinimiser
+
+
+def _check_x0(x0: PyTree[ArrayLike]) -> PyTree[jax.Array]:
+    leaves, treedef = jtu.tree_flatten(x0)
+    if not leaves:
+        raise ValueError(
+            f"`x0` has no array leaves (got {x0!r}); pass the initial parameters as a "
+            "pytree of floating-point arrays."
+        )
+    out = []
+    for path, leaf in jtu.tree_flatten_with_path(x0)[0]:
+        where = jtu.keystr(path) or "x0"
+        if not isinstance(leaf, (jax.Array, np.ndarray, np.generic, float, int, bool)):
+            raise TypeError(f"`x0` leaf {where} is a {type(leaf).__name__}; every leaf must be an array.")
+        dtype = jnp.result_type(leaf)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            hint = (
+                "complex parameters are not supported yet: optimise over the real and "
+                "imaginary parts as separate leaves"
+                if jnp.issubdtype(dtype, jnp.complexfloating)
+                else "cast it, e.g. `x0.astype(jnp.float32)`"
+            )
+            raise TypeError(
+                f"`x0` leaf {where} has dtype {dtype}; L-BFGS needs real floating-point "
+                f"parameters ({hint})."
+            )
+        leaf = jnp.asarray(leaf)
+        if leaf.size == 0:
+            raise ValueError(f"`x0` leaf {where} is empty (shape {leaf.shape}); remove it from `x0`.")
+        out.append(leaf)
+    return jtu.tree_unflatten(treedef, out)
+
+
+def _normalise_fn(fn: Callable, has_aux: bool) -> Callable:
+    if has_aux:
+        return fn
+
+    def with_aux(x, args):
+        return fn(x, args), None
+
+    return with_aux
+
+
+def _check_output(fn: Callable, x0, args, has_aux: bool) -> None:
+    out = jax.eval_shape(fn, x0, args)
+    if has_aux and not (isinstance(out, tuple) and len(out) == 2):
+        raise TypeError(
+            "With `has_aux=True`, `fn` must return a tuple `(value, aux)`; got "
+            f"{jtu.tree_structure(out)}."
+        )
+    if not has_aux and isinstance(out, tuple):
+        raise TypeError(
+            f"`fn` returned a tuple of length {len(out)}; if it returns `(value, aux)`, "
+            "pass `has_aux=True`."
+        )
+    value = out[0] if has_aux else out
+    if isinstance(value, float | int):
+        raise TypeError(
+            f"`fn` returned a Python {type(value).__name__}; it must return a JAX scalar "
+            "computed from `x` (an objective that does not depend on `x` has nothing to "
+            "minimise)."
+        )
+    if not isinstance(value, jax.ShapeDtypeStruct):
+        raise TypeError(f"`fn` must return a scalar JAX array, got {type(value).__name__}.")
+    if value.shape != ():
+        raise ValueError(
+            f"`fn` must return a scalar, got shape {value.shape}; reduce it, e.g. with "
+            "`jnp.sum` or `jnp.mean`."
+        )
+    if not jnp.issubdtype(value.dtype, jnp.floating):
+        raise TypeError(f"`fn` must return a real floating-point scalar, got dtype {value.dtype}.")
+
+
+@eqx.filter_jit
+def _optimize(fn, x0, args, solver, adjoint, has_aux, throw):
+    _check_output(fn, x0, args, has_aux)
+    fn = _normalise_fn(fn, has_aux)
+    # Closure conversion turns the arrays `fn` closes over into leaves of `closed_fn`,
+    # so they are differentiated like `args` instead of getting a silent zero.
+    closed_fn = eqx.filter_closure_convert(fn, x0, args)
+    x0 = lax.stop_gradient(x0)
+    params, state = implicit_solve((closed_fn, args), x0, solver, adjoint, throw)
+    state = lax.stop_gradient(state)
+    value, aux = closed_fn(params, args)
+    _, stats = solver.postprocess(state)
+    result = state.result
+    sol = Solution(params=params, value=value, aux=aux, result=result, stats=stats, state=state)
+    if throw:
+        sol = result.error_if(sol, result != RESULTS.successful)
+    return sol
+
+
+def optimize(
+    fn: Callable[..., Any],
+    x0: PyTree[ArrayLike],
+    args: PyTree[Any] = None,
+    *,
+    solver: AbstractMinimiser = LBFGS(),
+    adjoint: AbstractAdjoint = ImplicitAdjoint(),
+    has_aux: bool = False,
+    throw: bool = True,
+) -> Solution:
+    """Minimise `fn(x, args)` over `x`, differentiably.
+
+    The solve runs as one compiled `lax.while_loop`. Gradients of anything computed from
+    `sol.params`, `sol.value` or `sol.aux` with respect to `args`, and to every JAX
+    array `fn` closes over, come from the implicit function theorem at the solution
+    (see [`lbfgs_implicit.ImplicitAdjoint`][]); the iterations are never unrolled.
+
+    **Arguments:**
+
+    - `fn`: the objective, `fn(x, args) -> scalar` (or `-> (scalar, aux)` with
+      `has_aux=True`). It must be smooth, and twice differentiable for gradients.
+    - `x0`: initial parameters, any pytree of floating-point arrays.
+    - `args`: any pytree; its floating-point arrays are differentiable.
+    - `solver`: an [`lbfgs_implicit.LBFGS`][] configuration.
+    - `adjoint`: how gradients are computed: [`lbfgs_implicit.ImplicitAdjoint`][]
+      (default) or [`lbfgs_implicit.QuasiNewtonAdjoint`][].
+    - `has_aux`: whether `fn` returns `(value, aux)`.
+    - `throw`: raise (also inside `jax.jit`, as a runtime error) if the solve does not
+      succeed, and in the backward pass if its linear solve fails. With `throw=False`
+      check `sol.result`; a failed backward solve then gives NaN gradients. Under
+      `jax.vmap` an error fires if any batch element fails: use `throw=False` there.
+
+    **Returns:**
+
+    A [`lbfgs_implicit.Solution`][].
+
+    The gradient with respect to `x0` is zero: the minimiser does not depend on where
+    the solve started. Forward-mode differentiation (`jax.jvp`, `jax.jacfwd`,
+    `jax.hessian`) is not supported; use `jax.jacrev` (reverse-over-reverse works).
+
+    `optimize` is compiled once per `fn` object, pytree structure, shapes, dtypes and
+    configuration, and cached. Pass hyperparameters through `args` (or jit the outer
+    function): a new lambda on every call is a new `fn` and compiles again.
+
+    !!! Example
+
+        ```python
+        import jax, jax.numpy as jnp
+        import lbfgs_implicit as li
+
+        def ridge(w, lam):
+            return jnp.sum((X @ w - y) ** 2) + lam * jnp.sum(w**2)
+
+        def outer(lam):
+            w = li.optimize(ridge, jnp.zeros(X.shape[1]), lam).params
+            return jnp.sum((Xval @ w - yval) ** 2)
+
+        jax.grad(outer)(1.0)
+        ```
+    """
+    if not isinstance(solver, AbstractMinimiser):
+        raise TypeError(f"`solver` must be a minimiser such as li.LBFGS(), got {solver!r}.")
+    if not isinstance(adjoint, AbstractAdjoint):
+        raise TypeError(f"`adjoint` must be li.ImplicitAdjoint() or li.QuasiNewtonAdjoint(), got {adjoint!r}.")
+    if not callable(fn):
+        raise TypeError(f"`fn` must be callable as fn(x, args), got {fn!r}.")
+    return _optimize(fn, _check_x0(x0), args, solver, adjoint, bool(has_aux), bool(throw))
