@@ -19,7 +19,14 @@ import numpy as np
 from jaxtyping import Array, PyTree
 
 from ._history import History, inverse_hessian_operator
-from ._misc import tree_allfinite, tree_neg, tree_norm2, tree_norm_inf, tree_scale, tree_sub
+from ._misc import (
+    tree_allfinite,
+    tree_neg,
+    tree_norm2,
+    tree_norm_inf,
+    tree_scale,
+    tree_sub,
+)
 from ._solution import RESULTS
 from ._solver import iterate
 
@@ -82,7 +89,9 @@ class ImplicitAdjoint(AbstractAdjoint):
     def __check_init__(self):
         if not self.damping >= 0:
             raise ValueError(f"ImplicitAdjoint needs damping >= 0, got {self.damping!r}.")
-        if self.linear_solver is not None and not isinstance(self.linear_solver, lx.AbstractLinearSolver):
+        if self.linear_solver is not None and not isinstance(
+            self.linear_solver, lx.AbstractLinearSolver
+        ):
             raise TypeError(
                 f"`linear_solver` must be a lineax solver such as lineax.CG(rtol=1e-10, "
                 f"atol=1e-10), got {self.linear_solver!r}."
@@ -91,7 +100,9 @@ class ImplicitAdjoint(AbstractAdjoint):
     def solve(self, hessian, inverse_approx, v):
         if self.damping > 0:
             hessian = hessian + self.damping * lx.IdentityLinearOperator(hessian.in_structure())
-            hessian = lx.TaggedLinearOperator(hessian, (lx.symmetric_tag, lx.positive_semidefinite_tag))
+            hessian = lx.TaggedLinearOperator(
+                hessian, (lx.symmetric_tag, lx.positive_semidefinite_tag)
+            )
         solver = self.linear_solver
         if solver is None:
             leaves = jtu.tree_leaves(v)
@@ -136,7 +147,9 @@ class QuasiNewtonAdjoint(AbstractAdjoint):
 
     def __check_init__(self):
         if not isinstance(self.refine_steps, int) or self.refine_steps < 0:
-            raise ValueError(f"QuasiNewtonAdjoint needs refine_steps >= 0, got {self.refine_steps!r}.")
+            raise ValueError(
+                f"QuasiNewtonAdjoint needs refine_steps >= 0, got {self.refine_steps!r}."
+            )
 
     def solve(self, hessian, inverse_approx, v):
         w0 = inverse_approx.mv(v)
@@ -153,11 +166,22 @@ def _grad_x(fn: Callable, x: PyTree[Array], theta) -> PyTree[Array]:
     return jax.grad(lambda y: closed_fn(y, args)[0])(x)
 
 
-def _backward(fn, args, x_star, history: History, v, adjoint: AbstractAdjoint, throw: bool, verbose: bool):
+def _backward(
+    fn,
+    args,
+    x_star,
+    history: History,
+    v,
+    adjoint: AbstractAdjoint,
+    throw: bool,
+    verbose: bool,
+):
     theta = (fn, args)
     structure = jax.eval_shape(lambda: x_star)
     _, hvp = jax.linearize(lambda x: _grad_x(fn, x, theta), x_star)
-    hessian = lx.FunctionLinearOperator(hvp, structure, tags=(lx.symmetric_tag, lx.positive_semidefinite_tag))
+    hessian = lx.FunctionLinearOperator(
+        hvp, structure, tags=(lx.symmetric_tag, lx.positive_semidefinite_tag)
+    )
     inverse_approx = inverse_hessian_operator(history, structure)
 
     # Scale the right-hand side to unit infinity norm so absolute tolerances mean the
@@ -216,4 +240,3 @@ def _implicit_solve_bwd(residuals, grad_obj, perturbed, theta, x0, solver, adjoi
     )
     fn, args = theta
     return _backward(fn, args, x_star, state.history, v, adjoint, throw, solver.verbose)
-

@@ -114,7 +114,9 @@ def apply_inverse_hessian(h: History, v: PyTree[Array]) -> PyTree[Array]:
     return lax.fori_loop(0, m, second, r)
 
 
-def inverse_hessian_operator(h: History, structure: PyTree[jax.ShapeDtypeStruct]) -> lx.FunctionLinearOperator:
+def inverse_hessian_operator(
+    h: History, structure: PyTree[jax.ShapeDtypeStruct]
+) -> lx.FunctionLinearOperator:
     """$H_k$ as a lineax operator tagged symmetric and positive semidefinite.
 
     The history is stop-gradiented: lineax does not differentiate solver options, and the

@@ -3,8 +3,8 @@
 A line search evaluates `value_and_grad` at trial points `x + a p` and returns the
 accepted one together with its value and gradient, so the solver never evaluates the
 objective twice at the same point. No trial with a non-finite value, or a value above
-`f(x)`, is ever accepted: if no trial decreases the objective the search reports
-failure and the solver stays where it is.
+`f(x)` by more than its rounding error (`10 eps |f(x)|`), is ever accepted: if no trial
+qualifies the search reports failure and the solver stays where it is.
 """
 
 import abc
@@ -127,6 +127,7 @@ class StrongWolfe(AbstractLineSearch):
         dtype = f.dtype
         zero = jnp.zeros((), dtype)
         eps = jnp.finfo(dtype).eps
+        noise = 10 * eps * jnp.abs(f)
         init = _WolfeCarry(
             a_lo=zero,
             f_lo=f,
@@ -158,10 +159,16 @@ class StrongWolfe(AbstractLineSearch):
             a = jnp.where(c.zoom, interp, c.a_next)
 
             ft, gt, dt, finite = _evaluate(value_and_grad, x, p, a, dtype)
-            armijo = finite & (ft <= f + self.c1 * a * dg)
+            # When the decrease Armijo asks for is below the rounding error of `f`, values
+            # cannot tell a good step from a bad one (near a minimum in float arithmetic).
+            # Then a trial within that rounding error of `f(x)` passes, and the bracket
+            # is steered by the slope alone (the idea of Hager & Zhang's approximate
+            # Wolfe conditions, with a tolerance of a few ulps instead of 1e-6 |f|).
+            flat = -self.c1 * a * dg <= noise
+            armijo = finite & ((ft <= f + self.c1 * a * dg) | (flat & (ft <= f + noise)))
             curvature = jnp.abs(dt) <= -self.c2 * dg
             wolfe = armijo & curvature
-            too_long = ~armijo | (ft >= c.f_lo)
+            too_long = ~armijo | (~flat & (ft >= c.f_lo))
 
             better = finite & (ft < c.f_best)
             take = wolfe | better

@@ -9,9 +9,9 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import ArrayLike, PyTree
 
-from ._adjoint import AbstractAdjoint, ImplicitAdjoint, implicit_solve
+from ._adjoint import AbstractAdjoint, implicit_solve, ImplicitAdjoint
 from ._solution import RESULTS, Solution
-from ._solver import LBFGS, AbstractMinimiser
+from ._solver import AbstractMinimiser, LBFGS
 
 
 def _check_x0(x0: PyTree[ArrayLike]) -> PyTree[jax.Array]:
@@ -25,7 +25,9 @@ def _check_x0(x0: PyTree[ArrayLike]) -> PyTree[jax.Array]:
     for path, leaf in jtu.tree_flatten_with_path(x0)[0]:
         where = jtu.keystr(path) or "x0"
         if not isinstance(leaf, (jax.Array, np.ndarray, np.generic, float, int, bool)):
-            raise TypeError(f"`x0` leaf {where} is a {type(leaf).__name__}; every leaf must be an array.")
+            raise TypeError(
+                f"`x0` leaf {where} is a {type(leaf).__name__}; every leaf must be an array."
+            )
         dtype = jnp.result_type(leaf)
         if not jnp.issubdtype(dtype, jnp.floating):
             hint = (
@@ -40,7 +42,9 @@ def _check_x0(x0: PyTree[ArrayLike]) -> PyTree[jax.Array]:
             )
         leaf = jnp.asarray(leaf)
         if leaf.size == 0:
-            raise ValueError(f"`x0` leaf {where} is empty (shape {leaf.shape}); remove it from `x0`.")
+            raise ValueError(
+                f"`x0` leaf {where} is empty (shape {leaf.shape}); remove it from `x0`."
+            )
         out.append(leaf)
     return jtu.tree_unflatten(treedef, out)
 
@@ -167,7 +171,9 @@ def optimize(
     if not isinstance(solver, AbstractMinimiser):
         raise TypeError(f"`solver` must be a minimiser such as li.LBFGS(), got {solver!r}.")
     if not isinstance(adjoint, AbstractAdjoint):
-        raise TypeError(f"`adjoint` must be li.ImplicitAdjoint() or li.QuasiNewtonAdjoint(), got {adjoint!r}.")
+        raise TypeError(
+            f"`adjoint` must be li.ImplicitAdjoint() or li.QuasiNewtonAdjoint(), got {adjoint!r}."
+        )
     if not callable(fn):
         raise TypeError(f"`fn` must be callable as fn(x, args), got {fn!r}.")
     return _optimize(fn, _check_x0(x0), args, solver, adjoint, bool(has_aux), bool(throw))

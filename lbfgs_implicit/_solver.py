@@ -10,7 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Int, PyTree, Scalar
 
-from ._history import History, apply_inverse_hessian, init_history, push_history, reset_history
+from ._history import (
+    apply_inverse_hessian,
+    History,
+    init_history,
+    push_history,
+    reset_history,
+)
 from ._linesearch import AbstractLineSearch, StrongWolfe, ValueAndGrad
 from ._misc import (
     common_dtype,
