@@ -4,6 +4,7 @@ Every operation works leaf by leaf, so leaves keep their own shape, dtype and
 sharding; reductions sum the per-leaf results in the common dtype of the leaves.
 """
 
+import functools
 from collections.abc import Callable
 from typing import Any, TypeAlias
 
@@ -16,14 +17,21 @@ from jaxtyping import Array, Bool, PyTree, Scalar
 Y: TypeAlias = PyTree[Array]
 
 
+def _widest(dtypes) -> Any:
+    # Mixed-precision pytrees are allowed; their reductions happen in the widest dtype,
+    # chosen explicitly so that a user's `jax_numpy_dtype_promotion="strict"` holds.
+    with jax.numpy_dtype_promotion("standard"):
+        return functools.reduce(jnp.promote_types, dtypes)
+
+
 def common_dtype(tree: Y) -> Any:
     """The floating dtype that all leaves of `tree` promote to."""
     leaves = jtu.tree_leaves(tree)
-    return jnp.result_type(*leaves) if leaves else jnp.result_type(float)
+    return _widest([jnp.asarray(x).dtype for x in leaves]) if leaves else jnp.result_type(float)
 
 
 def _reduce(values: list[Array]) -> Scalar:
-    dtype = jnp.result_type(*values)
+    dtype = _widest([v.dtype for v in values])
     total = values[0].astype(dtype)
     for v in values[1:]:
         total = total + v.astype(dtype)
@@ -45,7 +53,7 @@ def tree_norm2(a: Y) -> Scalar:
 
 def tree_norm_inf(a: Y) -> Scalar:
     leaves = [jnp.max(jnp.abs(x)) if x.size else jnp.zeros((), x.dtype) for x in jtu.tree_leaves(a)]
-    dtype = jnp.result_type(*leaves)
+    dtype = _widest([v.dtype for v in leaves])
     return jnp.max(jnp.stack([v.astype(dtype) for v in leaves]))
 
 
@@ -55,12 +63,13 @@ def tree_allfinite(a: Y) -> Bool[Array, ""]:
 
 
 def tree_scale(c: Scalar | float, a: Y) -> Y:
-    return jtu.tree_map(lambda x: (c * x).astype(x.dtype), a)
+    """`c * a`, with `c` cast to each leaf's dtype (leaves keep their precision)."""
+    return jtu.tree_map(lambda x: jnp.asarray(c, x.dtype) * x, a)
 
 
 def tree_axpy(c: Scalar | float, x: Y, y: Y) -> Y:
-    """`c * x + y`, keeping the dtype of each leaf of `y`."""
-    return jtu.tree_map(lambda xi, yi: (c * xi + yi).astype(yi.dtype), x, y)
+    """`c * x + y`, with `c` cast to each leaf's dtype."""
+    return jtu.tree_map(lambda xi, yi: jnp.asarray(c, yi.dtype) * xi.astype(yi.dtype) + yi, x, y)
 
 
 def tree_sub(a: Y, b: Y) -> Y:

@@ -52,7 +52,10 @@ def logistic(w, args):
 
 def pytree_quadratic(x, args):
     # Separable quadratic over leaves of different shapes, minimiser = args.
-    return sum(jnp.sum(c * (xi - ti) ** 2) for xi, ti, c in zip(jtu.tree_leaves(x), jtu.tree_leaves(args), (1.0, 3.0, 0.5)))
+    return sum(
+        jnp.sum(c * (xi - ti) ** 2)
+        for xi, ti, c in zip(jtu.tree_leaves(x), jtu.tree_leaves(args), (1.0, 3.0, 0.5))
+    )
 
 
 def _spd(n, cond, seed):
@@ -81,7 +84,13 @@ def scipy_minimise(fn, x0, args, gtol=1e-10):
         v, g = vg(jnp.asarray(z))
         return float(v), np.asarray(g, dtype=np.float64)
 
-    res = so.minimize(fun, np.asarray(flat), jac=True, method="L-BFGS-B", options=dict(gtol=gtol, ftol=0.0, maxiter=10_000, maxfun=20_000))
+    res = so.minimize(
+        fun,
+        np.asarray(flat),
+        jac=True,
+        method="L-BFGS-B",
+        options=dict(gtol=gtol, ftol=0.0, maxiter=10_000, maxfun=20_000),
+    )
     return unravel(jnp.asarray(res.x)), res
 
 
@@ -94,7 +103,13 @@ def problems() -> list[Problem]:
     targets = (jnp.arange(3.0), jnp.ones((2, 2)), jnp.array(-2.0))
     return [
         Problem("quadratic", quadratic, jnp.zeros(6), (A, b), jnp.linalg.solve(A, b)),
-        Problem("rosenbrock", rosenbrock, jnp.array([-1.2, 1.0, -0.5, 0.8]), None, jnp.ones(4)),
+        Problem(
+            "rosenbrock",
+            rosenbrock,
+            jnp.array([-1.2, 1.0, -0.5, 0.8]),
+            None,
+            jnp.ones(4),
+        ),
         Problem("beale", beale, jnp.array([1.0, 1.0]), None, jnp.array([3.0, 0.5])),
         Problem("logistic", logistic, jnp.zeros(5), (X, y, lam), w_log),
         Problem(

@@ -1,0 +1,102 @@
+import jax
+import jax.numpy as jnp
+import lineax as lx
+import numpy as np
+import pytest
+
+from lbfgs_implicit._history import (
+    apply_inverse_hessian,
+    init_history,
+    inverse_hessian_operator,
+    push_history,
+    reset_history,
+)
+
+
+def _pairs(n, k, seed):
+    """Pairs from a strictly convex quadratic, so every one has s'y > 0."""
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(n, n))
+    hess = a @ a.T + n * np.eye(n)
+    s = rng.normal(size=(k, n))
+    return s, s @ hess
+
+
+def _dense_bfgs_inverse(s_list, y_list, n):
+    """The textbook inverse update, applied from H0 = gamma I (gamma of the newest pair)."""
+    s_new, y_new = s_list[-1], y_list[-1]
+    h = (s_new @ y_new) / (y_new @ y_new) * np.eye(n)
+    for s, y in zip(s_list, y_list):
+        rho = 1.0 / (s @ y)
+        v = np.eye(n) - rho * np.outer(y, s)
+        h = v.T @ h @ v + rho * np.outer(s, s)
+    return h
+
+
+@pytest.mark.parametrize("num_pairs", [1, 3, 7])
+def test_two_loop_matches_dense_bfgs_with_wraparound(num_pairs):
+    n, m = 6, 4
+    s, y = _pairs(n, num_pairs, seed=num_pairs)
+    h = init_history(jnp.zeros(n), m, jnp.float64)
+    for i in range(num_pairs):
+        h = push_history(h, jnp.asarray(s[i]), jnp.asarray(y[i]))
+    assert int(h.count) == min(num_pairs, m)
+    keep = slice(max(0, num_pairs - m), num_pairs)
+    dense = _dense_bfgs_inverse(list(s[keep]), list(y[keep]), n)
+    v = np.linspace(-1.0, 2.0, n)
+    np.testing.assert_allclose(apply_inverse_hessian(h, jnp.asarray(v)), dense @ v, rtol=1e-10)
+
+
+def test_pytree_history_equals_flat():
+    n, m = 7, 3
+    s, y = _pairs(n, 5, seed=0)
+
+    def split(z):
+        return {"a": jnp.asarray(z[:3]), "b": jnp.asarray(z[3:]).reshape(2, 2)}
+
+    flat = init_history(jnp.zeros(n), m, jnp.float64)
+    tree = init_history(split(np.zeros(n)), m, jnp.float64)
+    for i in range(5):
+        flat = push_history(flat, jnp.asarray(s[i]), jnp.asarray(y[i]))
+        tree = push_history(tree, split(s[i]), split(y[i]))
+    v = np.cos(np.arange(n))
+    out = apply_inverse_hessian(tree, split(v))
+    joined = np.concatenate([np.asarray(out["a"]), np.asarray(out["b"]).ravel()])
+    np.testing.assert_allclose(joined, apply_inverse_hessian(flat, jnp.asarray(v)), rtol=1e-12)
+
+
+def test_curvature_gate_rejects_nonpositive_pairs():
+    n = 4
+    h = init_history(jnp.zeros(n), 3, jnp.float64)
+    s = jnp.array([1.0, 0.0, 0.0, 0.0])
+    h = push_history(h, s, -s)  # s'y < 0: a concave direction, must not be stored
+    assert int(h.count) == 0
+    v = jnp.arange(1.0, 5.0)
+    np.testing.assert_allclose(apply_inverse_hessian(h, v), v)  # empty memory: identity
+    h = push_history(h, s, 2 * s)
+    assert int(h.count) == 1
+    np.testing.assert_allclose(apply_inverse_hessian(h, s), 0.5 * s)
+
+
+def test_reset_empties_memory():
+    s, y = _pairs(5, 3, seed=1)
+    h = init_history(jnp.zeros(5), 3, jnp.float64)
+    for i in range(3):
+        h = push_history(h, jnp.asarray(s[i]), jnp.asarray(y[i]))
+    v = jnp.ones(5)
+    assert not np.allclose(apply_inverse_hessian(h, v), v)
+    h = reset_history(h, jnp.array(True))
+    np.testing.assert_allclose(apply_inverse_hessian(h, v), v)
+
+
+def test_operator_is_tagged_psd_and_symmetric():
+    n = 5
+    s, y = _pairs(n, 4, seed=2)
+    h = init_history(jnp.zeros(n), 4, jnp.float64)
+    for i in range(4):
+        h = push_history(h, jnp.asarray(s[i]), jnp.asarray(y[i]))
+    op = inverse_hessian_operator(h, jax.ShapeDtypeStruct((n,), jnp.float64))
+    assert lx.is_symmetric(op) and lx.is_positive_semidefinite(op)
+    mat = np.asarray(op.as_matrix())
+    np.testing.assert_allclose(mat, mat.T, atol=1e-12)
+    assert np.linalg.eigvalsh(mat).min() > 0

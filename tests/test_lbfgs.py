@@ -1,0 +1,152 @@
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+import pytest
+
+import lbfgs_implicit as li
+
+from helpers import problems, scipy_minimise, tree_allclose
+
+
+PROBLEMS = {p.name: p for p in problems()}
+
+
+@pytest.fixture(scope="module")
+def solved():
+    """Each problem solved once in float64 with default settings, shared by the tests."""
+    out = {}
+    for name, p in PROBLEMS.items():
+        out[name] = li.optimize(p.fn, p.x0, p.args)
+    return out
+
+
+@pytest.mark.parametrize("name", list(PROBLEMS))
+def test_minimiser_matches_known_solution(solved, name):
+    sol = solved[name]
+    assert sol.result == li.RESULTS.successful
+    assert float(sol.stats["grad_norm"]) <= np.sqrt(np.finfo(np.float64).eps)
+    assert tree_allclose(sol.params, PROBLEMS[name].solution, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(sol.value, PROBLEMS[name].fn(sol.params, PROBLEMS[name].args))
+
+
+@pytest.mark.parametrize("name", list(PROBLEMS))
+def test_evaluations_comparable_to_scipy(solved, name):
+    p = PROBLEMS[name]
+    _, res = scipy_minimise(p.fn, p.x0, p.args, gtol=float(np.sqrt(np.finfo(np.float64).eps)))
+    ours = int(solved[name].stats["num_fun_evals"])
+    # SciPy's count plus 2 absorbs the one-evaluation difference of the initial point on
+    # problems that take a handful of steps.
+    assert ours <= 1.5 * res.nfev + 2, (ours, res.nfev)
+
+
+def test_stats_count_every_evaluation():
+    p = PROBLEMS["rosenbrock"]
+    calls = []
+
+    def fn(x, args):
+        jax.debug.callback(lambda: calls.append(1))
+        return p.fn(x, args)
+
+    sol = li.optimize(fn, p.x0, p.args)
+    jax.effects_barrier()
+    # One value-and-gradient per counted evaluation, plus the final evaluation of
+    # `fn(params)` that makes `value` and `aux` differentiable.
+    assert len(calls) == int(sol.stats["num_fun_evals"]) + 1
+    assert int(sol.stats["num_steps"]) <= int(sol.stats["num_fun_evals"])
+
+
+def _iterate_values(fn, x0, args, solver, num):
+    vg = jax.value_and_grad(lambda x: fn(x, args))
+    step = jax.jit(lambda s: solver.step(vg, s))
+    state = solver.init(vg, x0)
+    values = [float(state.f)]
+    for _ in range(num):
+        state = step(state)
+        values.append(float(state.f))
+        if bool(state.terminate):
+            break
+    return np.array(values), state
+
+
+@pytest.mark.parametrize("linesearch", [li.StrongWolfe(), li.Backtracking()], ids=["wolfe", "bt"])
+def test_values_never_increase_when_unit_step_overshoots(linesearch):
+    # exp(5x) makes the unit (and the first 1/|g|) step overshoot by many orders of
+    # magnitude; values must still decrease monotonically to the minimum at 0.
+    def fn(x, args):
+        return jnp.sum(jnp.cosh(5.0 * x) + 0.01 * x**2)
+
+    x0 = jnp.array([2.0, -1.5, 0.7])
+    values, state = _iterate_values(fn, x0, None, li.LBFGS(linesearch=linesearch), 100)
+    # Equal values are allowed only within rounding error (see the line search docs).
+    assert np.all(np.diff(values) <= 10 * np.finfo(np.float64).eps * np.abs(values[:-1]))
+    assert values[-1] < 1e-3 * values[0]
+    assert bool(state.terminate) and state.result == li.RESULTS.successful
+    np.testing.assert_allclose(state.x, 0.0, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", ["quadratic", "logistic", "pytree"])
+def test_float32(name):
+    p = PROBLEMS[name]
+    cast = lambda t: jtu.tree_map(lambda a: jnp.asarray(a, jnp.float32), t)  # noqa: E731
+    sol = li.optimize(p.fn, cast(p.x0), cast(p.args))
+    assert sol.result == li.RESULTS.successful
+    assert all(leaf.dtype == jnp.float32 for leaf in jtu.tree_leaves(sol.params))
+    assert sol.value.dtype == jnp.float32
+    # float32 default gtol is sqrt(eps32) = 3.5e-4 on the gradient; the distance to the
+    # minimiser is then about gtol / (smallest Hessian eigenvalue).
+    assert tree_allclose(sol.params, cast(p.solution), rtol=1e-3, atol=3e-3)
+
+
+def test_mixed_precision_pytree():
+    def fn(x, args):
+        return jnp.sum((x["a"] - 1.0) ** 2) + jnp.sum((x["b"].astype(jnp.float64) + 2.0) ** 2)
+
+    x0 = {"a": jnp.zeros(3, jnp.float64), "b": jnp.zeros(2, jnp.float32)}
+    sol = li.optimize(fn, x0, None)
+    assert sol.params["a"].dtype == jnp.float64 and sol.params["b"].dtype == jnp.float32
+    np.testing.assert_allclose(sol.params["a"], 1.0, rtol=1e-7)
+    np.testing.assert_allclose(sol.params["b"], -2.0, rtol=1e-6)
+
+
+def test_history_size_one_and_backtracking_still_converge():
+    p = PROBLEMS["rosenbrock"]
+    for solver in [li.LBFGS(history_size=1, max_steps=5000), li.LBFGS(linesearch=li.Backtracking())]:
+        sol = li.optimize(p.fn, p.x0, p.args, solver=solver)
+        np.testing.assert_allclose(sol.params, p.solution, rtol=1e-6)
+
+
+def test_gtol_l2_and_ftol_are_honoured():
+    p = PROBLEMS["logistic"]
+    sol = li.optimize(p.fn, p.x0, p.args, solver=li.LBFGS(gtol=1.0, gtol_l2=1e-11))
+    assert float(sol.stats["grad_norm_l2"]) <= 1e-11
+    loose = li.optimize(p.fn, p.x0, p.args, solver=li.LBFGS(gtol=0.0, ftol=1e-3))
+    assert loose.result == li.RESULTS.successful
+    assert int(loose.stats["num_steps"]) < int(sol.stats["num_steps"])
+    assert float(loose.stats["grad_norm"]) > 1e-8  # stopped on the decrease, not the gradient
+
+
+def test_max_steps_reached_is_reported():
+    p = PROBLEMS["rosenbrock"]
+    sol = li.optimize(p.fn, p.x0, p.args, solver=li.LBFGS(max_steps=3), throw=False)
+    assert sol.result == li.RESULTS.max_steps_reached
+    assert int(sol.stats["num_steps"]) == 3
+    assert float(sol.value) < float(p.fn(p.x0, p.args))
+    with pytest.raises(Exception, match="maximum number of solver steps"):
+        li.optimize(p.fn, p.x0, p.args, solver=li.LBFGS(max_steps=3))
+
+
+def test_already_optimal_start_takes_no_step():
+    p = PROBLEMS["quadratic"]
+    sol = li.optimize(p.fn, p.solution, p.args)
+    assert int(sol.stats["num_steps"]) == 0 and int(sol.stats["num_fun_evals"]) == 1
+    np.testing.assert_array_equal(sol.params, p.solution)
+
+
+def test_verbose_prints_one_line_per_step(capfd):
+    p = PROBLEMS["beale"]
+    sol = li.optimize(p.fn, p.x0, p.args, solver=li.LBFGS(verbose=True))
+    jax.effects_barrier()
+    lines = [ln for ln in capfd.readouterr().out.splitlines() if ln.startswith("L-BFGS step")]
+    assert len(lines) == int(sol.stats["num_steps"])
+    assert "|g|_inf=" in lines[-1] and "line-search evals=" in lines[-1]

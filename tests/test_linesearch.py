@@ -1,0 +1,109 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lbfgs_implicit as li
+
+
+def _search(linesearch, fn, x, p, step0):
+    @jax.jit
+    def run(x, p, step0):
+        vg = jax.value_and_grad(fn)
+        f, g = vg(x)
+        return linesearch(vg, x, f, g, p, g @ p, step0)
+
+    return run(x, p, jnp.asarray(step0))
+
+
+def _quartic(x):
+    return jnp.sum(x**4) + 0.5 * jnp.sum(x**2)
+
+
+def _steep(x):
+    # The unit step along -g overshoots by orders of magnitude.
+    return jnp.sum(jnp.exp(3.0 * x) + jnp.exp(-3.0 * x))
+
+
+def _nan_beyond(x):
+    # Finite only on x < 1: a trial past it must be rejected, not accepted.
+    return jnp.where(x[0] < 1.0, (x[0] - 0.9) ** 2 + jnp.sum(x[1:] ** 2), jnp.nan)
+
+
+CASES = [
+    (_quartic, [2.0, -1.0], 1.0),  # unit step overshoots: zoom
+    (_quartic, [0.3, 0.2], 1e-3),  # tiny first step: bracketing must extrapolate
+    (_steep, [1.5, 0.5], 1.0),
+]
+
+
+@pytest.mark.parametrize("fn, x, step0", CASES)
+def test_strong_wolfe_conditions_hold(fn, x, step0):
+    ls = li.StrongWolfe()
+    x = jnp.asarray(x)
+    f0, g0 = jax.value_and_grad(fn)(x)
+    p = -g0
+    out = _search(ls, fn, x, p, step0)
+    assert bool(out.success)
+    a = float(out.step)
+    f1, g1 = jax.value_and_grad(fn)(x + a * p)
+    dg0 = float(g0 @ p)
+    assert float(f1) <= float(f0) + ls.c1 * a * dg0
+    assert abs(float(g1 @ p)) <= ls.c2 * abs(dg0)
+    # The accepted value and gradient are returned, not recomputed by the caller.
+    np.testing.assert_allclose(out.f, f1, rtol=1e-12)
+    np.testing.assert_allclose(out.g, g1, rtol=1e-10)
+
+
+@pytest.mark.parametrize("ls", [li.StrongWolfe(), li.Backtracking()], ids=["wolfe", "backtrack"])
+def test_nonfinite_trials_rejected(ls):
+    x = jnp.array([0.0, 0.5])
+    p = jnp.array([50.0, -0.5])  # the unit step lands at x[0] = 50, in the NaN region
+    out = _search(ls, _nan_beyond, x, p, 1.0)
+    assert bool(out.success)
+    assert np.isfinite(float(out.f)) and np.all(np.isfinite(np.asarray(out.x)))
+    assert float(out.f) < float(_nan_beyond(x))
+    assert float(out.x[0]) < 1.0
+
+
+def test_backtracking_armijo_holds():
+    ls = li.Backtracking()
+    x = jnp.array([2.0, -1.0])
+    f0, g0 = jax.value_and_grad(_quartic)(x)
+    out = _search(ls, _quartic, x, -g0, 1.0)
+    a = float(out.step)
+    assert bool(out.success) and 0 < a < 1
+    assert float(_quartic(x - a * g0)) <= float(f0) - ls.c1 * a * float(g0 @ g0)
+
+
+def test_no_decrease_possible_reports_failure():
+    # `p` is an ascent direction disguised by a wrong gradient: nothing along it helps.
+    def fn(x):
+        return jnp.sum(x**2)
+
+    x = jnp.array([1.0, 1.0])
+
+    @jax.jit
+    def run(x):
+        def vg(z):
+            f, g = jax.value_and_grad(fn)(z)
+            return f, -g  # wrong sign
+
+        f, g = vg(x)
+        p = -g  # "descent" according to the wrong gradient, ascent in truth
+        return li.StrongWolfe()(vg, x, f, g, p, g @ p, jnp.asarray(1.0))
+
+    out = run(x)
+    assert not bool(out.success)
+    np.testing.assert_array_equal(out.x, x)
+    assert float(out.f) == 2.0
+    assert int(out.num_evals) == li.StrongWolfe().max_evals
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"c1": 0.95}, "0 < c1 < c2 < 1"), ({"c2": 1.5}, "0 < c1 < c2 < 1"), ({"max_evals": 0}, ">= 1")],
+)
+def test_bad_configuration(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        li.StrongWolfe(**kwargs)
