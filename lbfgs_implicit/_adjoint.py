@@ -87,8 +87,12 @@ class ImplicitAdjoint(AbstractAdjoint):
     damping: float = 0.0
 
     def __check_init__(self):
-        if not self.damping >= 0:
-            raise ValueError(f"ImplicitAdjoint needs damping >= 0, got {self.damping!r}.")
+        # An infinite damping would make every hypergradient zero; NaN fails `>= 0`.
+        if not (isinstance(self.damping, int | float) and 0 <= self.damping < float("inf")):
+            raise ValueError(
+                f"ImplicitAdjoint needs a finite damping >= 0 (a Python float), got "
+                f"{self.damping!r}."
+            )
         if self.linear_solver is not None and not isinstance(
             self.linear_solver, lx.AbstractLinearSolver
         ):

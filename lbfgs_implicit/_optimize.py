@@ -60,7 +60,19 @@ def _normalise_fn(fn: Callable, has_aux: bool) -> Callable:
 
 
 def _check_output(fn: Callable, x0, args, has_aux: bool) -> None:
-    out = jax.eval_shape(fn, x0, args)
+    # What `fn` returned before JAX turned it into shapes: `eval_shape` silently makes a
+    # Python float into a traced scalar, which would only fail later, deep in the solver.
+    raw_types = []
+
+    def probe(x, args):
+        out = fn(x, args)
+        value = out[0] if has_aux and isinstance(out, tuple) and len(out) == 2 else out
+        raw_types.append(type(value))
+        return out
+
+    # `filter_eval_shape`, not `jax.eval_shape`: `args` may hold non-array leaves (a
+    # string flag, a callable), which stay static as the docs promise.
+    out = eqx.filter_eval_shape(probe, x0, args)
     if has_aux and not (isinstance(out, tuple) and len(out) == 2):
         raise TypeError(
             "With `has_aux=True`, `fn` must return a tuple `(value, aux)`; got "
@@ -72,11 +84,12 @@ def _check_output(fn: Callable, x0, args, has_aux: bool) -> None:
             "pass `has_aux=True`."
         )
     value = out[0] if has_aux else out
-    if isinstance(value, float | int):
+    raw = raw_types[0] if raw_types else type(value)
+    if issubclass(raw, bool | int | float | complex):
         raise TypeError(
-            f"`fn` returned a Python {type(value).__name__}; it must return a JAX scalar "
-            "computed from `x` (an objective that does not depend on `x` has nothing to "
-            "minimise)."
+            f"`fn` returned a Python {raw.__name__}; it must return a JAX scalar computed "
+            "from `x` (an objective that does not depend on `x` has nothing to minimise), "
+            "e.g. `jnp.sum(x**2)` rather than `float(...)` or `.item()`."
         )
     if not isinstance(value, jax.ShapeDtypeStruct):
         raise TypeError(f"`fn` must return a scalar JAX array, got {type(value).__name__}.")
@@ -86,7 +99,11 @@ def _check_output(fn: Callable, x0, args, has_aux: bool) -> None:
             "`jnp.sum` or `jnp.mean`."
         )
     if not jnp.issubdtype(value.dtype, jnp.floating):
-        raise TypeError(f"`fn` must return a real floating-point scalar, got dtype {value.dtype}.")
+        raise TypeError(
+            f"`fn` must return a real floating-point scalar, got dtype {value.dtype}; "
+            "compute it in floating point (e.g. `x.astype(float)`), and for a complex "
+            "objective minimise its real part or `jnp.abs`."
+        )
 
 
 @eqx.filter_jit

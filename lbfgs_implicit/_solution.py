@@ -29,8 +29,9 @@ class RESULTS(lx.RESULTS):  # pyright: ignore[reportGeneralTypeIssues]
         "The linear solve of the implicit backward pass failed: the Hessian at the "
         "solution looks singular or indefinite, or the forward solve did not converge. "
         "Fixes: `ImplicitAdjoint(damping=...)` (solves with H + damping*I), "
-        "`linear_solver=lineax.GMRES(...)` for indefinite Hessians, or a tighter "
-        "`gtol` in the forward solve."
+        "`linear_solver=lineax.GMRES(...)` for indefinite Hessians, "
+        "`linear_solver=lineax.SVD()` for the least-norm answer on small problems, or a "
+        "tighter `gtol` in the forward solve."
     )
 
 

@@ -130,15 +130,33 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
     verbose: bool = False
 
     def __check_init__(self):
-        if not isinstance(self.history_size, int) or self.history_size < 1:
+        # `bool` is a subclass of `int`: `history_size=True` is a mistake, not a 1.
+        if (
+            not isinstance(self.history_size, int)
+            or isinstance(self.history_size, bool)
+            or self.history_size < 1
+        ):
             raise ValueError(f"LBFGS needs history_size >= 1 (an int), got {self.history_size!r}.")
-        if not isinstance(self.max_steps, int) or self.max_steps < 1:
+        if (
+            not isinstance(self.max_steps, int)
+            or isinstance(self.max_steps, bool)
+            or self.max_steps < 1
+        ):
             raise ValueError(
                 f"LBFGS needs max_steps >= 1 (an int), got {self.max_steps!r}; use x0 "
                 "directly if no step should be taken."
             )
         for name in ("gtol", "gtol_l2", "ftol"):
             value = getattr(self, name)
+            # Python numbers only: an array here would be hashed by identity and
+            # recompile on every call, and a string would fail far from the cause.
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int | float | np.floating)
+            ):
+                raise TypeError(
+                    f"LBFGS needs {name} to be a Python float, got {type(value).__name__} "
+                    f"{value!r}; pass e.g. `{name}=1e-8`."
+                )
             if value is not None and not (value >= 0):
                 raise ValueError(f"LBFGS needs {name} >= 0, got {value!r}.")
         if not isinstance(self.linesearch, AbstractLineSearch):
