@@ -25,7 +25,7 @@ def solved():
 def test_minimiser_matches_known_solution(solved, name):
     sol = solved[name]
     assert sol.result == li.RESULTS.successful
-    assert float(sol.stats["grad_norm"]) <= np.sqrt(np.finfo(np.float64).eps)
+    assert float(sol.stats["grad_norm"]) <= 1e-10
     assert tree_allclose(sol.params, PROBLEMS[name].solution, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(sol.value, PROBLEMS[name].fn(sol.params, PROBLEMS[name].args))
 
@@ -33,7 +33,7 @@ def test_minimiser_matches_known_solution(solved, name):
 @pytest.mark.parametrize("name", list(PROBLEMS))
 def test_evaluations_comparable_to_scipy(solved, name):
     p = PROBLEMS[name]
-    _, res = scipy_minimise(p.fn, p.x0, p.args, gtol=float(np.sqrt(np.finfo(np.float64).eps)))
+    _, res = scipy_minimise(p.fn, p.x0, p.args, gtol=1e-10)
     ours = int(solved[name].stats["num_fun_evals"])
     # SciPy's count plus 2 absorbs the one-evaluation difference of the initial point on
     # problems that take a handful of steps.
@@ -93,9 +93,10 @@ def test_float32(name):
     assert sol.result == li.RESULTS.successful
     assert all(leaf.dtype == jnp.float32 for leaf in jtu.tree_leaves(sol.params))
     assert sol.value.dtype == jnp.float32
-    # float32 default gtol is sqrt(eps32) = 3.5e-4 on the gradient; the distance to the
-    # minimiser is then about gtol / (smallest Hessian eigenvalue).
-    assert tree_allclose(sol.params, cast(p.solution), rtol=1e-3, atol=3e-3)
+    assert float(sol.stats["grad_norm"]) <= 2.5e-5  # float32 default gtol, eps**(2/3)
+    # Distance to the minimiser is about gtol / (smallest Hessian eigenvalue, 0.1 for
+    # the logistic problem): 2.5e-4.
+    assert tree_allclose(sol.params, cast(p.solution), rtol=3e-4, atol=3e-4)
 
 
 def test_mixed_precision_pytree():
@@ -111,7 +112,10 @@ def test_mixed_precision_pytree():
 
 def test_history_size_one_and_backtracking_still_converge():
     p = PROBLEMS["rosenbrock"]
-    for solver in [li.LBFGS(history_size=1, max_steps=5000), li.LBFGS(linesearch=li.Backtracking())]:
+    for solver in [
+        li.LBFGS(history_size=1, max_steps=5000),
+        li.LBFGS(linesearch=li.Backtracking()),
+    ]:
         sol = li.optimize(p.fn, p.x0, p.args, solver=solver)
         np.testing.assert_allclose(sol.params, p.solution, rtol=1e-6)
 

@@ -102,7 +102,11 @@ def test_no_decrease_possible_reports_failure():
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"c1": 0.95}, "0 < c1 < c2 < 1"), ({"c2": 1.5}, "0 < c1 < c2 < 1"), ({"max_evals": 0}, ">= 1")],
+    [
+        ({"c1": 0.95}, "0 < c1 < c2 < 1"),
+        ({"c2": 1.5}, "0 < c1 < c2 < 1"),
+        ({"max_evals": 0}, ">= 1"),
+    ],
 )
 def test_bad_configuration(kwargs, match):
     with pytest.raises(ValueError, match=match):

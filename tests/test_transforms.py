@@ -1,0 +1,118 @@
+"""`optimize` under jit, vmap, grad of vmap, and nested in another `optimize`."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import lbfgs_implicit as li
+
+
+RNG = np.random.default_rng(1)
+N, D = 30, 4
+X = jnp.asarray(RNG.normal(size=(N, D)))
+Y = jnp.asarray(RNG.normal(size=N))
+LAMS = jnp.array([0.05, 0.5, 2.0])
+
+
+def ridge(w, lam):
+    return 0.5 * jnp.mean((X @ w - Y) ** 2) + 0.5 * lam * jnp.sum(w**2)
+
+
+def closed_form(lam):
+    return jnp.linalg.solve(X.T @ X / N + lam * jnp.eye(D), X.T @ Y / N)
+
+
+def loss(w):
+    return jnp.sum(jnp.sin(w))
+
+
+def test_jit_of_optimize_and_of_its_gradient():
+    solve = jax.jit(lambda lam: li.optimize(ridge, jnp.zeros(D), lam).params)
+    np.testing.assert_allclose(solve(0.5), closed_form(0.5), rtol=0, atol=2e-10)
+    grad = jax.jit(jax.grad(lambda lam: loss(li.optimize(ridge, jnp.zeros(D), lam).params)))
+    np.testing.assert_allclose(grad(0.5), jax.grad(lambda l: loss(closed_form(l)))(0.5), rtol=1e-8)
+
+
+def test_vmap_over_args_and_over_x0():
+    solve = jax.vmap(lambda lam: li.optimize(ridge, jnp.zeros(D), lam, throw=False))
+    sols = solve(LAMS)
+    assert np.all(np.asarray(sols.result == li.RESULTS.successful))
+    # |x - x*| <= gtol / lambda_min = 1e-10 / 0.05.
+    np.testing.assert_allclose(sols.params, jax.vmap(closed_form)(LAMS), rtol=0, atol=2e-9)
+    # Different starts, same minimiser, with their own iteration counts.
+    x0s = jnp.stack([jnp.zeros(D), jnp.ones(D), -3 * jnp.ones(D)])
+    sols = jax.vmap(lambda x0: li.optimize(ridge, x0, 0.5, throw=False))(x0s)
+    expected = jnp.broadcast_to(closed_form(0.5), (3, D))
+    np.testing.assert_allclose(sols.params, expected, rtol=0, atol=2e-10)
+    assert len(set(np.asarray(sols.stats["num_steps"]).tolist())) > 1
+
+
+def test_vmap_reports_failures_per_element():
+    def fn(w, lam):
+        return ridge(w, lam) + 0.0 * jnp.log(lam)  # NaN value at x0 when lam < 0
+
+    sols = jax.vmap(lambda lam: li.optimize(fn, jnp.zeros(D), lam, throw=False))(
+        jnp.array([0.5, -1.0])
+    )
+    np.testing.assert_array_equal(sols.result == li.RESULTS.successful, [True, False])
+    np.testing.assert_array_equal(sols.result == li.RESULTS.nonfinite, [False, True])
+
+
+def test_vmap_of_grad_and_grad_of_vmap():
+    def outer(lam):
+        return loss(li.optimize(ridge, jnp.zeros(D), lam).params)
+
+    reference = jax.vmap(jax.grad(lambda l: loss(closed_form(l))))(LAMS)
+    np.testing.assert_allclose(jax.vmap(jax.grad(outer))(LAMS), reference, rtol=1e-8)
+
+    # Meta-learning shape: one shared hyperparameter, a batch of tasks, summed losses.
+    targets = jnp.asarray(RNG.normal(size=(3, D)))
+
+    def task(w, args):
+        lam, t = args
+        return 0.5 * jnp.sum((w - t) ** 2) + 0.5 * lam * jnp.sum(w**2) + 0.1 * jnp.sum(w**4)
+
+    def meta(lam):
+        sols = jax.vmap(lambda t: li.optimize(task, jnp.zeros(D), (lam, t), throw=False))(targets)
+        return jnp.sum(sols.params**2)
+
+    def meta_fd(lam, eps=1e-5):
+        return (meta(lam + eps) - meta(lam - eps)) / (2 * eps)
+
+    np.testing.assert_allclose(jax.grad(meta)(0.3), meta_fd(0.3), rtol=1e-6)
+
+
+def test_nested_optimize_bilevel():
+    # Outer problem over log-lambda solved by L-BFGS; its objective solves the inner ridge
+    # and is differentiated implicitly. The reference minimises the closed form.
+    def outer_objective(log_lam, _):
+        w = li.optimize(ridge, jnp.zeros(D), jnp.exp(log_lam[0])).params
+        return 0.5 * jnp.mean((X[:10] @ w - Y[:10] + 0.3) ** 2)
+
+    def reference_objective(log_lam, _):
+        w = closed_form(jnp.exp(log_lam[0]))
+        return 0.5 * jnp.mean((X[:10] @ w - Y[:10] + 0.3) ** 2)
+
+    solver = li.LBFGS(gtol=1e-8)
+    ours = li.optimize(outer_objective, jnp.zeros(1), None, solver=solver)
+    ref = li.optimize(reference_objective, jnp.zeros(1), None, solver=solver)
+    np.testing.assert_allclose(ours.params, ref.params, rtol=1e-6)
+    assert ours.result == li.RESULTS.successful
+
+
+def test_filter_jit_with_module_hyperparameters():
+    class Model(eqx.Module):
+        scale: jax.Array
+        name: str = "ridge"
+
+    def fn(w, model):
+        return ridge(w, model.scale)
+
+    @eqx.filter_jit
+    @eqx.filter_grad
+    def outer(model):
+        return loss(li.optimize(fn, jnp.zeros(D), model).params)
+
+    g = outer(Model(jnp.array(0.5)))
+    np.testing.assert_allclose(g.scale, jax.grad(lambda l: loss(closed_form(l)))(0.5), rtol=1e-8)
