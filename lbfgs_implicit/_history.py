@@ -61,19 +61,21 @@ def reset_history(h: History, pred) -> History:
     )
 
 
-def push_history(h: History, s: PyTree[Array], y: PyTree[Array]) -> History:
-    """Store `(s, y)` if it passes the curvature gate `s'y > eps * y'y`.
+def push_history(h: History, s: PyTree[Array], y: PyTree[Array], enabled=True) -> History:
+    """Store `(s, y)` if `enabled` and it passes the curvature gate `s'y > eps * y'y`.
 
     The gate keeps $H_k$ positive definite; a rejected pair leaves the history as it was.
+    Only the written slot is touched (O(n), not O(history_size * n)).
     """
     sy = tree_dot(s, y).astype(h.rho.dtype)
     yy = tree_dot(y, y).astype(h.rho.dtype)
     eps = jnp.finfo(h.rho.dtype).eps
-    accept = (sy > eps * yy) & jnp.isfinite(sy) & jnp.isfinite(yy) & (yy > 0)
+    accept = enabled & (sy > eps * yy) & jnp.isfinite(sy) & jnp.isfinite(yy) & (yy > 0)
     idx = h.head
 
     def write(buf, new):
-        return jnp.where(accept, buf.at[idx].set(new.astype(buf.dtype)), buf)
+        old = lax.dynamic_index_in_dim(buf, idx, keepdims=False)
+        return buf.at[idx].set(jnp.where(accept, new.astype(buf.dtype), old))
 
     safe_sy = jnp.where(accept, sy, 1)
     safe_yy = jnp.where(accept, yy, 1)

@@ -239,10 +239,10 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
 
         s = tree_sub(ls.x, state.x)
         y = tree_sub(ls.g, state.g)
-        moved = push_history(h, s, y)
         # A failure with a non-empty memory resets it (the retry); with an empty memory
         # there is nothing left to try.
-        history = tree_where(ls.success, moved, reset_history(h, True))
+        history = push_history(h, s, y, enabled=ls.success)
+        history = reset_history(history, ~ls.success)
         failed = ~ls.success & (h.count == 0)
 
         x = tree_where(ls.success, ls.x, state.x)
