@@ -1,0 +1,107 @@
+"""Timing, platform and I/O helpers shared by the benchmark scripts."""
+
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import jax
+
+
+RESULTS_DIR = Path(__file__).parent / "results"
+
+
+def setup() -> None:
+    """Float64 everywhere: the protocol compares solvers at double precision."""
+    jax.config.update("jax_enable_x64", True)
+
+
+def block(tree):
+    return jax.block_until_ready(tree)
+
+
+def compile_jit(fn, *args):
+    """`jax.jit(fn)` traced, lowered and compiled for `args`; returns (compiled, seconds).
+
+    Timing trace + lower + compile separately keeps compilation out of the run times.
+    """
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    return compiled, time.perf_counter() - t0
+
+
+def time_call(fn, *args, repeats: int = 5):
+    """Median wall seconds of `fn(*args)` over `repeats` warm runs, and the last output.
+
+    One untimed call first, so caches and allocators are warm; every timed call ends
+    with `jax.block_until_ready`, so asynchronous dispatch cannot hide work.
+    """
+    out = block(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = block(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def machine() -> dict:
+    from importlib.metadata import version
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)),
+        "memory_gib": round(mem / 2**30, 1),
+        "python": platform.python_version(),
+        "versions": {
+            name: version(name)
+            for name in (
+                "lbfgs_implicit",
+                "jax",
+                "equinox",
+                "lineax",
+                "optax",
+                "jaxopt",
+                "optimistix",
+                "scipy",
+                "sif2jax",
+            )
+        },
+        "device": str(jax.devices()[0]),
+    }
+
+
+def write_json(path, payload: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1, default=_jsonable) + "\n")
+
+
+def _jsonable(obj):
+    try:
+        return float(obj)
+    except TypeError:
+        return str(obj)

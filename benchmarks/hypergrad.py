@@ -1,0 +1,529 @@
+"""Hypergradient benchmark: accuracy and cost of differentiating through the inner solve.
+
+    python -m benchmarks.hypergrad --mode {full,quick,smoke} [--out PATH]
+    python -m benchmarks.hypergrad --case METHOD --n N     (one sweep case, prints JSON)
+
+Methods (each library with its own forward L-BFGS; tolerances in `FORWARD`):
+
+- `ours-implicit`: `li.ImplicitAdjoint()`, CG preconditioned by the L-BFGS memory.
+- `ours-quasinewton`: `li.QuasiNewtonAdjoint()`, the L-BFGS inverse only (approximate).
+- `jaxopt-implicit`: `jaxopt.LBFGS(implicit_diff=True)`, its default backward solve
+  (CG on the normal equations, SciPy-style default tolerance).
+- `optimistix-implicit`: `optx.ImplicitAdjoint()` default (`AutoLinearSolver`, which
+  materialises the Hessian and factorises it).
+- `optimistix-implicit-cg`: `optx.ImplicitAdjoint(lineax.CG(...))` with the Hessian tagged
+  symmetric positive semidefinite, same CG tolerance as ours, no preconditioner.
+- `unrolled`: reverse-mode through optimistix's loop (`RecursiveCheckpointAdjoint`).
+
+Problems: ridge regression (closed-form hypergradient), per-feature L2 weights of a
+logistic regression (central differences around a Newton solve), and a scaling sweep on
+a smoothing problem `0.5||x - y||^2 + 0.5 e^theta ||D x||^2` whose exact hypergradient a
+banded direct solve gives at any n. Each sweep case runs in its own subprocess under a
+time limit; a timeout, out-of-memory or any error is recorded as that case's result.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import lbfgs_implicit as li
+
+from ._common import (
+    compile_jit,
+    current_rss_bytes,
+    machine,
+    peak_rss_bytes,
+    RESULTS_DIR,
+    setup,
+    time_call,
+    write_json,
+)
+
+
+METHODS = (
+    "ours-implicit",
+    "ours-quasinewton",
+    "jaxopt-implicit",
+    "optimistix-implicit",
+    "optimistix-implicit-cg",
+    "unrolled",
+)
+# Forward tolerances, tight enough that the forward solve is not what limits accuracy.
+FORWARD = {"gtol": 1e-10, "jaxopt_tol": 1e-10, "optimistix_rtol_atol": 1e-12}
+MAX_STEPS = 5000
+CG_TOL = float(np.finfo(np.float64).eps) ** 0.75  # ours' default backward tolerance
+
+
+def make_solve(method, fn, x0):
+    """`solve(theta) -> x*(theta)`, differentiable by `method`."""
+    if method.startswith("ours"):
+        solver = li.LBFGS(max_steps=MAX_STEPS, gtol=FORWARD["gtol"])
+        adjoint = li.QuasiNewtonAdjoint() if method == "ours-quasinewton" else li.ImplicitAdjoint()
+
+        def solve(theta):
+            return li.optimize(fn, x0, theta, solver=solver, adjoint=adjoint, throw=False).params
+
+        return solve
+    if method == "jaxopt-implicit":
+        import jaxopt
+
+        solver = jaxopt.LBFGS(fun=fn, tol=FORWARD["jaxopt_tol"], maxiter=MAX_STEPS)
+        return lambda theta: solver.run(x0, theta).params
+    import lineax as lx
+    import optimistix as optx
+
+    tol = FORWARD["optimistix_rtol_atol"]
+    solver = optx.LBFGS(rtol=tol, atol=tol)
+    tags = frozenset()
+    if method == "optimistix-implicit":
+        adjoint = optx.ImplicitAdjoint()
+    elif method == "optimistix-implicit-cg":
+        adjoint = optx.ImplicitAdjoint(lx.CG(rtol=CG_TOL, atol=CG_TOL))
+        tags = frozenset({lx.symmetric_tag, lx.positive_semidefinite_tag})
+    elif method == "unrolled":
+        adjoint = optx.RecursiveCheckpointAdjoint()
+    else:
+        raise ValueError(f"unknown method {method!r}")
+
+    def solve(theta):
+        sol = optx.minimise(
+            fn, solver, x0, theta, max_steps=MAX_STEPS, adjoint=adjoint, throw=False, tags=tags
+        )
+        return sol.value
+
+    return solve
+
+
+def measure(method, fn, outer, x0, theta, repeats):
+    """Compile and warm times of the forward solve and of `value_and_grad(outer)`."""
+    solve = make_solve(method, fn, x0)
+
+    def loss(theta):
+        return outer(solve(theta), theta)
+
+    fwd, fwd_compile = compile_jit(loss, theta)
+    full, full_compile = compile_jit(jax.value_and_grad(loss), theta)
+    fwd_s, _ = time_call(fwd, theta, repeats=repeats)
+    full_s, (value, grad) = time_call(full, theta, repeats=repeats)
+    return {
+        "method": method,
+        "compile_s": full_compile,
+        "forward_compile_s": fwd_compile,
+        "forward_s": fwd_s,
+        "total_s": full_s,
+        "backward_s": max(full_s - fwd_s, 0.0),
+        "backward_share": max(full_s - fwd_s, 0.0) / full_s,
+        "value": float(value),
+        "grad": np.asarray(grad),
+    }
+
+
+def _rel_err(g, ref):
+    return float(np.linalg.norm(np.ravel(g) - np.ravel(ref)) / np.linalg.norm(np.ravel(ref)))
+
+
+# --- Ridge regression: closed-form hypergradient -------------------------------------------
+
+
+def ridge_data(n, m, m_val, seed=0):
+    rng = np.random.default_rng(seed)
+    w_true = rng.normal(size=n) / np.sqrt(n)
+    X = rng.normal(size=(m, n))
+    Xv = rng.normal(size=(m_val, n))
+    y = X @ w_true + 0.5 * rng.normal(size=m)
+    yv = Xv @ w_true + 0.5 * rng.normal(size=m_val)
+    return tuple(jnp.asarray(a) for a in (X, y, Xv, yv))
+
+
+def ridge_problem(n, m, m_val, seed=0):
+    """Inner: mean squared error + e^theta/2 ||w||^2; outer: validation MSE."""
+    X, y, Xv, yv = ridge_data(n, m, m_val, seed)
+
+    def inner(w, theta):
+        r = X @ w - y
+        return 0.5 * jnp.mean(r**2) + 0.5 * jnp.exp(theta) * jnp.sum(w**2)
+
+    def outer(w, theta):
+        del theta
+        return 0.5 * jnp.mean((Xv @ w - yv) ** 2)
+
+    def exact(theta):
+        lam = np.exp(float(theta))
+        Xn, yn, Xvn, yvn = (np.asarray(a) for a in (X, y, Xv, yv))
+        A = Xn.T @ Xn / m + lam * np.eye(n)
+        w = np.linalg.solve(A, Xn.T @ yn / m)
+        dw = -np.linalg.solve(A, lam * w)  # d w / d theta, theta = log lambda
+        return float(((Xvn @ w - yvn) / m_val) @ (Xvn @ dw))
+
+    return inner, outer, jnp.zeros(n), exact
+
+
+def ridge_accuracy(n, m, m_val, repeats, methods):
+    inner, outer, x0, exact = ridge_problem(n, m, m_val)
+    theta = jnp.asarray(np.log(0.1))
+    ref = exact(theta)
+    rows = []
+    for method in methods:
+        rows.append(_accuracy_row(method, inner, outer, x0, theta, ref, repeats))
+    return {"n": n, "m": m, "reference": "closed form", "rows": rows}
+
+
+# --- Per-feature L2 logistic regression: central differences -------------------------------
+
+
+def logistic_problem():
+    from .problems import breast_cancer, logistic_loss
+
+    X, y = breast_cancer()
+    rng = np.random.default_rng(0)
+    perm = rng.permutation(X.shape[0])
+    split = int(0.7 * X.shape[0])
+    tr, va = perm[:split], perm[split:]
+    Xt, yt, Xv, yv = X[tr], y[tr], X[va], y[va]
+
+    def inner(w, theta):
+        # One L2 weight e^theta_j per feature; the intercept (last) is not penalised.
+        return logistic_loss(w, Xt, yt) + 0.5 * jnp.sum(jnp.exp(theta) * w[:-1] ** 2)
+
+    def outer(w, theta):
+        del theta
+        return logistic_loss(w, Xv, yv)
+
+    return inner, outer, jnp.zeros(X.shape[1])
+
+
+def newton_argmin(inner, x0, theta, steps=50):
+    """A dense Newton solve to machine precision: the reference is independent of L-BFGS."""
+
+    def body(_, w):
+        g = jax.grad(inner)(w, theta)
+        H = jax.hessian(inner)(w, theta)
+        return w - jnp.linalg.solve(H, g)
+
+    return jax.lax.fori_loop(0, steps, body, x0)
+
+
+def logistic_accuracy(repeats, methods, h=1e-5):
+    inner, outer, x0 = logistic_problem()
+    theta = jnp.full(x0.size - 1, np.log(1e-2))
+
+    @jax.jit
+    def loss_newton(theta):
+        return outer(newton_argmin(inner, x0, theta), theta)
+
+    eye = np.eye(theta.size)
+    ref = np.array(
+        [
+            (float(loss_newton(theta + h * e)) - float(loss_newton(theta - h * e))) / (2 * h)
+            for e in eye
+        ]
+    )
+    rows = [_accuracy_row(m, inner, outer, x0, theta, ref, repeats) for m in methods]
+    return {"n": int(x0.size), "reference": f"central differences, h={h}", "rows": rows}
+
+
+def _accuracy_row(method, inner, outer, x0, theta, ref, repeats):
+    try:
+        row = measure(method, inner, outer, x0, theta, repeats)
+        row["rel_error"] = _rel_err(row.pop("grad"), ref)
+        row["error"] = None
+    except Exception as e:
+        traceback.print_exc()
+        row = {"method": method, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+    print(f"  {method:24s} {_fmt(row)}", flush=True)
+    return row
+
+
+def _fmt(row):
+    if row.get("error"):
+        return row["error"][:120]
+    out = f"total {row['total_s'] * 1e3:9.2f}ms backward {row['backward_share']:5.1%}"
+    if "rel_error" in row:
+        out += f" rel.err {row['rel_error']:.1e}"
+    if "peak_rss" in row:
+        out += f" peak {row['peak_rss'] / 2**30:.2f}GiB"
+    return out
+
+
+# --- Ridge n = 2000: backward versus forward, optimistix, preconditioning ------------------
+
+
+def cg_iterations(inner, sol, v, precondition):
+    """Steps of the backward CG solve, set up exactly as `ImplicitAdjoint` sets it up."""
+    import lineax as lx
+
+    from lbfgs_implicit._adjoint import default_tolerance
+    from lbfgs_implicit._history import inverse_hessian_operator
+
+    x_star, theta = sol.params, sol.args
+    structure = jax.eval_shape(lambda: x_star)
+    _, hvp = jax.linearize(jax.grad(lambda x: inner(x, theta)), x_star)
+    hessian = lx.FunctionLinearOperator(
+        hvp, structure, tags=(lx.symmetric_tag, lx.positive_semidefinite_tag)
+    )
+    v = v / jnp.max(jnp.abs(v))
+    tol = default_tolerance(v.dtype)
+    solver = lx.CG(rtol=tol, atol=tol, max_steps=min(10 * v.size, 10_000))
+    options = {}
+    if precondition:
+        inverse = inverse_hessian_operator(sol.history, structure)
+        options = {"preconditioner": inverse, "y0": inverse.mv(v)}
+    out = lx.linear_solve(hessian, v, solver, options=options, throw=False)
+    return int(out.stats["num_steps"]), bool(out.result == lx.RESULTS.successful)
+
+
+class _Sol:
+    def __init__(self, params, args, history):
+        self.params, self.args, self.history = params, args, history
+
+
+def ridge_backward_case(n, m, repeats):
+    """Acceptance numbers of the backward pass on float64 ridge with n inner parameters."""
+    inner, outer, x0, exact = ridge_problem(n, m, m)
+    theta = jnp.asarray(np.log(0.1))
+    solver = li.LBFGS(max_steps=MAX_STEPS, gtol=FORWARD["gtol"])
+
+    def loss(theta):
+        return outer(li.optimize(inner, x0, theta, solver=solver).params, theta)
+
+    # Forward alone, and the VJP split: forward-with-residuals, then the pullback alone.
+    fwd, _ = compile_jit(lambda t: li.optimize(inner, x0, t, solver=solver).params, theta)
+    forward_s, _ = time_call(fwd, theta, repeats=repeats)
+    vjp_fwd = jax.jit(lambda t: jax.vjp(loss, t))
+    value, pullback = vjp_fwd(theta)
+    pull = jax.jit(lambda p, ct: p(ct))
+    backward_s, (grad,) = time_call(pull, pullback, jnp.ones_like(value), repeats=repeats)
+    total, _ = compile_jit(jax.value_and_grad(loss), theta)
+    total_s, _ = time_call(total, theta, repeats=repeats)
+
+    sol = li.optimize(inner, x0, theta, solver=solver)
+    v = jax.grad(outer)(sol.params, theta)
+    proxy = _Sol(sol.params, theta, sol.state.history)
+    cg_pre, ok_pre = cg_iterations(inner, proxy, v, True)
+    cg_plain, ok_plain = cg_iterations(inner, proxy, v, False)
+
+    # optimistix's default adjoint, its pullback timed the same way.
+    solve_optx = make_solve("optimistix-implicit", inner, x0)
+
+    def loss_optx(theta):
+        return outer(solve_optx(theta), theta)
+
+    value_o, pullback_o = jax.jit(lambda t: jax.vjp(loss_optx, t))(theta)
+    optx_backward_s, (grad_o,) = time_call(
+        pull, pullback_o, jnp.ones_like(value_o), repeats=repeats
+    )
+    optx_fwd = jax.jit(loss_optx)
+    optx_forward_s, _ = time_call(optx_fwd, theta, repeats=repeats)
+    ref = exact(theta)
+    out = {
+        "n": n,
+        "m": m,
+        "forward_s": forward_s,
+        "backward_s": backward_s,
+        "total_s": total_s,
+        "backward_over_forward": backward_s / forward_s,
+        "forward_steps": int(sol.stats["num_steps"]),
+        "cg_steps_preconditioned": cg_pre,
+        "cg_steps_plain": cg_plain,
+        "cg_converged": ok_pre and ok_plain,
+        "cg_ratio": cg_plain / max(cg_pre, 1),
+        "optimistix_forward_s": optx_forward_s,
+        "optimistix_backward_s": optx_backward_s,
+        "optimistix_backward_over_ours": optx_backward_s / backward_s,
+        "rel_error": _rel_err(np.asarray(grad), ref),
+        "optimistix_rel_error": _rel_err(np.asarray(grad_o), ref),
+    }
+    for key, val in out.items():
+        print(f"  {key:32s} {val}", flush=True)
+    return out
+
+
+# --- Scaling sweep: one subprocess per (method, n) -----------------------------------------
+
+
+def smoothing_problem(n, seed=0):
+    """Inner: 0.5||x - y||^2 + 0.5 e^theta ||D x||^2 (D first differences); outer: MSE to truth.
+
+    The Hessian I + e^theta D'D is tridiagonal, so a banded direct solve gives the exact
+    hypergradient at any n, while the solvers see a matrix-free objective.
+    """
+    rng = np.random.default_rng(seed)
+    t = np.linspace(0, 8 * np.pi, n)
+    truth = np.sin(t) + 0.5 * np.sin(3.1 * t)
+    y = truth + 0.3 * rng.normal(size=n)
+    truth_j, y_j = jnp.asarray(truth), jnp.asarray(y)
+
+    def inner(x, theta):
+        return 0.5 * jnp.sum((x - y_j) ** 2) + 0.5 * jnp.exp(theta) * jnp.sum(jnp.diff(x) ** 2)
+
+    def outer(x, theta):
+        del theta
+        return 0.5 * jnp.mean((x - truth_j) ** 2)
+
+    def exact(theta):
+        from scipy.linalg import solveh_banded
+
+        lam = float(np.exp(theta))
+        diag = 1 + lam * np.r_[1.0, np.full(n - 2, 2.0), 1.0]
+        band = np.zeros((2, n))
+        band[0, 1:] = -lam
+        band[1] = diag
+        x = solveh_banded(band, y)
+        dtd_x = np.r_[0.0, np.diff(x)] - np.r_[np.diff(x), 0.0]  # D'D x
+        gl = (x - truth) / n
+        return float(-(solveh_banded(band, gl) @ (lam * dtd_x)))
+
+    return inner, outer, jnp.zeros(n), exact
+
+
+def sweep_case(method, n, repeats):
+    """One sweep case in this process; returns a JSON-able dict."""
+    inner, outer, x0, exact = smoothing_problem(n)
+    theta = jnp.asarray(np.log(10.0))
+    ref = exact(theta)
+    baseline = current_rss_bytes()
+    row = measure(method, inner, outer, x0, theta, repeats)
+    row["rel_error"] = _rel_err(row.pop("grad"), ref)
+    row["peak_rss"] = peak_rss_bytes()
+    row["baseline_rss"] = baseline
+    row["n"] = n
+    row["error"] = None
+    return row
+
+
+def _dense_bytes(n):
+    # optimistix's default adjoint materialises the n x n Hessian (and factorises a copy).
+    return 2 * 8 * n * n
+
+
+def run_sweep(sizes, methods, timeout, mem_limit, repeats):
+    rows = []
+    for n in sizes:
+        for method in methods:
+            row = {"method": method, "n": n}
+            if method == "optimistix-implicit" and _dense_bytes(n) > mem_limit:
+                row["error"] = (
+                    f"skipped: the dense Hessian needs {_dense_bytes(n) / 2**30:.0f} GiB "
+                    f"> the {mem_limit / 2**30:.0f} GiB limit"
+                )
+                row["status"] = "out-of-memory (predicted)"
+            else:
+                row.update(_subprocess_case(method, n, timeout, mem_limit, repeats))
+            rows.append(row)
+            print(f"  n={n:<8d} {method:24s} {_fmt(row)}", flush=True)
+    return rows
+
+
+def _subprocess_case(method, n, timeout, mem_limit, repeats):
+    cmd = [sys.executable, "-m", "benchmarks.hypergrad", "--case", method, "--n", str(n)]
+    cmd += ["--repeats", str(repeats), "--mem-limit", str(mem_limit)]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout after {timeout} s", "status": "timeout"}
+    wall = time.perf_counter() - t0
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            out = json.loads(line[len("RESULT ") :])
+            out["wall_s"] = wall
+            if out.get("error"):
+                out["status"] = _classify(out["error"])
+            else:
+                out["status"] = "ok"
+            return out
+    tail = (proc.stderr or proc.stdout)[-400:]
+    status = "out-of-memory" if proc.returncode in (-9, 137) else _classify(tail)
+    return {"error": f"exit {proc.returncode}: {tail.strip()[-300:]}", "status": status}
+
+
+def _classify(text):
+    low = text.lower()
+    if "memory" in low or "resource_exhausted" in low or "bad_alloc" in low:
+        return "out-of-memory"
+    return "error"
+
+
+def _child(method, n, repeats, mem_limit):
+    # An address-space cap turns a runaway allocation into an error in this process
+    # instead of the machine's out-of-memory killer.
+    resource.setrlimit(resource.RLIMIT_AS, (mem_limit, mem_limit))
+    setup()
+    try:
+        row = sweep_case(method, n, repeats)
+    except BaseException as e:  # MemoryError and XLA's RESOURCE_EXHAUSTED included
+        row = {"error": f"{type(e).__name__}: {str(e)[:300]}", "peak_rss": peak_rss_bytes()}
+    print("RESULT " + json.dumps(row, default=float), flush=True)
+
+
+SWEEP = {
+    "full": (100, 1_000, 10_000, 100_000, 1_000_000),
+    "quick": (100, 1_000, 10_000),
+    "smoke": (100,),
+}
+TIMEOUT = {"full": 300, "quick": 60, "smoke": 120}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--mode", choices=("full", "quick", "smoke"), default="quick")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--case", default=None, help="run one sweep case (internal)")
+    parser.add_argument("--n", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--mem-limit", type=int, default=20 * 2**30)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    opts = parser.parse_args(argv)
+    if opts.case:
+        _child(opts.case, opts.n, opts.repeats, opts.mem_limit)
+        return None
+    setup()
+    jax.jit(lambda a: a + 1).lower(1.0).compile()
+    methods = opts.methods.split(",")
+    mode = opts.mode
+    repeats = 1 if mode == "smoke" else 5
+    out = opts.out or RESULTS_DIR / f"hypergrad-{mode}.json"
+    payload = {
+        "mode": mode,
+        "command": f"python -m benchmarks.hypergrad --mode {mode}",
+        "settings": {"forward": FORWARD, "cg_tol": CG_TOL, "max_steps": MAX_STEPS},
+        "machine": machine(),
+    }
+    t0 = time.perf_counter()
+    ridge_n, ridge_m = (20, 60) if mode == "smoke" else (100, 300)
+    print(f"ridge accuracy (n={ridge_n})", flush=True)
+    payload["ridge"] = ridge_accuracy(ridge_n, ridge_m, ridge_m, repeats, methods)
+    write_json(out, payload)
+    print("per-feature logistic regression accuracy", flush=True)
+    payload["logistic"] = logistic_accuracy(repeats, methods)
+    write_json(out, payload)
+    n_b = 100 if mode == "smoke" else 2000
+    print(f"ridge backward case (n={n_b})", flush=True)
+    payload["ridge_backward"] = ridge_backward_case(n_b, 2 * n_b, repeats)
+    write_json(out, payload)
+    print("scaling sweep", flush=True)
+    mem_limit = min(
+        opts.mem_limit, int(0.9 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    )
+    payload["sweep"] = {
+        "problem": "smoothing: 0.5||x - y||^2 + 0.5 e^theta ||Dx||^2, theta = log 10",
+        "timeout_s": TIMEOUT[mode],
+        "mem_limit_bytes": mem_limit,
+        "rows": run_sweep(SWEEP[mode], methods, TIMEOUT[mode], mem_limit, repeats),
+    }
+    payload["wall_s"] = time.perf_counter() - t0
+    write_json(out, payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
