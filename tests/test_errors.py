@@ -1,0 +1,399 @@
+"""One test per row of the error table (DESIGN section 5), and the rows issue 6 adds.
+
+Trace-time rows check the exception type and that the message names what was seen;
+runtime rows check `sol.result` with `throw=False` and the raised message with
+`throw=True`. Messages are matched on a distinctive part, so rewording the rest of a
+message does not break these tests but losing its content does.
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import lineax as lx
+import numpy as np
+import pytest
+
+import lbfgs_implicit as li
+
+
+NONFINITE = r"not finite \(NaN or inf\) at the initial point"
+MAX_STEPS = r"Try increasing `max_steps`"
+LINESEARCH = r"line search could not decrease the objective"
+BACKWARD = r"Hessian at the solution looks singular or indefinite"
+# Inside `eqx.filter_jit` (eager `optimize`) a failure is an `EquinoxRuntimeError`; from a
+# plain `jax.jit` or the backward pass of `jax.grad` JAX reports it as a `JaxRuntimeError`
+# carrying the same message.
+RUNTIME = (eqx.EquinoxRuntimeError, jax.errors.JaxRuntimeError)
+
+
+def _either(ours: str, param: str) -> str:
+    # The test run type-checks the package with jaxtyping + beartype, which rejects a
+    # wrongly typed argument before our own check runs; users without that hook see our
+    # message. Either way the message must name the parameter that was wrong.
+    return rf"(?s)({ours}|typechecking parameter '{param}')"
+
+
+def _sphere(x, args):
+    return jnp.sum((x - 1.0) ** 2)
+
+
+# ---------------------------------------------------------------------------------------
+# Row: `fn` returns a non-scalar, a non-float, or the wrong tuple for `has_aux`.
+
+
+@pytest.mark.parametrize(
+    "fn, shape",
+    [
+        (lambda x, a: x**2, r"\(3,\)"),
+        (lambda x, a: jnp.sum(x**2, keepdims=True), r"\(1,\)"),
+        (lambda x, a: jnp.outer(x, x), r"\(3, 3\)"),
+    ],
+)
+def test_fn_non_scalar(fn, shape):
+    with pytest.raises(ValueError, match=r"must return a scalar, got shape " + shape):
+        li.optimize(fn, jnp.zeros(3))
+
+
+@pytest.mark.parametrize(
+    "fn, dtype",
+    [
+        (lambda x, a: jnp.sum(x).astype(jnp.int32), "int32"),
+        (lambda x, a: jnp.sum(x) > 0, "bool"),
+        (lambda x, a: jnp.sum(x).astype(jnp.complex128), "complex128"),
+    ],
+)
+def test_fn_non_float(fn, dtype):
+    with pytest.raises(TypeError, match=r"real floating-point scalar, got dtype " + dtype):
+        li.optimize(fn, jnp.zeros(3))
+
+
+@pytest.mark.parametrize("value, name", [(1.0, "float"), (3, "int"), (True, "bool")])
+@pytest.mark.parametrize("has_aux", [False, True])
+def test_fn_returns_python_number(value, name, has_aux):
+    # A Python number cannot depend on `x`; `jax.eval_shape` would silently turn it into
+    # a scalar, so the check has to look at what `fn` really returned.
+    def fn(x, args):
+        return (value, None) if has_aux else value
+
+    with pytest.raises(TypeError, match=rf"`fn` returned a Python {name}; it must return"):
+        li.optimize(fn, jnp.zeros(2), has_aux=has_aux)
+
+
+def test_has_aux_true_but_scalar_returned():
+    with pytest.raises(TypeError, match=r"With `has_aux=True`, `fn` must return a tuple"):
+        li.optimize(_sphere, jnp.zeros(2), has_aux=True)
+
+
+def test_has_aux_true_but_triple_returned():
+    def fn(x, args):
+        return jnp.sum(x**2), 1.0, 2.0
+
+    with pytest.raises(TypeError, match=r"must return a tuple `\(value, aux\)`"):
+        li.optimize(fn, jnp.zeros(2), has_aux=True)
+
+
+def test_has_aux_false_but_tuple_returned():
+    def fn(x, args):
+        return jnp.sum(x**2), x
+
+    with pytest.raises(TypeError, match=r"tuple of length 2.*pass `has_aux=True`"):
+        li.optimize(fn, jnp.zeros(2))
+
+
+# ---------------------------------------------------------------------------------------
+# Row: `x0` with integer or boolean leaves, or empty.
+
+
+@pytest.mark.parametrize(
+    "x0, where, dtype",
+    [
+        (jnp.arange(3), "x0", "int64"),
+        ({"w": jnp.zeros(2), "n": jnp.ones(2, jnp.int32)}, r"\['n'\]", "int32"),
+        (np.array([True, False]), "x0", "bool"),
+    ],
+)
+def test_x0_non_float(x0, where, dtype):
+    with pytest.raises(TypeError, match=rf"`x0` leaf {where} has dtype {dtype}.*cast it"):
+        li.optimize(_sphere, x0)
+
+
+def test_x0_complex():
+    with pytest.raises(TypeError, match=r"complex parameters are not supported yet"):
+        li.optimize(_sphere, jnp.zeros(2, jnp.complex128))
+
+
+def test_x0_empty_leaf():
+    with pytest.raises(ValueError, match=r"`x0` leaf \['b'\] is empty \(shape \(0,\)\)"):
+        li.optimize(lambda x, a: jnp.sum(x["a"] ** 2), {"a": jnp.zeros(2), "b": jnp.zeros(0)})
+
+
+@pytest.mark.parametrize("x0", [None, {}, ()])
+def test_x0_no_leaves(x0):
+    with pytest.raises(ValueError, match=r"`x0` has no array leaves"):
+        li.optimize(_sphere, x0)
+
+
+def test_x0_non_array_leaf():
+    with pytest.raises(TypeError, match=_either(r"`x0` leaf \[1\] is a str", "x0")):
+        li.optimize(_sphere, [jnp.zeros(2), "abc"])
+
+
+# ---------------------------------------------------------------------------------------
+# Row: non-finite value or gradient at `x0`.
+
+
+def _nan_value(x, args):
+    return jnp.sum(jnp.log(x))  # log of a negative number: NaN at x0 = -1
+
+
+def _inf_grad(x, args):
+    return jnp.sum(jnp.sqrt(jnp.abs(x)))  # finite value, infinite gradient at 0
+
+
+def _nan_args(x, args):
+    return jnp.sum((x - args) ** 2)
+
+
+@pytest.mark.parametrize(
+    "fn, x0, args",
+    [
+        (_nan_value, -jnp.ones(2), None),
+        (_inf_grad, jnp.zeros(2), None),
+        (_sphere, jnp.array([0.0, jnp.nan]), None),
+        (_nan_args, jnp.zeros(2), jnp.array([1.0, jnp.inf])),
+    ],
+    ids=["nan-value", "inf-gradient", "nan-in-x0", "inf-in-args"],
+)
+def test_nonfinite_at_x0(fn, x0, args):
+    sol = li.optimize(fn, x0, args, throw=False)
+    assert sol.result == li.RESULTS.nonfinite
+    # Reported at once: one evaluation, no step, and the start is returned unchanged.
+    assert int(sol.stats["num_steps"]) == 0
+    assert int(sol.stats["num_fun_evals"]) == 1
+    np.testing.assert_array_equal(np.asarray(sol.params), np.asarray(x0))
+    with pytest.raises(eqx.EquinoxRuntimeError, match=NONFINITE):
+        li.optimize(fn, x0, args)
+
+
+def test_nonfinite_at_x0_inside_jit():
+    # `throw` must also raise from inside a user's `jax.jit`.
+    run = jax.jit(lambda x0: li.optimize(_nan_value, x0).params)
+    with pytest.raises(RUNTIME, match=NONFINITE):
+        jax.block_until_ready(run(-jnp.ones(2)))
+
+
+# ---------------------------------------------------------------------------------------
+# Row: non-finite value during the line search (the trial is rejected). The thorough
+# tests are in test_faults.py; this one pins the row of the table.
+
+
+def test_nonfinite_trial_rejected():
+    # The first trial is a unit step along -g from 0, which leaves the finite region
+    # |x|_inf < 0.5; the minimiser (0.3, -0.3) lies inside it.
+    target = jnp.array([0.3, -0.3])
+
+    def fn(x, args):
+        f = jnp.sum((x - target) ** 2)
+        return jnp.where(jnp.max(jnp.abs(x)) < 0.5, f, jnp.nan)
+
+    sol = li.optimize(fn, jnp.zeros(2), throw=False)
+    assert sol.result == li.RESULTS.successful
+    np.testing.assert_allclose(np.asarray(sol.params), np.asarray(target), atol=1e-8)
+
+
+# ---------------------------------------------------------------------------------------
+# Row: `max_steps` reached.
+
+
+def test_max_steps_reached():
+    def quartic(x, args):
+        return jnp.sum((x - 1.0) ** 4)
+
+    solver = li.LBFGS(max_steps=2)
+    sol = li.optimize(quartic, jnp.zeros(3), solver=solver, throw=False)
+    assert sol.result == li.RESULTS.max_steps_reached
+    assert int(sol.stats["num_steps"]) == 2
+    # The best point so far is returned, not garbage: finite and below f(x0) = 3.
+    assert np.all(np.isfinite(np.asarray(sol.params)))
+    assert float(sol.value) < 3.0
+    with pytest.raises(eqx.EquinoxRuntimeError, match=MAX_STEPS):
+        li.optimize(quartic, jnp.zeros(3), solver=solver)
+
+
+# ---------------------------------------------------------------------------------------
+# Row: the line search fails (a gradient inconsistent with the value).
+
+
+@jax.custom_vjp
+def _wrong_gradient(x):
+    return jnp.sum(x**2)
+
+
+# The gradient has the wrong sign, so -g is an ascent direction and no step decreases f.
+_wrong_gradient.defvjp(lambda x: (jnp.sum(x**2), x), lambda x, g: (-2 * g * x,))
+
+
+def test_linesearch_failed():
+    fn = lambda x, a: _wrong_gradient(x)
+    sol = li.optimize(fn, jnp.ones(3), throw=False)
+    assert sol.result == li.RESULTS.linesearch_failed
+    # The best point found is returned: here the start, as nothing is below f(x0) = 3.
+    np.testing.assert_array_equal(np.asarray(sol.params), np.ones(3))
+    assert float(sol.value) == 3.0
+    with pytest.raises(eqx.EquinoxRuntimeError, match=LINESEARCH):
+        li.optimize(fn, jnp.ones(3))
+
+
+# ---------------------------------------------------------------------------------------
+# Row: the backward linear solve fails.
+
+_A = jnp.asarray(np.random.default_rng(0).normal(size=(3, 6)))
+
+
+def _underdetermined(x, b):
+    # 3 equations, 6 unknowns: the Hessian A'A has rank 3.
+    return 0.5 * jnp.sum((_A @ x - b) ** 2)
+
+
+def test_backward_failed():
+    c = jnp.arange(1.0, 7.0)  # has a component in the null space of A'A
+
+    def outer(b, throw):
+        return c @ li.optimize(_underdetermined, jnp.zeros(6), b, throw=throw).params
+
+    b = jnp.array([1.0, -1.0, 0.5])
+    with pytest.raises(RUNTIME, match=BACKWARD):
+        jax.block_until_ready(jax.grad(outer)(b, True))
+    # With throw=False the documented answer is NaN, in every entry (never partly wrong).
+    grad = np.asarray(jax.grad(outer)(b, False))
+    assert np.all(np.isnan(grad))
+
+
+def test_backward_failed_message_names_fixes():
+    # The message must name every documented fix, so a user can act on it.
+    def outer(b):
+        return jnp.sum(li.optimize(_underdetermined, jnp.zeros(6), b).params)
+
+    with pytest.raises(RUNTIME, match=BACKWARD) as info:
+        jax.block_until_ready(jax.grad(outer)(jnp.ones(3)))
+    for fix in ("damping=", "lineax.GMRES", "lineax.SVD", "gtol"):
+        assert fix in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------
+# Rows added for issue 6: configuration and call-site mistakes, caught at construction.
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(max_steps=0), ValueError, r"max_steps >= 1 \(an int\), got 0"),
+        (dict(max_steps=-5), ValueError, r"max_steps >= 1 \(an int\), got -5"),
+        (dict(max_steps=10.0), Exception, _either(r"max_steps >= 1.*got 10.0", "max_steps")),
+        (dict(max_steps=True), ValueError, r"max_steps >= 1 \(an int\), got True"),
+        (dict(history_size=0), ValueError, r"history_size >= 1 \(an int\), got 0"),
+        (dict(history_size=True), ValueError, r"history_size >= 1 \(an int\), got True"),
+        (dict(history_size=2.5), Exception, _either(r"history_size >= 1.*2.5", "history_size")),
+        (dict(gtol=-1e-8), ValueError, r"gtol >= 0, got -1e-08"),
+        (dict(gtol_l2=-1.0), ValueError, r"gtol_l2 >= 0, got -1.0"),
+        (dict(ftol=-1e-9), ValueError, r"ftol >= 0, got -1e-09"),
+        (dict(gtol=float("nan")), ValueError, r"gtol >= 0, got nan"),
+        (dict(gtol="1e-6"), TypeError, _either(r"gtol to be a Python float, got str", "gtol")),
+        (dict(gtol=jnp.array(1e-6)), TypeError, _either(r"gtol to be a Python float", "gtol")),
+        (
+            dict(linesearch="wolfe"),
+            TypeError,
+            _either(r"`linesearch` must be a line search module", "linesearch"),
+        ),
+    ],
+)
+def test_lbfgs_config(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        li.LBFGS(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: li.StrongWolfe(c1=0.0), r"0 < c1 < c2 < 1, got c1=0.0"),
+        (lambda: li.StrongWolfe(c1=0.5, c2=0.4), r"0 < c1 < c2 < 1, got c1=0.5, c2=0.4"),
+        (lambda: li.StrongWolfe(c2=1.0), r"0 < c1 < c2 < 1"),
+        (lambda: li.StrongWolfe(max_evals=0), r"max_evals >= 1, got 0"),
+        (lambda: li.Backtracking(c1=1.5), r"0 < c1 < 1, got 1.5"),
+        (lambda: li.Backtracking(factor=1.0), r"0 < factor < 1, got 1.0"),
+        (lambda: li.Backtracking(max_evals=0), r"max_evals >= 1, got 0"),
+        (lambda: li.ImplicitAdjoint(damping=-1.0), r"finite damping >= 0.*got -1.0"),
+        (lambda: li.ImplicitAdjoint(damping=float("inf")), r"finite damping >= 0.*got inf"),
+        (lambda: li.ImplicitAdjoint(damping=float("nan")), r"finite damping >= 0.*got nan"),
+        (lambda: li.QuasiNewtonAdjoint(refine_steps=-1), r"refine_steps >= 0, got -1"),
+    ],
+)
+def test_strategy_config_values(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_linear_solver_type():
+    match = _either(r"`linear_solver` must be a lineax solver.*got 'cg'", "linear_solver")
+    with pytest.raises(TypeError, match=match):
+        li.ImplicitAdjoint(linear_solver="cg")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(solver=li.StrongWolfe()), _either(r"`solver` must be a minimiser", "solver")),
+        (dict(solver="lbfgs"), _either(r"`solver` must be a minimiser.*'lbfgs'", "solver")),
+        (
+            dict(adjoint=lx.CG(rtol=1e-8, atol=1e-8)),
+            _either(r"`adjoint` must be li.ImplicitAdjoint", "adjoint"),
+        ),
+    ],
+)
+def test_wrong_strategy_objects(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        li.optimize(_sphere, jnp.zeros(2), **kwargs)
+
+
+def test_fn_not_callable():
+    with pytest.raises(TypeError, match=_either(r"`fn` must be callable.*got 3", "fn")):
+        li.optimize(3, jnp.zeros(2))
+
+
+# ---------------------------------------------------------------------------------------
+# Rows added for issue 6: `args` whose structure changes between calls, and `args`
+# with non-array leaves. Neither is an error: each structure is compiled for itself
+# (never a stale cached program), and non-array leaves are static.
+
+
+def _weighted(x, args):
+    # Any pytree of weights: one term per leaf, each pulling x towards a target.
+    pairs = jax.tree.leaves(args, is_leaf=lambda node: isinstance(node, tuple))
+    return sum(w * jnp.sum((x - t) ** 2) for w, t in pairs)
+
+
+def test_args_structure_changes_between_calls():
+    one = [(jnp.array(1.0), jnp.array([1.0, 2.0]))]
+    two = [(jnp.array(1.0), jnp.array([1.0, 2.0])), (jnp.array(3.0), jnp.array([5.0, 6.0]))]
+    three = {"a": (jnp.array(1.0), jnp.zeros(2)), "b": (jnp.array(1.0), jnp.ones(2))}
+    # The minimiser of sum_i w_i |x - t_i|^2 is the w-weighted mean of the targets.
+    for args, expected in [
+        (one, [1.0, 2.0]),
+        (two, [4.0, 5.0]),
+        (three, [0.5, 0.5]),
+        (one, [1.0, 2.0]),
+    ]:
+        sol = li.optimize(_weighted, jnp.zeros(2), args)
+        np.testing.assert_allclose(np.asarray(sol.params), expected, rtol=1e-9)
+
+
+def test_args_with_static_leaves():
+    def fn(x, args):
+        norm, target = args
+        r = x - target
+        return jnp.sum(r**2) if norm == "l2" else jnp.sum(r**4)
+
+    for norm in ("l2", "l4"):
+        sol = li.optimize(fn, jnp.zeros(2), (norm, jnp.array([1.0, -2.0])))
+        np.testing.assert_allclose(np.asarray(sol.params), [1.0, -2.0], atol=1e-3)
+        assert sol.result == li.RESULTS.successful
