@@ -19,4 +19,7 @@ from ._solution import RESULTS as RESULTS, Solution as Solution
 from ._solver import AbstractMinimiser as AbstractMinimiser, LBFGS as LBFGS
 
 
-__version__ = importlib.metadata.version("lbfgs_implicit")
+try:
+    __version__ = importlib.metadata.version("lbfgs_implicit")
+except importlib.metadata.PackageNotFoundError:  # a source checkout on sys.path, not installed
+    __version__ = "0+unknown"
