@@ -64,20 +64,24 @@ CG_TOL = float(np.finfo(np.float64).eps) ** 0.75  # ours' default backward toler
 
 
 def make_solve(method, fn, x0):
-    """`solve(theta) -> x*(theta)`, differentiable by `method`."""
+    """`solve(args) -> x*(args)`, differentiable by `method`; `args = (theta, data)`.
+
+    Data travel as arguments, not closed-over constants, so XLA does not embed (and
+    constant-fold) them in every compiled program.
+    """
     if method.startswith("ours"):
         solver = li.LBFGS(max_steps=MAX_STEPS, gtol=FORWARD["gtol"])
         adjoint = li.QuasiNewtonAdjoint() if method == "ours-quasinewton" else li.ImplicitAdjoint()
 
-        def solve(theta):
-            return li.optimize(fn, x0, theta, solver=solver, adjoint=adjoint, throw=False).params
+        def solve(args):
+            return li.optimize(fn, x0, args, solver=solver, adjoint=adjoint, throw=False).params
 
         return solve
     if method == "jaxopt-implicit":
         import jaxopt
 
         solver = jaxopt.LBFGS(fun=fn, tol=FORWARD["jaxopt_tol"], maxiter=MAX_STEPS)
-        return lambda theta: solver.run(x0, theta).params
+        return lambda args: solver.run(x0, args).params
     import lineax as lx
     import optimistix as optx
 
@@ -94,26 +98,26 @@ def make_solve(method, fn, x0):
     else:
         raise ValueError(f"unknown method {method!r}")
 
-    def solve(theta):
+    def solve(args):
         sol = optx.minimise(
-            fn, solver, x0, theta, max_steps=MAX_STEPS, adjoint=adjoint, throw=False, tags=tags
+            fn, solver, x0, args, max_steps=MAX_STEPS, adjoint=adjoint, throw=False, tags=tags
         )
         return sol.value
 
     return solve
 
 
-def measure(method, fn, outer, x0, theta, repeats):
+def measure(method, fn, outer, x0, theta, data, repeats):
     """Compile and warm times of the forward solve and of `value_and_grad(outer)`."""
     solve = make_solve(method, fn, x0)
 
-    def loss(theta):
-        return outer(solve(theta), theta)
+    def loss(theta, data):
+        return outer(solve((theta, data)), data)
 
-    fwd, fwd_compile = compile_jit(loss, theta)
-    full, full_compile = compile_jit(jax.value_and_grad(loss), theta)
-    fwd_s, _ = time_call(fwd, theta, repeats=repeats)
-    full_s, (value, grad) = time_call(full, theta, repeats=repeats)
+    fwd, fwd_compile = compile_jit(loss, theta, data)
+    full, full_compile = compile_jit(jax.value_and_grad(loss), theta, data)
+    fwd_s, _ = time_call(fwd, theta, data, repeats=repeats)
+    full_s, (value, grad) = time_call(full, theta, data, repeats=repeats)
     return {
         "method": method,
         "compile_s": full_compile,
@@ -146,14 +150,16 @@ def ridge_data(n, m, m_val, seed=0):
 
 def ridge_problem(n, m, m_val, seed=0):
     """Inner: mean squared error + e^theta/2 ||w||^2; outer: validation MSE."""
-    X, y, Xv, yv = ridge_data(n, m, m_val, seed)
+    data = ridge_data(n, m, m_val, seed)
+    X, y, Xv, yv = data
 
-    def inner(w, theta):
+    def inner(w, args):
+        theta, (X, y, _, _) = args
         r = X @ w - y
         return 0.5 * jnp.mean(r**2) + 0.5 * jnp.exp(theta) * jnp.sum(w**2)
 
-    def outer(w, theta):
-        del theta
+    def outer(w, data):
+        _, _, Xv, yv = data
         return 0.5 * jnp.mean((Xv @ w - yv) ** 2)
 
     def exact(theta):
@@ -164,16 +170,16 @@ def ridge_problem(n, m, m_val, seed=0):
         dw = -np.linalg.solve(A, lam * w)  # d w / d theta, theta = log lambda
         return float(((Xvn @ w - yvn) / m_val) @ (Xvn @ dw))
 
-    return inner, outer, jnp.zeros(n), exact
+    return inner, outer, jnp.zeros(n), data, exact
 
 
 def ridge_accuracy(n, m, m_val, repeats, methods):
-    inner, outer, x0, exact = ridge_problem(n, m, m_val)
+    inner, outer, x0, data, exact = ridge_problem(n, m, m_val)
     theta = jnp.asarray(np.log(0.1))
     ref = exact(theta)
     rows = []
     for method in methods:
-        rows.append(_accuracy_row(method, inner, outer, x0, theta, ref, repeats))
+        rows.append(_accuracy_row(method, inner, outer, x0, theta, data, ref, repeats))
     return {"n": n, "m": m, "reference": "closed form", "rows": rows}
 
 
@@ -188,52 +194,50 @@ def logistic_problem():
     perm = rng.permutation(X.shape[0])
     split = int(0.7 * X.shape[0])
     tr, va = perm[:split], perm[split:]
-    Xt, yt, Xv, yv = X[tr], y[tr], X[va], y[va]
+    data = (X[tr], y[tr], X[va], y[va])
 
-    def inner(w, theta):
+    def inner(w, args):
+        theta, (Xt, yt, _, _) = args
         # One L2 weight e^theta_j per feature; the intercept (last) is not penalised.
         return logistic_loss(w, Xt, yt) + 0.5 * jnp.sum(jnp.exp(theta) * w[:-1] ** 2)
 
-    def outer(w, theta):
-        del theta
+    def outer(w, data):
+        _, _, Xv, yv = data
         return logistic_loss(w, Xv, yv)
 
-    return inner, outer, jnp.zeros(X.shape[1])
+    return inner, outer, jnp.zeros(X.shape[1]), data
 
 
-def newton_argmin(inner, x0, theta, steps=50):
+def newton_argmin(inner, x0, args, steps=50):
     """A dense Newton solve to machine precision: the reference is independent of L-BFGS."""
 
     def body(_, w):
-        g = jax.grad(inner)(w, theta)
-        H = jax.hessian(inner)(w, theta)
+        g = jax.grad(inner)(w, args)
+        H = jax.hessian(inner)(w, args)
         return w - jnp.linalg.solve(H, g)
 
     return jax.lax.fori_loop(0, steps, body, x0)
 
 
 def logistic_accuracy(repeats, methods, h=1e-5):
-    inner, outer, x0 = logistic_problem()
+    inner, outer, x0, data = logistic_problem()
     theta = jnp.full(x0.size - 1, np.log(1e-2))
 
     @jax.jit
-    def loss_newton(theta):
-        return outer(newton_argmin(inner, x0, theta), theta)
+    def loss_newton(theta, data):
+        return outer(newton_argmin(inner, x0, (theta, data)), data)
 
-    eye = np.eye(theta.size)
-    ref = np.array(
-        [
-            (float(loss_newton(theta + h * e)) - float(loss_newton(theta - h * e))) / (2 * h)
-            for e in eye
-        ]
-    )
-    rows = [_accuracy_row(m, inner, outer, x0, theta, ref, repeats) for m in methods]
+    def at(t):
+        return float(loss_newton(t, data))
+
+    ref = np.array([(at(theta + h * e) - at(theta - h * e)) / (2 * h) for e in np.eye(theta.size)])
+    rows = [_accuracy_row(m, inner, outer, x0, theta, data, ref, repeats) for m in methods]
     return {"n": int(x0.size), "reference": f"central differences, h={h}", "rows": rows}
 
 
-def _accuracy_row(method, inner, outer, x0, theta, ref, repeats):
+def _accuracy_row(method, inner, outer, x0, theta, data, ref, repeats):
     try:
-        row = measure(method, inner, outer, x0, theta, repeats)
+        row = measure(method, inner, outer, x0, theta, data, repeats)
         row["rel_error"] = _rel_err(row.pop("grad"), ref)
         row["error"] = None
     except Exception as e:
@@ -288,41 +292,42 @@ class _Sol:
 
 def ridge_backward_case(n, m, repeats):
     """Acceptance numbers of the backward pass on float64 ridge with n inner parameters."""
-    inner, outer, x0, exact = ridge_problem(n, m, m)
+    inner, outer, x0, data, exact = ridge_problem(n, m, m)
     theta = jnp.asarray(np.log(0.1))
     solver = li.LBFGS(max_steps=MAX_STEPS, gtol=FORWARD["gtol"])
 
-    def loss(theta):
-        return outer(li.optimize(inner, x0, theta, solver=solver).params, theta)
+    def solve(theta, data):
+        return li.optimize(inner, x0, (theta, data), solver=solver).params
+
+    def loss(theta, data):
+        return outer(solve(theta, data), data)
 
     # Forward alone, and the VJP split: forward-with-residuals, then the pullback alone.
-    fwd, _ = compile_jit(lambda t: li.optimize(inner, x0, t, solver=solver).params, theta)
-    forward_s, _ = time_call(fwd, theta, repeats=repeats)
-    vjp_fwd = jax.jit(lambda t: jax.vjp(loss, t))
-    value, pullback = vjp_fwd(theta)
+    fwd, _ = compile_jit(solve, theta, data)
+    forward_s, _ = time_call(fwd, theta, data, repeats=repeats)
+    value, pullback = jax.jit(lambda t, d: jax.vjp(lambda t: loss(t, d), t))(theta, data)
     pull = jax.jit(lambda p, ct: p(ct))
     backward_s, (grad,) = time_call(pull, pullback, jnp.ones_like(value), repeats=repeats)
-    total, _ = compile_jit(jax.value_and_grad(loss), theta)
-    total_s, _ = time_call(total, theta, repeats=repeats)
+    total, _ = compile_jit(jax.value_and_grad(loss), theta, data)
+    total_s, _ = time_call(total, theta, data, repeats=repeats)
 
-    sol = li.optimize(inner, x0, theta, solver=solver)
-    v = jax.grad(outer)(sol.params, theta)
-    proxy = _Sol(sol.params, theta, sol.state.history)
+    sol = li.optimize(inner, x0, (theta, data), solver=solver)
+    v = jax.grad(outer)(sol.params, data)
+    proxy = _Sol(sol.params, (theta, data), sol.state.history)
     cg_pre, ok_pre = cg_iterations(inner, proxy, v, True)
     cg_plain, ok_plain = cg_iterations(inner, proxy, v, False)
 
     # optimistix's default adjoint, its pullback timed the same way.
     solve_optx = make_solve("optimistix-implicit", inner, x0)
 
-    def loss_optx(theta):
-        return outer(solve_optx(theta), theta)
+    def loss_optx(theta, data):
+        return outer(solve_optx((theta, data)), data)
 
-    value_o, pullback_o = jax.jit(lambda t: jax.vjp(loss_optx, t))(theta)
+    value_o, pullback_o = jax.jit(lambda t, d: jax.vjp(lambda t: loss_optx(t, d), t))(theta, data)
     optx_backward_s, (grad_o,) = time_call(
         pull, pullback_o, jnp.ones_like(value_o), repeats=repeats
     )
-    optx_fwd = jax.jit(loss_optx)
-    optx_forward_s, _ = time_call(optx_fwd, theta, repeats=repeats)
+    optx_forward_s, _ = time_call(jax.jit(loss_optx), theta, data, repeats=repeats)
     ref = exact(theta)
     out = {
         "n": n,
@@ -360,14 +365,15 @@ def smoothing_problem(n, seed=0):
     t = np.linspace(0, 8 * np.pi, n)
     truth = np.sin(t) + 0.5 * np.sin(3.1 * t)
     y = truth + 0.3 * rng.normal(size=n)
-    truth_j, y_j = jnp.asarray(truth), jnp.asarray(y)
+    data = (jnp.asarray(y), jnp.asarray(truth))
 
-    def inner(x, theta):
-        return 0.5 * jnp.sum((x - y_j) ** 2) + 0.5 * jnp.exp(theta) * jnp.sum(jnp.diff(x) ** 2)
+    def inner(x, args):
+        theta, (y, _) = args
+        return 0.5 * jnp.sum((x - y) ** 2) + 0.5 * jnp.exp(theta) * jnp.sum(jnp.diff(x) ** 2)
 
-    def outer(x, theta):
-        del theta
-        return 0.5 * jnp.mean((x - truth_j) ** 2)
+    def outer(x, data):
+        _, truth = data
+        return 0.5 * jnp.mean((x - truth) ** 2)
 
     def exact(theta):
         from scipy.linalg import solveh_banded
@@ -382,16 +388,16 @@ def smoothing_problem(n, seed=0):
         gl = (x - truth) / n
         return float(-(solveh_banded(band, gl) @ (lam * dtd_x)))
 
-    return inner, outer, jnp.zeros(n), exact
+    return inner, outer, jnp.zeros(n), data, exact
 
 
 def sweep_case(method, n, repeats):
     """One sweep case in this process; returns a JSON-able dict."""
-    inner, outer, x0, exact = smoothing_problem(n)
+    inner, outer, x0, data, exact = smoothing_problem(n)
     theta = jnp.asarray(np.log(10.0))
     ref = exact(theta)
     baseline = current_rss_bytes()
-    row = measure(method, inner, outer, x0, theta, repeats)
+    row = measure(method, inner, outer, x0, theta, data, repeats)
     row["rel_error"] = _rel_err(row.pop("grad"), ref)
     row["peak_rss"] = peak_rss_bytes()
     row["baseline_rss"] = baseline
@@ -506,7 +512,7 @@ def main(argv=None):
     print("per-feature logistic regression accuracy", flush=True)
     payload["logistic"] = logistic_accuracy(repeats, methods)
     write_json(out, payload)
-    n_b = 100 if mode == "smoke" else 2000
+    n_b = 50 if mode == "smoke" else 2000
     print(f"ridge backward case (n={n_b})", flush=True)
     payload["ridge_backward"] = ridge_backward_case(n_b, 2 * n_b, repeats)
     write_json(out, payload)
@@ -518,7 +524,13 @@ def main(argv=None):
         "problem": "smoothing: 0.5||x - y||^2 + 0.5 e^theta ||Dx||^2, theta = log 10",
         "timeout_s": TIMEOUT[mode],
         "mem_limit_bytes": mem_limit,
-        "rows": run_sweep(SWEEP[mode], methods, TIMEOUT[mode], mem_limit, repeats),
+        "rows": run_sweep(
+            SWEEP[mode],
+            methods[:1] if mode == "smoke" else methods,
+            TIMEOUT[mode],
+            mem_limit,
+            repeats,
+        ),
     }
     payload["wall_s"] = time.perf_counter() - t0
     write_json(out, payload)

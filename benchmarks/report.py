@@ -1,0 +1,491 @@
+"""Write `docs/pages/benchmarks.md` and its plots from `benchmarks/results/*.json`.
+
+    python -m benchmarks.report [--mode full|quick]
+
+Uses the full results when present (`--mode` picks); every number on the page comes
+from those files, which say the command and machine that produced them.
+"""
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from ._common import RESULTS_DIR
+
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGE = ROOT / "docs" / "pages" / "benchmarks.md"
+OURS = "lbfgs_implicit"
+JAX_PEERS = ("optax", "jaxopt", "optimistix")
+PEERS = ("scipy",) + JAX_PEERS
+EXACT = ("ours-implicit", "jaxopt-implicit", "optimistix-implicit", "optimistix-implicit-cg")
+
+
+def _rel(path):
+    try:
+        return path.relative_to(ROOT)
+    except ValueError:
+        return path
+
+
+def _load(kind, mode):
+    modes = [mode] if mode else ["full", "quick"]
+    for m in modes:
+        path = RESULTS_DIR / f"{kind}-{m}.json"
+        if path.exists():
+            return json.loads(path.read_text()), path
+    return None, None
+
+
+def _geomean(xs):
+    xs = [x for x in xs if x > 0 and math.isfinite(x)]
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
+
+
+def _ms(s):
+    if s is None or not math.isfinite(s):
+        return "–"
+    ms = 1e3 * s
+    return f"{ms:.3g}" if ms < 1000 else f"{ms:,.0f}"
+
+
+def _met(ok):
+    return "**met**" if ok else "**missed**"
+
+
+def _by_problem(rows):
+    table = {}
+    for row in rows:
+        if "solver" in row:
+            table.setdefault(row["problem"], {})[row["solver"]] = row
+    return table
+
+
+def _solved(row):
+    return bool(row and row.get("converged") and row.get("error") is None)
+
+
+def forward_summary(fwd):
+    table = _by_problem(fwd["rows"])
+    solvers = [OURS] + [p for p in PEERS if any(p in r for r in table.values())]
+    summary = {"solved": {}, "time_ratio": {}, "eval_ratio_scipy": None, "both": {}}
+    for s in solvers:
+        summary["solved"][s] = sum(_solved(r.get(s)) for r in table.values())
+    for peer in solvers[1:]:
+        both = [p for p, r in table.items() if _solved(r.get(OURS)) and _solved(r.get(peer))]
+        ratios = [table[p][OURS]["run_s"] / table[p][peer]["run_s"] for p in both]
+        summary["time_ratio"][peer] = _geomean(ratios)
+        summary["both"][peer] = len(both)
+        if peer == "scipy":
+            ev = [table[p][OURS]["evals"] / table[p][peer]["evals"] for p in both]
+            summary["eval_ratio_scipy"] = _geomean(ev)
+            summary["eval_total_scipy"] = sum(table[p][OURS]["evals"] for p in both) / max(
+                sum(table[p][peer]["evals"] for p in both), 1
+            )
+    summary["missed_vs_scipy"] = [
+        p for p, r in table.items() if _solved(r.get("scipy")) and not _solved(r.get(OURS))
+    ]
+    return table, solvers, summary
+
+
+def profile_plot(table, solvers, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    taus = [2 ** (k / 8) for k in range(0, 8 * 12 + 1)]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    problems = list(table)
+    for s in solvers:
+        ratios = []
+        for p in problems:
+            best = min((r["run_s"] for r in table[p].values() if _solved(r)), default=float("nan"))
+            row = table[p].get(s)
+            ratios.append(row["run_s"] / best if _solved(row) else float("inf"))
+        frac = [sum(r <= t for r in ratios) / len(problems) for t in taus]
+        ax.step(taus, frac, where="post", label=s, lw=2 if s == OURS else 1.2)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("τ (time within a factor τ of the fastest solver)")
+    ax.set_ylabel("fraction of problems solved")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    ax.set_title("Performance profile, forward set (float64)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def sweep_plots(rows, time_path, mem_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    for key, path, label in (
+        ("total_s", time_path, "seconds, jax.value_and_grad of the outer loss"),
+        ("peak_rss", mem_path, "peak RSS of the process (GiB)"),
+    ):
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        for m in methods:
+            pts = [(r["n"], r[key]) for r in rows if r["method"] == m and not r.get("error")]
+            if key == "peak_rss":
+                pts = [(n, v / 2**30) for n, v in pts]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, "o-", label=m, lw=2 if m == "ours-implicit" else 1.2)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("inner dimension n")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+
+def _machine_line(payload):
+    m = payload["machine"]
+    v = m["versions"]
+    vs = ", ".join(f"{k} {val}" for k, val in v.items())
+    return f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, {m['device']}; {vs}"
+
+
+def forward_section(fwd, path, lines):
+    table, solvers, summ = forward_summary(fwd)
+    settings = fwd["settings"]
+    lines += [
+        "## Forward solves",
+        "",
+        f"Command: `{fwd['command']}` (results: `{_rel(path)}`, "
+        f"{fwd.get('wall_s', 0) / 60:.1f} min). Machine: {_machine_line(fwd)}.",
+        "",
+        f"Float64. Converged means $\\|\\nabla f\\|_\\infty \\le$ {settings['gtol']:g} at the "
+        "returned point, recomputed by one jitted gradient for every solver. "
+        f"Memory {settings['history']} pairs, at most {settings['max_steps']} iterations, "
+        f"median of {settings['repeats']} warm runs. Settings mapping:",
+        "",
+        "| solver | how it is told to stop |",
+        "| --- | --- |",
+        f"| lbfgs_implicit | `LBFGS(gtol={settings['gtol']:g})` (infinity norm) |",
+        f"| SciPy L-BFGS-B | `gtol={settings['gtol']:g}`, `ftol=0`, `maxcor=10`, jitted "
+        "value-and-grad; time includes the host round trip per evaluation |",
+        "| optax.lbfgs | jitted `lax.while_loop` with its zoom line search, stopped by us at "
+        f"$\\|g\\|_\\infty \\le$ {settings['gtol']:g} (optax has no stopping rule) |",
+        f"| jaxopt.LBFGS | `tol={settings['gtol']:g}` on its test, the gradient 2-norm |",
+        "| optimistix.LBFGS | no gradient test exists; Cauchy test on steps and values, "
+        f"`rtol=atol={settings['optimistix_rtol_atol']:g}` |",
+        "",
+        "### Summary",
+        "",
+        "| solver | problems solved | our time / theirs (geo. mean, both solved) |"
+        " problems both solved |",
+        "| --- | --- | --- | --- |",
+    ]
+    total = len(table)
+    lines.append(f"| {OURS} | {summ['solved'][OURS]} / {total} | 1 | – |")
+    for s in solvers[1:]:
+        lines.append(
+            f"| {s} | {summ['solved'][s]} / {total} | {summ['time_ratio'][s]:.2f} | "
+            f"{summ['both'][s]} |"
+        )
+    lines += [
+        "",
+        f"Evaluations, ours / SciPy's, geometric mean over problems both solved: "
+        f"**{summ['eval_ratio_scipy']:.2f}** (total over those problems: "
+        f"{summ['eval_total_scipy']:.2f}).",
+        "",
+    ]
+    jax_ratios = {s: summ["time_ratio"][s] for s in JAX_PEERS if s in summ["time_ratio"]}
+    worst = max(jax_ratios.values()) if jax_ratios else float("nan")
+    best_peer = max(jax_ratios, key=jax_ratios.get) if jax_ratios else "–"
+    missed = summ["missed_vs_scipy"]
+    lines += [
+        "### Targets",
+        "",
+        "| target | result | |",
+        "| --- | --- | --- |",
+        f"| solve every problem SciPy solves | "
+        f"{'all' if not missed else 'not solved: ' + ', '.join(missed)} | {_met(not missed)} |",
+        f"| geometric-mean time at most 0.8x the best JAX peer | {worst:.2f}x against "
+        f"{best_peer} (the peer we are slowest against) | {_met(worst <= 0.8)} |",
+        f"| evaluations at most 1.1x SciPy's | {summ['eval_ratio_scipy']:.2f}x | "
+        f"{_met(summ['eval_ratio_scipy'] <= 1.1)} |",
+        "",
+        "![performance profile](img/bench_profile.png)",
+        "",
+    ]
+    acceptance_a(table, lines)
+    lines += [
+        "### Every problem",
+        "",
+        "Warm median milliseconds / value-and-gradient evaluations; ✗ = not converged "
+        "(final $\\|g\\|_\\infty$ in the results file).",
+        "",
+        "| problem | n | " + " | ".join(solvers) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in solvers) + " |",
+    ]
+    for p, r in table.items():
+        cells = []
+        for s in solvers:
+            row = r.get(s)
+            if row is None or row.get("error"):
+                cells.append("error")
+            else:
+                mark = "" if _solved(row) else " ✗"
+                cells.append(f"{_ms(row['run_s'])} / {row['evals']}{mark}")
+        n = next(iter(r.values()))["n"]
+        lines.append(f"| {p} | {n} | " + " | ".join(cells) + " |")
+    compile_cells = []
+    for s in solvers:
+        cs = sorted(r[s]["compile_s"] for r in table.values() if s in r and "compile_s" in r[s])
+        compile_cells.append(f"{cs[len(cs) // 2]:.2f}" if cs else "–")
+    lines += [
+        "",
+        "Median compile seconds (trace + lower + compile; SciPy: its jitted value-and-grad): "
+        + ", ".join(f"{s} {c}" for s, c in zip(solvers, compile_cells))
+        + ".",
+        "",
+    ]
+
+
+def acceptance_a(table, lines):
+    lines += [
+        "### Rosenbrock n = 1000 and logistic regression (float64)",
+        "",
+        "| problem | ours (ms) | optax | jaxopt | optimistix | ours / optax | ours / jaxopt |"
+        " ours / optimistix | our evals / SciPy's | our compile (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for p in ("rosenbrock-1000", "logreg-breast-cancer"):
+        r = table.get(p)
+        if not r or OURS not in r or r[OURS].get("error"):
+            continue
+        o = r[OURS]
+        cells = [_ms(r[s]["run_s"]) if s in r and "run_s" in r[s] else "–" for s in JAX_PEERS]
+        ratios = [
+            f"{o['run_s'] / r[s]['run_s']:.2f}" if s in r and "run_s" in r[s] else "–"
+            for s in JAX_PEERS
+        ]
+        ev = f"{o['evals']} / {r['scipy']['evals']}" if "scipy" in r else "–"
+        lines.append(
+            f"| {p} | {_ms(o['run_s'])} | "
+            + " | ".join(cells)
+            + " | "
+            + " | ".join(ratios)
+            + f" | {ev} | {o['compile_s']:.2f} |"
+        )
+    r = table.get("rosenbrock-1000", {}).get(OURS)
+    if r and "compile_s" in r:
+        lines += [
+            "",
+            f"Compile time for Rosenbrock n = 1000 (target < 1 s): {r['compile_s']:.2f} s, "
+            f"{_met(r['compile_s'] < 1)}.",
+        ]
+    lines.append("")
+
+
+def _hyper_table(block, lines):
+    lines += [
+        f"Reference: {block['reference']}.",
+        "",
+        "| method | relative error | value_and_grad (ms) | backward share | compile (s) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in block["rows"]:
+        if r.get("error"):
+            lines.append(f"| {r['method']} | {r['error'][:80]} | | | |")
+        else:
+            lines.append(
+                f"| {r['method']} | {r['rel_error']:.1e} | {_ms(r['total_s'])} | "
+                f"{r['backward_share']:.0%} | {r['compile_s']:.2f} |"
+            )
+    lines.append("")
+
+
+def hyper_section(hyp, path, lines):
+    lines += [
+        "## Hypergradients",
+        "",
+        f"Command: `{hyp['command']}` (results: `{_rel(path)}`, "
+        f"{hyp.get('wall_s', 0) / 60:.1f} min). Machine: {_machine_line(hyp)}.",
+        "",
+        "Each library runs its own forward L-BFGS (ours `gtol="
+        f"{hyp['settings']['forward']['gtol']:g}`, jaxopt `tol="
+        f"{hyp['settings']['forward']['jaxopt_tol']:g}`, optimistix `rtol=atol="
+        f"{hyp['settings']['forward']['optimistix_rtol_atol']:g}`), so errors include the "
+        "forward solve's. `ours-quasinewton` is approximate by design; `unrolled` is reverse "
+        "mode through optimistix's loop (`RecursiveCheckpointAdjoint`). Backward share = "
+        "(value_and_grad time - forward time) / value_and_grad time.",
+        "",
+    ]
+    if "ridge" in hyp:
+        lines += [f"### Ridge regression, n = {hyp['ridge']['n']}", ""]
+        _hyper_table(hyp["ridge"], lines)
+    if "logistic" in hyp:
+        lines += [
+            f"### Per-feature L2 logistic regression (breast cancer, n = {hyp['logistic']['n']},"
+            " 30 hyperparameters)",
+            "",
+        ]
+        _hyper_table(hyp["logistic"], lines)
+    if "ridge_backward" in hyp:
+        b = hyp["ridge_backward"]
+        lines += [
+            f"### Ridge regression, n = {b['n']}: backward against forward",
+            "",
+            "The backward time is the pullback of `jax.vjp(outer_loss, theta)` alone (jitted),"
+            " the forward time `optimize` alone. CG steps are counted by running the same "
+            "`lineax.linear_solve` the backward pass runs.",
+            "",
+            "| quantity | value | target | |",
+            "| --- | --- | --- | --- |",
+            f"| our backward / our forward | {b['backward_over_forward']:.2f} "
+            f"({_ms(b['backward_s'])} ms / {_ms(b['forward_s'])} ms) | <= 0.5 | "
+            f"{_met(b['backward_over_forward'] <= 0.5)} |",
+            f"| optimistix default backward / ours | {b['optimistix_backward_over_ours']:.1f}x"
+            f" ({_ms(b['optimistix_backward_s'])} ms) | >= 10x | "
+            f"{_met(b['optimistix_backward_over_ours'] >= 10)} |",
+            f"| CG steps, no preconditioner / L-BFGS preconditioner | {b['cg_ratio']:.2f} "
+            f"({b['cg_steps_plain']} / {b['cg_steps_preconditioned']}) | >= 2 | "
+            f"{_met(b['cg_ratio'] >= 2)} |",
+            f"| relative error, ours / optimistix default | {b['rel_error']:.1e} / "
+            f"{b['optimistix_rel_error']:.1e} | | |",
+            "",
+        ]
+    if "sweep" in hyp:
+        sweep_block(hyp["sweep"], lines)
+
+
+def sweep_block(sweep, lines):
+    rows = sweep["rows"]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    sizes = sorted({r["n"] for r in rows})
+    cell = {(r["method"], r["n"]): r for r in rows}
+    lines += [
+        "### Scaling sweep",
+        "",
+        f"Problem: {sweep['problem']}; exact hypergradient from a banded direct solve. Each "
+        f"case runs in its own process, time limit {sweep['timeout_s']} s, address space "
+        f"capped at {sweep['mem_limit_bytes'] / 2**30:.0f} GiB; failures are results.",
+        "",
+        "value_and_grad milliseconds (relative error, peak RSS GiB):",
+        "",
+        "| n | " + " | ".join(methods) + " |",
+        "| --- | " + " | ".join("---" for _ in methods) + " |",
+    ]
+    for n in sizes:
+        cells = []
+        for m in methods:
+            r = cell.get((m, n))
+            if r is None:
+                cells.append("–")
+            elif r.get("error"):
+                cells.append(r.get("status", "error"))
+            else:
+                cells.append(
+                    f"{_ms(r['total_s'])} ({r['rel_error']:.0e}, {r['peak_rss'] / 2**30:.1f})"
+                )
+        lines.append(f"| {n:g} | " + " | ".join(cells) + " |")
+    lines += ["", "![hypergradient time](img/bench_sweep_time.png)", ""]
+    lines += ["![hypergradient memory](img/bench_sweep_memory.png)", ""]
+    # Targets: fastest and most accurate at every n; only exact method at the largest n.
+    fastest_all, accurate_all = True, True
+    notes = []
+    for n in sizes:
+        ok = [cell[(m, n)] for m in methods if (m, n) in cell and not cell[(m, n)].get("error")]
+        if not ok:
+            continue
+        ours = cell.get(("ours-implicit", n))
+        if ours is None or ours.get("error"):
+            fastest_all = accurate_all = False
+            notes.append(f"n={n:g}: ours-implicit failed")
+            continue
+        fastest = min(ok, key=lambda r: r["total_s"])
+        exact_ok = [r for r in ok if r["method"] != "ours-quasinewton"]
+        accurate = min(exact_ok, key=lambda r: r["rel_error"])
+        if fastest["method"] != "ours-implicit":
+            fastest_all = False
+            notes.append(
+                f"n={n:g}: fastest is {fastest['method']} "
+                f"({_ms(fastest['total_s'])} ms vs our {_ms(ours['total_s'])} ms)"
+            )
+        if accurate["method"] != "ours-implicit":
+            accurate_all = False
+            notes.append(
+                f"n={n:g}: most accurate is {accurate['method']} "
+                f"({accurate['rel_error']:.1e} vs our {ours['rel_error']:.1e})"
+            )
+    top = sizes[-1] if sizes else None
+    reach = [m for m in EXACT if (m, top) in cell and not cell[(m, top)].get("error")]
+    only = reach == ["ours-implicit"]
+    lines += [
+        "Targets:",
+        "",
+        f"- fastest at every n (quasi-Newton included): {_met(fastest_all)}",
+        f"- most accurate at every n (among the exact methods and unrolled): {_met(accurate_all)}",
+        f"- the only exact (CG) backward that reaches n = {top:g}: {_met(only)} "
+        f"(exact methods that ran: {', '.join(reach) or 'none'})",
+    ]
+    if notes:
+        lines += ["", "Where we fall short: " + "; ".join(notes) + "."]
+    big = cell.get(("ours-implicit", top))
+    if big and not big.get("error"):
+        lines += [
+            "",
+            f"At n = {top:g} our hypergradient ran with a peak RSS of "
+            f"{big['peak_rss'] / 2**30:.2f} GiB (the process, JAX included; "
+            f"{(big['peak_rss'] - big['baseline_rss']) / 2**30:.2f} GiB above its start).",
+        ]
+    lines.append("")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--mode", choices=("full", "quick"), default=None)
+    parser.add_argument("--forward", default=None, help="a forward results file")
+    parser.add_argument("--hypergrad", default=None, help="a hypergradient results file")
+    parser.add_argument("--page", default=str(PAGE))
+    opts = parser.parse_args(argv)
+    page = Path(opts.page)
+    img = page.parent / "img"
+    fwd, fwd_path = _load("forward", opts.mode)
+    hyp, hyp_path = _load("hypergrad", opts.mode)
+    if opts.forward:
+        fwd_path = Path(opts.forward).resolve()
+        fwd = json.loads(fwd_path.read_text())
+    if opts.hypergrad:
+        hyp_path = Path(opts.hypergrad).resolve()
+        hyp = json.loads(hyp_path.read_text())
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `python -m benchmarks.report` from the result files named below "
+        "(`make bench` runs everything and regenerates this page; `make bench-quick` is the "
+        "small version). Timings come from a shared 2-core machine and move by tens of "
+        "percent between runs; ratios measured in the same run are the numbers to read.",
+        "",
+    ]
+    img.mkdir(parents=True, exist_ok=True)
+    if fwd:
+        forward_section(fwd, fwd_path, lines)
+        table, solvers, _ = forward_summary(fwd)
+        profile_plot(table, solvers, img / "bench_profile.png")
+    if hyp:
+        hyper_section(hyp, hyp_path, lines)
+        if "sweep" in hyp:
+            sweep_plots(
+                hyp["sweep"]["rows"], img / "bench_sweep_time.png", img / "bench_sweep_memory.png"
+            )
+    if not fwd and not hyp:
+        lines.append("No results yet: run `make bench-quick`.")
+    page.write_text("\n".join(lines).rstrip() + "\n")
+    print(f"wrote {page}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Smoke test of the benchmark scripts: one tiny case each, so they do not rot.
+
+The scripts run in subprocesses (their own JAX configuration, no strict promotion) and
+never import sif2jax. Nothing here looks at a timing.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(*args):
+    proc = subprocess.run(
+        [sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    fwd, hyp = tmp / "forward.json", tmp / "hypergrad.json"
+    _run("benchmarks.forward", "--mode", "smoke", "--problems", "rosenbrock-2", "--out", str(fwd))
+    methods = "ours-implicit,optimistix-implicit-cg"  # one peer keeps the adapters alive
+    _run("benchmarks.hypergrad", "--mode", "smoke", "--methods", methods, "--out", str(hyp))
+    page = tmp / "benchmarks.md"
+    _run("benchmarks.report", "--forward", str(fwd), "--hypergrad", str(hyp), "--page", str(page))
+    return json.loads(fwd.read_text()), json.loads(hyp.read_text()), page
+
+
+def test_forward_rows(results):
+    fwd, _, _ = results
+    rows = {row["solver"]: row for row in fwd["rows"]}
+    assert set(rows) == {"lbfgs_implicit", "scipy", "optax", "jaxopt", "optimistix"}
+    columns = {"compile_s", "run_s", "iters", "evals", "value", "grad_inf", "converged"}
+    for solver, row in rows.items():
+        assert row["error"] is None, (solver, row["error"])
+        assert columns <= set(row), solver
+        assert row["evals"] >= 1 and row["value"] >= 0, solver
+    # SciPy and ours reach the minimum f = 0 of Rosenbrock at (1, 1) within the smoke limit.
+    assert rows["scipy"]["converged"] and rows["scipy"]["value"] < 1e-10
+    assert rows["lbfgs_implicit"]["value"] < 1e-10
+    ours = rows["lbfgs_implicit"]
+    assert ours["converged"] and ours["grad_inf"] <= fwd["settings"]["gtol"]
+    assert ours["evals"] >= ours["iters"] >= 1
+
+
+def test_hypergrad_rows(results):
+    _, hyp, _ = results
+    for block in ("ridge", "logistic"):
+        rows = {row["method"]: row for row in hyp[block]["rows"]}
+        assert set(rows) == {"ours-implicit", "optimistix-implicit-cg"}
+        # Exact implicit differentiation agrees with the closed form / finite differences.
+        assert rows["ours-implicit"]["rel_error"] < 1e-5, block
+    b = hyp["ridge_backward"]
+    assert b["cg_converged"] and b["cg_steps_preconditioned"] >= 1
+    assert b["rel_error"] < 1e-5
+    sweep = hyp["sweep"]["rows"]
+    ours = [r for r in sweep if r["method"] == "ours-implicit"]
+    assert ours and ours[0]["error"] is None and ours[0]["rel_error"] < 1e-5
+    assert ours[0]["peak_rss"] > 0
+
+
+def test_report_page(results):
+    _, _, page = results
+    text = page.read_text()
+    for heading in ("## Forward solves", "## Hypergradients", "### Scaling sweep"):
+        assert heading in text
+    assert (page.parent / "img" / "bench_profile.png").exists()
+    assert (page.parent / "img" / "bench_sweep_time.png").exists()
