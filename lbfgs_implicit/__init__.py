@@ -7,6 +7,7 @@ from ._adjoint import (
     ImplicitAdjoint as ImplicitAdjoint,
     QuasiNewtonAdjoint as QuasiNewtonAdjoint,
 )
+from ._cg import CG as CG
 from ._history import History as History
 from ._linesearch import (
     AbstractLineSearch as AbstractLineSearch,

@@ -1,0 +1,82 @@
+import jax
+import jax.numpy as jnp
+import lineax as lx
+import numpy as np
+import pytest
+
+import lbfgs_implicit as li
+
+
+def _spd(n, cond, seed=0):
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    return jnp.asarray((q * np.geomspace(1.0, cond, n)) @ q.T)
+
+
+def _op(matrix):
+    return lx.MatrixLinearOperator(matrix, (lx.symmetric_tag, lx.positive_semidefinite_tag))
+
+
+@pytest.mark.parametrize("precondition", [False, True])
+def test_matches_dense_solve(precondition):
+    a = _spd(12, 1e3)
+    b = jnp.linspace(-1.0, 1.0, 12)
+    options = {}
+    if precondition:
+        options = {"preconditioner": _op(jnp.diag(1 / jnp.diag(a)))}
+    sol = lx.linear_solve(_op(a), b, li.CG(rtol=1e-12), options=options)
+    np.testing.assert_allclose(sol.value, jnp.linalg.solve(a, b), rtol=1e-9)
+    assert sol.result == lx.RESULTS.successful
+    # n steps in exact arithmetic; rounding (cond 1e3, rtol 1e-12) costs some more.
+    assert 0 < int(sol.stats["num_steps"]) <= 3 * 12
+
+
+def test_indefinite_operator_reports_breakdown():
+    a = jnp.diag(jnp.array([1.0, -1.0, 2.0]))
+    sol = lx.linear_solve(_op(a), jnp.ones(3), li.CG(rtol=1e-10), throw=False)
+    assert sol.result == lx.RESULTS.breakdown
+
+
+def test_exact_preconditioner_in_float32_at_large_n():
+    # lineax.CG returns NaN here: its breakdown test |p'Ap| <= 100 eps n |r'z| fires
+    # whenever the preconditioner is good and 100 eps32 n > 1.
+    n = 200_000
+    d = jnp.linspace(0.5, 5.0, n, dtype=jnp.float32)
+    op = lx.DiagonalLinearOperator(d)
+    op = lx.TaggedLinearOperator(op, (lx.symmetric_tag, lx.positive_semidefinite_tag))
+    options = {
+        "preconditioner": lx.TaggedLinearOperator(
+            lx.DiagonalLinearOperator(1 / d * 0.9), lx.positive_semidefinite_tag
+        )
+    }
+    b = jnp.cos(jnp.arange(n, dtype=jnp.float32))
+    sol = lx.linear_solve(op, b, li.CG(rtol=1e-5), options=options, throw=False)
+    assert sol.result == lx.RESULTS.successful
+    np.testing.assert_allclose(sol.value, b / d, rtol=1e-4)
+
+
+def test_fixed_step_refinement_is_not_a_failure():
+    a = _spd(10, 1e4)
+    b = jnp.ones(10)
+    sol = lx.linear_solve(_op(a), b, li.CG(rtol=0.0, max_steps=3), throw=False)
+    assert sol.result == lx.RESULTS.successful and int(sol.stats["num_steps"]) == 3
+
+
+def test_differentiable_through_linear_solve():
+    # The solver sits inside lineax.linear_solve, which supplies the derivative rule.
+    a = _spd(5, 10.0)
+    b = jnp.arange(1.0, 6.0)
+
+    def f(scale):
+        return jnp.sum(lx.linear_solve(_op(a + scale * jnp.eye(5)), b, li.CG(rtol=1e-13)).value)
+
+    def ref(scale):
+        return jnp.sum(jnp.linalg.solve(a + scale * jnp.eye(5), b))
+
+    np.testing.assert_allclose(jax.grad(f)(0.5), jax.grad(ref)(0.5), rtol=1e-8)
+
+
+@pytest.mark.parametrize("kwargs", [{"rtol": -1.0}, {"rtol": 0.0}, {"rtol": 1e-6, "max_steps": -1}])
+def test_bad_configuration(kwargs):
+    with pytest.raises(ValueError, match="CG needs"):
+        li.CG(**kwargs)
