@@ -1,0 +1,139 @@
+"""Several devices: 8 simulated CPU devices (conftest), parameters and data sharded with
+`NamedSharding`. The solve and its hypergradient under `jax.jit` must give the
+single-device result, and outputs must keep their sharding (no gather to one device).
+
+Meshes use `AxisType.Auto` (JAX's GSPMD propagation, what `jax.jit` on sharded inputs
+does). `throw=False` is used where outputs are checked: see the xfail and the docs page
+on why `throw=True` is unsafe with sharded arrays.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+import lbfgs_implicit as li
+
+
+M, N = 64, 16
+_rng = np.random.default_rng(0)
+X = _rng.normal(size=(M, N))
+Y = X @ _rng.normal(size=N) + 0.1 * _rng.normal(size=M)
+LAM = 0.1
+SOLVER = li.LBFGS(gtol=1e-12)
+
+
+def _ridge(params, args):
+    X, y, lam = args
+    r = X @ params["w"] + params["b"] - y
+    return 0.5 * jnp.mean(r**2) + 0.5 * lam * jnp.sum(params["w"] ** 2)
+
+
+def _outer(X, y, lam, x0, throw):
+    sol = li.optimize(_ridge, x0, (X, y, lam), solver=SOLVER, throw=throw)
+    return jnp.sum(sol.params["w"] ** 2) + sol.params["b"], sol
+
+
+# One compiled program per input sharding; the single-device run uses the same function.
+_value_and_grad = jax.jit(
+    jax.value_and_grad(_outer, argnums=(0, 1, 2), has_aux=True), static_argnums=(4,)
+)
+
+
+def _x0():
+    return {"w": jnp.zeros(N), "b": jnp.zeros(())}
+
+
+@pytest.fixture(scope="module")
+def single_device():
+    dev = jax.devices()[0]
+    args = jax.device_put((jnp.asarray(X), jnp.asarray(Y), jnp.asarray(LAM), _x0()), dev)
+    (value, sol), grads = _value_and_grad(*args, False)
+    return value, sol, grads
+
+
+def _mesh_1d():
+    return jax.make_mesh((8,), ("d",), axis_types=(AxisType.Auto,))
+
+
+def _mesh_2d():
+    return jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+
+
+# (mesh, spec of X, spec of y, spec of w): data-parallel rows, and rows x features.
+LAYOUTS = {
+    "data-1d": (_mesh_1d, P("d", None), P("d"), P("d")),
+    "data-model-2d": (_mesh_2d, P("data", "model"), P("data"), P("model")),
+}
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def sharded(request):
+    make_mesh, x_spec, y_spec, w_spec = LAYOUTS[request.param]
+    mesh = make_mesh()
+    shard = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
+    inputs = (
+        shard(jnp.asarray(X), x_spec),
+        shard(jnp.asarray(Y), y_spec),
+        shard(jnp.asarray(LAM), P()),
+        {"w": shard(jnp.zeros(N), w_spec), "b": shard(jnp.zeros(()), P())},
+    )
+    (value, sol), grads = _value_and_grad(*inputs, False)
+    return mesh, (x_spec, y_spec, w_spec), (value, sol, grads)
+
+
+def _assert_kept(array, mesh, spec):
+    expected = NamedSharding(mesh, spec)
+    assert array.sharding.is_equivalent_to(expected, array.ndim), (array.sharding, expected)
+    assert len(array.sharding.device_set) == 8
+
+
+def test_solve_matches_single_device(single_device, sharded):
+    _, _, (value, sol, _) = sharded
+    value1, sol1, _ = single_device
+    assert sol.result == li.RESULTS.successful
+    np.testing.assert_allclose(np.asarray(sol.params["w"]), np.asarray(sol1.params["w"]), rtol=1e-9)
+    np.testing.assert_allclose(float(sol.params["b"]), float(sol1.params["b"]), atol=1e-12)
+    np.testing.assert_allclose(float(value), float(value1), rtol=1e-10)
+    # And both are the ridge solution from the normal equations, a dense reference.
+    Xa = np.hstack([X, np.ones((M, 1))])
+    reg = np.diag(np.r_[np.full(N, LAM), 0.0])
+    coef = np.linalg.solve(Xa.T @ Xa / M + reg, Xa.T @ Y / M)
+    np.testing.assert_allclose(np.asarray(sol.params["w"]), coef[:N], rtol=1e-8)
+
+
+def test_hypergradient_matches_single_device(single_device, sharded):
+    _, _, (_, _, grads) = sharded
+    _, _, grads1 = single_device
+    for g, g1 in zip(grads, grads1):
+        # Sharded reductions sum in a different order: compare to the gradient's scale.
+        scale = float(np.max(np.abs(np.asarray(g1))))
+        np.testing.assert_allclose(np.asarray(g), np.asarray(g1), rtol=1e-7, atol=1e-9 * scale)
+
+
+def test_output_shardings_kept(sharded):
+    mesh, (x_spec, y_spec, w_spec), (_, sol, grads) = sharded
+    _assert_kept(sol.params["w"], mesh, w_spec)
+    gX, gy, _ = grads
+    _assert_kept(gX, mesh, x_spec)
+    _assert_kept(gy, mesh, y_spec)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Bug in _optimize.py: with throw=True the whole Solution goes through "
+    "eqx.error_if, whose host callback has a single-device sharding, so XLA replicates "
+    "(gathers) the sharded params ('Involuntary full rematerialization'); throw=False "
+    "keeps P('d').",
+)
+def test_output_shardings_kept_with_throw():
+    mesh = _mesh_1d()
+    shard = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
+    X_s, y_s = shard(jnp.asarray(X), P("d", None)), shard(jnp.asarray(Y), P("d"))
+    x0 = {"w": shard(jnp.zeros(N), P("d")), "b": shard(jnp.zeros(()), P())}
+    solve = jax.jit(
+        lambda X, y, x0: li.optimize(_ridge, x0, (X, y, jnp.asarray(LAM)), solver=SOLVER)
+    )
+    sol = solve(X_s, y_s, x0)
+    _assert_kept(sol.params["w"], mesh, P("d"))
