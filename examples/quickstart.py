@@ -30,7 +30,12 @@ import lbfgs_implicit as li
 
 QUICK = "--quick" in sys.argv
 OUTER_STEPS = 8 if QUICK else 60
-IMG = Path(__file__).resolve().parents[1] / "docs" / "pages" / "img" / "quickstart.png"
+# The plot goes to the docs unless `--plot-dir=DIR` is given (the tests use a temp dir).
+PLOT_DIR = next(
+    (Path(a.split("=", 1)[1]) for a in sys.argv[1:] if a.startswith("--plot-dir=")),
+    Path(__file__).resolve().parents[1] / "docs" / "pages" / "img",
+)
+IMG = PLOT_DIR / "quickstart.png"
 
 
 def load_data(seed=0):

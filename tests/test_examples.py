@@ -1,0 +1,35 @@
+"""Run every example script in its quick mode; each one asserts its own result.
+
+The scripts run in subprocesses, so the test session's configuration (x64, strict dtype
+promotion, warnings as errors, 8 simulated devices) does not leak into them.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+SCRIPTS = ["quickstart", "meta_learning", "optimisation_layer", "bilevel"]
+
+
+def test_every_example_is_tested():
+    assert sorted(p.stem for p in EXAMPLES.glob("*.py")) == sorted(SCRIPTS)
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_example_quick(name, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["MPLBACKEND"] = "Agg"
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / f"{name}.py"), "--quick", f"--plot-dir={tmp_path}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert (tmp_path / f"{name}.png").stat().st_size > 0
