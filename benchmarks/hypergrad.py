@@ -411,8 +411,10 @@ def _dense_bytes(n):
     return 2 * 8 * n * n
 
 
-def run_sweep(sizes, methods, timeout, mem_limit, repeats):
-    rows = []
+def run_sweep(sizes, methods, timeout, mem_limit, repeats, rows=None, save=None):
+    """Run every (n, method) case in its own process; `save()` after each, so a cut-short
+    run still leaves its finished cases on disk."""
+    rows = [] if rows is None else rows
     for n in sizes:
         for method in methods:
             row = {"method": method, "n": n}
@@ -426,6 +428,8 @@ def run_sweep(sizes, methods, timeout, mem_limit, repeats):
                 row.update(_subprocess_case(method, n, timeout, mem_limit, repeats))
             rows.append(row)
             print(f"  n={n:<8d} {method:24s} {_fmt(row)}", flush=True)
+            if save is not None:
+                save()
     return rows
 
 
@@ -476,7 +480,7 @@ SWEEP = {
     "quick": (100, 1_000, 10_000),
     "smoke": (100,),
 }
-TIMEOUT = {"full": 300, "quick": 60, "smoke": 120}
+TIMEOUT = {"full": 180, "quick": 60, "smoke": 120}
 
 
 def main(argv=None):
@@ -524,14 +528,23 @@ def main(argv=None):
         "problem": "smoothing: 0.5||x - y||^2 + 0.5 e^theta ||Dx||^2, theta = log 10",
         "timeout_s": TIMEOUT[mode],
         "mem_limit_bytes": mem_limit,
-        "rows": run_sweep(
-            SWEEP[mode],
-            methods[:1] if mode == "smoke" else methods,
-            TIMEOUT[mode],
-            mem_limit,
-            repeats,
-        ),
+        "rows": [],
     }
+
+    def save():
+        payload["wall_s"] = time.perf_counter() - t0
+        write_json(out, payload)
+
+    sweep_methods = methods[:1] if mode == "smoke" else methods
+    run_sweep(
+        SWEEP[mode],
+        sweep_methods,
+        TIMEOUT[mode],
+        mem_limit,
+        repeats,
+        payload["sweep"]["rows"],
+        save,
+    )
     payload["wall_s"] = time.perf_counter() - t0
     write_json(out, payload)
     return payload
