@@ -16,8 +16,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
-from hypothesis import given, HealthCheck, Phase, settings, strategies as st
+from hypothesis import given, HealthCheck, settings, strategies as st
 
 import lbfgs_implicit as li
 
@@ -36,8 +35,8 @@ PROFILE = settings(
 GTOL = {jnp.float32: 1e-4, jnp.float64: 1e-11}
 HYPER_RTOL = {jnp.float32: 2e-2, jnp.float64: 1e-6}
 CONDS = {jnp.float32: [1.0, 10.0, 100.0], jnp.float64: [1.0, 10.0, 100.0]}
-# Ill-conditioned float64 quadratics, kept apart because they expose a solver bug (see
-# the xfail below): the gradient tolerance is reachable in float64 but not reached.
+# Ill-conditioned float64 quadratics, kept apart: rounding in f (its terms cancel) exceeds
+# the decrease still to be made, which the line search's approximate Wolfe test handles.
 ILL_CONDS = [1e3, 1e5]
 
 
@@ -103,14 +102,7 @@ def test_quadratic_against_dense(problem):
     _check_quadratic(problem)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Solver bug: on 4-D float64 quadratics with condition number 1e3, L-BFGS "
-    "(StrongWolfe) ends with linesearch_failed at |g|_inf ~ 1e-7..1e-10, above gtol=1e-10, "
-    "although the gradient noise is ~1e-13 (SciPy reaches 2e-10); Backtracking stalls "
-    "at step ~1e-7 until max_steps. See the report for the reproduction.",
-)
-@settings(PROFILE, max_examples=6, phases=[Phase.generate])  # no shrinking of a known failure
+@settings(PROFILE, max_examples=6)
 @given(quadratics(ill_conditioned=True))
 def test_ill_conditioned_quadratic_against_dense(problem):
     _check_quadratic(problem)
