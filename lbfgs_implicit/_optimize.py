@@ -119,10 +119,20 @@ def _optimize(fn, x0, args, solver, adjoint, has_aux, throw):
     value, aux = closed_fn(params, args)
     _, stats = solver.postprocess(state)
     result = state.result
-    sol = Solution(params=params, value=value, aux=aux, result=result, stats=stats, state=state)
     if throw:
-        sol = result.error_if(sol, result != RESULTS.successful)
-    return sol
+        # Check a scalar and tie the outputs to it elementwise. Passing the Solution itself
+        # through `error_if` routes it through a single-device host callback, which
+        # gathers sharded parameters; an optimisation barrier would be dead-code
+        # eliminated when only `params` is used.
+        ok = result.error_if(result == RESULTS.successful, result != RESULTS.successful)
+
+        def tie(leaf):
+            if eqx.is_inexact_array(leaf):
+                return jnp.where(ok, leaf, jnp.array(jnp.nan, leaf.dtype))
+            return leaf
+
+        params, value, aux = jtu.tree_map(tie, (params, value, aux))
+    return Solution(params=params, value=value, aux=aux, result=result, stats=stats, state=state)
 
 
 def optimize(

@@ -3,8 +3,8 @@
 single-device result, and outputs must keep their sharding (no gather to one device).
 
 Meshes use `AxisType.Auto` (JAX's GSPMD propagation, what `jax.jit` on sharded inputs
-does). `throw=False` is used where outputs are checked: see the xfail and the docs page
-on why `throw=True` is unsafe with sharded arrays.
+does). Output shardings are checked with `throw=False` and `throw=True`; the docs page
+says why `throw=False` is still advised with sharded arrays (a failure on one device).
 """
 
 import jax
@@ -120,13 +120,6 @@ def test_output_shardings_kept(sharded):
     _assert_kept(gy, mesh, y_spec)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Bug in _optimize.py: with throw=True the whole Solution goes through "
-    "eqx.error_if, whose host callback has a single-device sharding, so XLA replicates "
-    "(gathers) the sharded params ('Involuntary full rematerialization'); throw=False "
-    "keeps P('d').",
-)
 def test_output_shardings_kept_with_throw():
     mesh = _mesh_1d()
     shard = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
