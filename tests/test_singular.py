@@ -74,13 +74,6 @@ def test_singular_damped(damping):
         np.testing.assert_allclose(grad, A_PINV.T @ C, rtol=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Regression from commit 0274071 (_adjoint.py): the backward solve is judged by "
-    "its residual |Hw - v| / |v| <= sqrt(eps), but a least-squares solver such as "
-    "lineax.SVD() returns the least-norm least-squares answer, whose residual is the part "
-    "of v outside range(H); so it raises backward_failed although its answer is right.",
-)
 def test_singular_least_norm_svd():
     grad = np.asarray(
         jax.grad(_outer_ls)(jnp.asarray(B), li.ImplicitAdjoint(linear_solver=lx.SVD()))

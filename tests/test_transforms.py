@@ -116,3 +116,26 @@ def test_filter_jit_with_module_hyperparameters():
 
     g = outer(Model(jnp.array(0.5)))
     np.testing.assert_allclose(g.scale, jax.grad(lambda l: loss(closed_form(l)))(0.5), rtol=1e-8)
+
+
+def test_gradient_through_nested_optimize():
+    # The outer argmin depends on `shift` through an outer solve whose objective itself
+    # solves the inner ridge: differentiating it needs Hessian-vector products of an
+    # objective that contains a custom VJP (reverse-over-reverse in the backward pass).
+    def outer_objective(log_lam, shift):
+        w = li.optimize(ridge, jnp.zeros(D), jnp.exp(log_lam[0])).params
+        return 0.5 * jnp.mean((X[:10] @ w - Y[:10] + shift) ** 2) + 0.01 * log_lam[0] ** 2
+
+    def reference_objective(log_lam, shift):
+        w = closed_form(jnp.exp(log_lam[0]))
+        return 0.5 * jnp.mean((X[:10] @ w - Y[:10] + shift) ** 2) + 0.01 * log_lam[0] ** 2
+
+    solver = li.LBFGS(gtol=1e-9)
+
+    def argmin(objective, shift):
+        return li.optimize(objective, jnp.zeros(1), shift, solver=solver).params[0]
+
+    ours = jax.grad(lambda s: argmin(outer_objective, s))(0.3)
+    reference = jax.grad(lambda s: argmin(reference_objective, s))(0.3)
+    assert float(ours) != 0.0
+    np.testing.assert_allclose(ours, reference, rtol=1e-6)
