@@ -149,8 +149,9 @@ class ImplicitAdjoint(AbstractAdjoint):
         ok = tree_allfinite(w)
         if solver.assume_full_rank():
             ok = ok & (residual <= failure_tolerance(dtype))
-        # A least-squares solver (lineax.SVD, QR, ...) returns the least-norm answer on
-        # purpose; its residual is the part of `v` outside the range of H.
+        # A least-squares solver such as lineax.SVD (`assume_full_rank()` is False)
+        # returns the least-norm answer on purpose; its residual is the part of `v`
+        # outside the range of H.
         result = RESULTS.where(ok, RESULTS.successful, RESULTS.backward_failed)
         stats = {"num_steps": sol.stats.get("num_steps", jnp.zeros((), jnp.int32))}
         return w, result, {**stats, "residual": residual}
@@ -245,9 +246,10 @@ def _backward(
             ordered=True,
         )
     if throw:
-        w = result.error_if(w, failed)
-    else:
-        w = jtu.tree_map(lambda leaf: jnp.where(failed, jnp.nan, leaf), w)
+        # A scalar through the error check, as in `optimize`: passing `w` itself would
+        # gather a sharded `w` onto one device.
+        failed = result.error_if(failed, failed)
+    w = jtu.tree_map(lambda leaf: jnp.where(failed, jnp.nan, leaf), w)
 
     _, vjp_theta = eqx.filter_vjp(lambda th: _grad_x(fn, x_star, th), theta)
     (theta_bar,) = vjp_theta(tree_neg(w))

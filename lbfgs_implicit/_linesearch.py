@@ -32,7 +32,8 @@ class LineSearchResult(eqx.Module):
     f: Scalar
     g: PyTree[Array]
     num_evals: Int[Array, ""]
-    # True when the value decreased; the point is then accepted by the solver.
+    # True when a trial met the (approximate) Wolfe conditions or decreased the value;
+    # the point is then accepted by the solver.
     success: Bool[Array, ""]
 
 

@@ -90,7 +90,9 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
     definite. The first step is scaled to length one, as in SciPy's L-BFGS-B. If a line
     search cannot decrease the objective, the history is reset and the next iteration
     searches along steepest descent; a second failure in a row ends the solve with
-    `RESULTS.linesearch_failed` at the best point found. Values never increase.
+    `RESULTS.linesearch_failed` at the current iterate. Values never increase by more
+    than `StrongWolfe.approx_tol * |f|` (rounding level, and only where values cannot
+    resolve the step), and never become non-finite.
 
     The solve stops successfully when $\\|\\nabla f\\|_\\infty \\le$ `gtol` (and, if
     given, $\\|\\nabla f\\|_2 \\le$ `gtol_l2`), or when the relative decrease

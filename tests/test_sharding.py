@@ -130,3 +130,22 @@ def test_output_shardings_kept_with_throw():
     )
     sol = solve(X_s, y_s, x0)
     _assert_kept(sol.params["w"], mesh, P("d"))
+
+
+def test_gradient_shardings_kept_with_throw():
+    mesh = _mesh_1d()
+    shard = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))  # noqa: E731
+    X_s, y_s = shard(jnp.asarray(X), P("d", None)), shard(jnp.asarray(Y), P("d"))
+    x0 = {"w": shard(jnp.zeros(N), P("d")), "b": shard(jnp.zeros(()), P())}
+
+    def loss(X, y):
+        sol = li.optimize(_ridge, x0, (X, y, jnp.asarray(LAM)), solver=SOLVER)
+        return jnp.sum(sol.params["w"] ** 2) + sol.params["b"] ** 2
+
+    gX, gy = jax.jit(jax.grad(loss, argnums=(0, 1)))(X_s, y_s)
+    _assert_kept(gX, mesh, P("d", None))
+    _assert_kept(gy, mesh, P("d"))
+    # Same numbers as the unsharded computation.
+    gX1, gy1 = jax.grad(loss, argnums=(0, 1))(jnp.asarray(X), jnp.asarray(Y))
+    np.testing.assert_allclose(np.asarray(gX), np.asarray(gX1), rtol=1e-7, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(gy), np.asarray(gy1), rtol=1e-7, atol=1e-12)
