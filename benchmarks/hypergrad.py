@@ -262,27 +262,23 @@ def _fmt(row):
 
 
 def cg_iterations(inner, sol, v, precondition):
-    """Steps of the backward CG solve, set up exactly as `ImplicitAdjoint` sets it up."""
+    """Steps of the backward linear solve, run by `ImplicitAdjoint.solve` itself on the
+    Hessian at the solution and the forward pass's L-BFGS memory, as the backward pass does.
+    """
     import lineax as lx
 
-    from lbfgs_implicit._adjoint import default_tolerance
     from lbfgs_implicit._history import inverse_hessian_operator
 
-    x_star, theta = sol.params, sol.args
+    x_star, args = sol.params, sol.args
     structure = jax.eval_shape(lambda: x_star)
-    _, hvp = jax.linearize(jax.grad(lambda x: inner(x, theta)), x_star)
+    _, hvp = jax.linearize(jax.grad(lambda x: inner(x, args)), x_star)
     hessian = lx.FunctionLinearOperator(
         hvp, structure, tags=(lx.symmetric_tag, lx.positive_semidefinite_tag)
     )
-    v = v / jnp.max(jnp.abs(v))
-    tol = default_tolerance(v.dtype)
-    solver = lx.CG(rtol=tol, atol=tol, max_steps=min(10 * v.size, 10_000))
-    options = {}
-    if precondition:
-        inverse = inverse_hessian_operator(sol.history, structure)
-        options = {"preconditioner": inverse, "y0": inverse.mv(v)}
-    out = lx.linear_solve(hessian, v, solver, options=options, throw=False)
-    return int(out.stats["num_steps"]), bool(out.result == lx.RESULTS.successful)
+    inverse = inverse_hessian_operator(sol.history, structure)
+    adjoint = li.ImplicitAdjoint(precondition=precondition)
+    _, result, stats = adjoint.solve(hessian, inverse, v / jnp.max(jnp.abs(v)))
+    return int(stats["num_steps"]), bool(result == li.RESULTS.successful)
 
 
 class _Sol:
