@@ -5,7 +5,6 @@ sharding; reductions sum the per-leaf results in the common dtype of the leaves.
 """
 
 import functools
-from collections.abc import Callable
 from typing import Any, TypeAlias
 
 import jax
@@ -90,10 +89,3 @@ def tree_where(pred: Bool[Array, ""], a: Y, b: Y) -> Y:
 
 def tree_zeros_like(a: Y) -> Y:
     return jtu.tree_map(jnp.zeros_like, a)
-
-
-def verbose_printer(verbose: bool) -> Callable[..., None]:
-    """Resolve `verbose` once: a no-op when off, so nothing is traced."""
-    if verbose:
-        return lambda fmt, **kw: jax.debug.print(fmt, ordered=True, **kw)
-    return lambda fmt, **kw: None

@@ -26,7 +26,6 @@ from ._misc import (
     tree_norm_inf,
     tree_sub,
     tree_where,
-    verbose_printer,
 )
 from ._solution import RESULTS
 
@@ -76,7 +75,6 @@ class _LBFGSState(eqx.Module):
     # counters and outcome; updated every iteration
     num_steps: Int[Array, ""]
     num_fun_evals: Int[Array, ""]
-    last_step: Scalar
     terminate: Bool[Array, ""]
     result: RESULTS
 
@@ -209,7 +207,6 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
             history=init_history(x0, self.history_size, dtype),
             num_steps=jnp.zeros((), jnp.int32),
             num_fun_evals=jnp.ones((), jnp.int32),
-            last_step=jnp.zeros((), dtype),
             terminate=~finite | (converged & finite),
             result=result,
         )
@@ -255,15 +252,16 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
 
         num_steps = state.num_steps + 1
         num_fun_evals = state.num_fun_evals + ls.num_evals
-        printer = verbose_printer(self.verbose)
-        printer(
-            "L-BFGS step {k}: f={f:.10e} |g|_inf={gn:.3e} step={a:.3e} line-search evals={e}",
-            k=num_steps,
-            f=f,
-            gn=tree_norm_inf(g),
-            a=ls.step,
-            e=ls.num_evals,
-        )
+        if self.verbose:  # a Python branch: nothing is traced when off
+            jax.debug.print(
+                "L-BFGS step {k}: f={f:.10e} |g|_inf={gn:.3e} step={a:.3e} line-search evals={e}",
+                k=num_steps,
+                f=f,
+                gn=tree_norm_inf(g),
+                a=ls.step,
+                e=ls.num_evals,
+                ordered=True,
+            )
         return _LBFGSState(
             x=x,
             f=f,
@@ -271,7 +269,6 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
             history=history,
             num_steps=num_steps,
             num_fun_evals=num_fun_evals,
-            last_step=ls.step,
             terminate=converged | failed,
             result=result,
         )
