@@ -1,10 +1,16 @@
-"""The L-BFGS memory: a per-leaf ring buffer of `(s, y)` pairs and the two-loop recursion.
+"""The L-BFGS memory: a per-leaf ring buffer of `(s, y)` pairs, applied in compact form.
 
 The approximate inverse Hessian $H_k$ is defined by the stored pairs
 $s_i = x_{i+1} - x_i$, $y_i = \\nabla f(x_{i+1}) - \\nabla f(x_i)$ and the initial scaling
 $H^0 = \\gamma I$, $\\gamma = s^\\top y / y^\\top y$ of the newest pair (Nocedal & Wright,
 Algorithm 7.4 with (7.20)). It is used three times: for the search direction, as the
 preconditioner of the implicit backward pass, and as `QuasiNewtonAdjoint`'s inverse.
+
+$H_k v$ is computed from the compact representation of Byrd, Nocedal & Schnabel (1994),
+N&W (7.24), rather than by the two-loop recursion: the same $H_k$, but as two passes over
+the buffers (`S'v, Y'v`, then `S c_s + Y c_y`) around an `m x m` triangular solve,
+instead of `2m` dependent dot-and-update steps. The small matrices `S'Y` and `Y'Y` are
+kept up to date as pairs are pushed.
 """
 
 import equinox as eqx
@@ -15,26 +21,28 @@ import jax.tree_util as jtu
 import lineax as lx
 from jaxtyping import Array, Float, Int, PyTree, Scalar
 
-from ._misc import tree_axpy, tree_dot, tree_scale
+from ._misc import tree_dot
 
 
 class History(eqx.Module):
     """`history_size` most recent curvature pairs, each leaf with a leading history axis.
 
-    Slot `(head - 1) % m` holds the newest pair. A slot with `rho == 0` is empty: the
-    two-loop recursion then skips it without any mask, because its coefficients are zero.
+    Slot `(head - 1) % m` holds the newest pair and the `count` slots before it (cyclically)
+    the older ones; the other slots are empty and masked out. `sy[i, j] = s_i'y_j` and
+    `yy[i, j] = y_i'y_j` over slots (entries of empty slots are meaningless).
     """
 
     s: PyTree[Array]
     y: PyTree[Array]
-    rho: Float[Array, " m"]
+    sy: Float[Array, "m m"]
+    yy: Float[Array, "m m"]
     gamma: Scalar
     head: Int[Array, ""]
     count: Int[Array, ""]
 
     @property
     def size(self) -> int:
-        return self.rho.shape[0]
+        return self.sy.shape[0]
 
 
 def init_history(x: PyTree[Array], history_size: int, dtype) -> History:
@@ -42,7 +50,8 @@ def init_history(x: PyTree[Array], history_size: int, dtype) -> History:
     return History(
         s=stacked,
         y=stacked,
-        rho=jnp.zeros(history_size, dtype),
+        sy=jnp.zeros((history_size, history_size), dtype),
+        yy=jnp.zeros((history_size, history_size), dtype),
         gamma=jnp.ones((), dtype),
         head=jnp.zeros((), jnp.int32),
         count=jnp.zeros((), jnp.int32),
@@ -50,26 +59,54 @@ def init_history(x: PyTree[Array], history_size: int, dtype) -> History:
 
 
 def reset_history(h: History, pred) -> History:
-    """Empty the history where `pred` holds (the buffers are kept, `rho` zeroed)."""
-    return History(
-        s=h.s,
-        y=h.y,
-        rho=jnp.where(pred, jnp.zeros_like(h.rho), h.rho),
-        gamma=jnp.where(pred, jnp.ones_like(h.gamma), h.gamma),
-        head=jnp.where(pred, 0, h.head),
-        count=jnp.where(pred, 0, h.count),
+    """Empty the history where `pred` holds (the buffers are kept, `count` zeroed)."""
+    return eqx.tree_at(
+        lambda t: (t.gamma, t.head, t.count),
+        h,
+        (
+            jnp.where(pred, jnp.ones_like(h.gamma), h.gamma),
+            jnp.where(pred, 0, h.head),
+            jnp.where(pred, 0, h.count),
+        ),
     )
 
 
-def push_history(h: History, s: PyTree[Array], y: PyTree[Array], enabled=True) -> History:
+def _project(buf: PyTree[Array], v: PyTree[Array], dtype) -> Float[Array, " m"]:
+    """`B'v`: the inner product of every slot of `buf` with `v` (one pass over `buf`)."""
+    parts = [
+        jnp.tensordot(b, x.astype(b.dtype), axes=x.ndim).astype(dtype)
+        for b, x in zip(jtu.tree_leaves(buf), jtu.tree_leaves(v))
+    ]
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total
+
+
+def push_history(
+    h: History,
+    s: PyTree[Array],
+    y: PyTree[Array],
+    enabled=True,
+    grad: PyTree[Array] | None = None,
+    proj: tuple[Array, Array] | None = None,
+) -> tuple[History, tuple[Array, Array] | None]:
     """Store `(s, y)` if `enabled` and it passes the curvature gate `s'y > eps * y'y`.
 
     The gate keeps $H_k$ positive definite; a rejected pair leaves the history as it was.
-    Only the written slot is touched (O(n), not O(history_size * n)).
+    The buffers are written in one slot, and `S'Y` and `Y'Y` gain a row and a column.
+
+    Inside the solver, `y = grad - g_old` and `proj = (S'g_old, Y'g_old)` over the memory
+    before this push; then `S'y` and `Y'y` come as differences of `(S'grad, Y'grad)`
+    (Byrd, Nocedal & Schnabel 1994, section 4), which are returned for the next
+    [`apply_inverse_hessian`][]. Three passes over the buffers in all (`S'grad`,
+    `Y'grad`, `Y's`), instead of five. Without `grad`, `S'y`, `Y's` and `Y'y` are
+    computed directly and `None` is returned.
     """
-    sy = tree_dot(s, y).astype(h.rho.dtype)
-    yy = tree_dot(y, y).astype(h.rho.dtype)
-    eps = jnp.finfo(h.rho.dtype).eps
+    dtype = h.sy.dtype
+    sy = tree_dot(s, y).astype(dtype)
+    yy = tree_dot(y, y).astype(dtype)
+    eps = jnp.finfo(dtype).eps
     accept = enabled & (sy > eps * yy) & jnp.isfinite(sy) & jnp.isfinite(yy) & (yy > 0)
     idx = h.head
 
@@ -77,43 +114,79 @@ def push_history(h: History, s: PyTree[Array], y: PyTree[Array], enabled=True) -
         old = lax.dynamic_index_in_dim(buf, idx, keepdims=False)
         return buf.at[idx].set(jnp.where(accept, new.astype(buf.dtype), old))
 
-    safe_sy = jnp.where(accept, sy, 1)
+    s_buf = jtu.tree_map(write, h.s, s)
+    y_buf = jtu.tree_map(write, h.y, y)
+    # Row `idx` of S'Y is s'Y and its column S'y; the new slot's own entries are
+    # overwritten by the directly computed s'y and y'y.
+    y_s = _project(y_buf, s, dtype)
+    if grad is None:
+        new_proj = None
+        s_y = _project(s_buf, y, dtype)
+        y_y = _project(y_buf, y, dtype)
+    else:
+        new_proj = (_project(s_buf, grad, dtype), _project(y_buf, grad, dtype))
+        s_y = new_proj[0] - proj[0]
+        y_y = new_proj[1] - proj[1]
+    new_sy = h.sy.at[:, idx].set(s_y).at[idx, :].set(y_s).at[idx, idx].set(sy)
+    new_yy = h.yy.at[:, idx].set(y_y).at[idx, :].set(y_y).at[idx, idx].set(yy)
     safe_yy = jnp.where(accept, yy, 1)
     m = h.size
-    return History(
-        s=jtu.tree_map(write, h.s, s),
-        y=jtu.tree_map(write, h.y, y),
-        rho=jnp.where(accept, h.rho.at[idx].set(1 / safe_sy), h.rho),
-        gamma=jnp.where(accept, safe_sy / safe_yy, h.gamma),
+    new = History(
+        s=s_buf,
+        y=y_buf,
+        sy=jnp.where(accept, new_sy, h.sy),
+        yy=jnp.where(accept, new_yy, h.yy),
+        gamma=jnp.where(accept, sy / safe_yy, h.gamma),
         head=jnp.where(accept, (idx + 1) % m, idx),
         count=jnp.where(accept, jnp.minimum(h.count + 1, m), h.count),
     )
+    return new, new_proj
 
 
-def _slot(buf: PyTree[Array], idx) -> PyTree[Array]:
-    return jtu.tree_map(lambda b: lax.dynamic_index_in_dim(b, idx, keepdims=False), buf)
+def apply_inverse_hessian(
+    h: History, v: PyTree[Array], proj: tuple[Array, Array] | None = None
+) -> PyTree[Array]:
+    """Returns $H_k v$ (N&W (7.24)).
 
-
-def apply_inverse_hessian(h: History, v: PyTree[Array]) -> PyTree[Array]:
-    """The two-loop recursion: returns $H_k v$."""
+    With $a = S^\\top v$, $b = Y^\\top v$, $R$ the upper triangle of $S^\\top Y$ in
+    chronological order and $D$ its diagonal:
+    $H_k v = \\gamma v + S p - \\gamma Y u$ with $R u = a$ and
+    $R^\\top p = (D + \\gamma Y^\\top Y) u - \\gamma b$.
+    `proj = (S'v, Y'v)` (slot order) may be passed when already known.
+    """
     m = h.size
-    dtype = h.rho.dtype
-
-    def first(i, carry):
-        q, alpha = carry
-        idx = (h.head - 1 - i) % m
-        a = h.rho[idx] * tree_dot(_slot(h.s, idx), q).astype(dtype)
-        return tree_axpy(-a, _slot(h.y, idx), q), alpha.at[idx].set(a)
-
-    q, alpha = lax.fori_loop(0, m, first, (v, jnp.zeros(m, dtype)))
-    r = tree_scale(h.gamma, q)
-
-    def second(i, r):
-        idx = (h.head - m + i) % m
-        b = h.rho[idx] * tree_dot(_slot(h.y, idx), r).astype(dtype)
-        return tree_axpy(alpha[idx] - b, _slot(h.s, idx), r)
-
-    return lax.fori_loop(0, m, second, r)
+    dtype = h.sy.dtype
+    gamma = h.gamma
+    if proj is None:
+        proj = (_project(h.s, v, dtype), _project(h.y, v, dtype))
+    # Chronological position c (0 = oldest) lives in slot (head + c) % m; the newest
+    # `count` positions hold pairs.
+    positions = jnp.arange(m, dtype=jnp.int32)
+    order = (h.head + positions) % m
+    valid = positions >= m - h.count
+    both = valid[:, None] & valid[None, :]
+    sy = jnp.where(both, h.sy[order][:, order], 0)
+    yy = jnp.where(both, h.yy[order][:, order], 0)
+    r = jnp.triu(sy) + jnp.diag(jnp.where(valid, 0, 1).astype(dtype))
+    a = jnp.where(valid, proj[0][order], 0)
+    b = jnp.where(valid, proj[1][order], 0)
+    u = jax.scipy.linalg.solve_triangular(r, a, lower=False)
+    w = jnp.diagonal(sy) * u + gamma * (yy @ u) - gamma * b
+    p = jax.scipy.linalg.solve_triangular(r, w, lower=False, trans="T")
+    # Back to slot order: slot i holds chronological position (i - head) % m.
+    back = (positions - h.head) % m
+    coef_s = p[back]
+    coef_y = -gamma * u[back]
+    return jtu.tree_map(
+        lambda x, bs, by: (
+            jnp.asarray(gamma, x.dtype) * x
+            + jnp.tensordot(coef_s.astype(x.dtype), bs, axes=1)
+            + jnp.tensordot(coef_y.astype(x.dtype), by, axes=1)
+        ),
+        v,
+        h.s,
+        h.y,
+    )
 
 
 def inverse_hessian_operator(

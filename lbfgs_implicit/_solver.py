@@ -72,6 +72,8 @@ class _LBFGSState(eqx.Module):
     g: PyTree[Array]
     # curvature memory; a pair is pushed after each accepted step
     history: History
+    # (S'g, Y'g) for the current gradient, from the pass that pushed the last pair
+    proj: tuple[Array, Array]
     # counters and outcome; updated every iteration
     num_steps: Int[Array, ""]
     num_fun_evals: Int[Array, ""]
@@ -82,8 +84,10 @@ class _LBFGSState(eqx.Module):
 class LBFGS(AbstractMinimiser[_LBFGSState]):
     """Limited-memory BFGS (Liu & Nocedal, 1989), configuration only.
 
-    Each iteration takes the direction $p = -H_k \\nabla f(x_k)$ from the two-loop
-    recursion over the last `history_size` pairs, runs the line search along it, and
+    Each iteration takes the direction $p = -H_k \\nabla f(x_k)$, with $H_k$ built from
+    the last `history_size` pairs (applied in the compact form of Byrd, Nocedal and
+    Schnabel, which gives the two-loop recursion's result in a few matrix-vector
+    products), runs the line search along it, and
     stores the new pair if $s^\\top y > \\varepsilon\\, y^\\top y$ so $H_k$ stays positive
     definite. The first step is scaled to length one, as in SciPy's L-BFGS-B. If a line
     search cannot decrease the objective, the history is reset and the next iteration
@@ -205,6 +209,7 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
             f=f,
             g=g,
             history=init_history(x0, self.history_size, dtype),
+            proj=(jnp.zeros(self.history_size, dtype), jnp.zeros(self.history_size, dtype)),
             num_steps=jnp.zeros((), jnp.int32),
             num_fun_evals=jnp.ones((), jnp.int32),
             terminate=~finite | (converged & finite),
@@ -214,7 +219,7 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
     def step(self, value_and_grad, state):
         dtype = state.f.dtype
         h = state.history
-        p = tree_neg(apply_inverse_hessian(h, state.g))
+        p = tree_neg(apply_inverse_hessian(h, state.g, state.proj))
         dg = tree_dot(state.g, p).astype(dtype)
         # H_k is positive definite by the curvature gate, so this only triggers through
         # rounding; fall back to steepest descent with a fresh memory.
@@ -240,13 +245,12 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
         y = tree_sub(ls.g, state.g)
         # A failure with a non-empty memory resets it (the retry); with an empty memory
         # there is nothing left to try.
-        history = push_history(h, s, y, enabled=ls.success)
-        history = reset_history(history, ~ls.success)
-        failed = ~ls.success & (h.count == 0)
-
         x = tree_where(ls.success, ls.x, state.x)
         f = jnp.where(ls.success, ls.f, state.f)
         g = tree_where(ls.success, ls.g, state.g)
+        history, proj = push_history(h, s, y, ls.success, grad=g, proj=state.proj)
+        history = reset_history(history, ~ls.success)
+        failed = ~ls.success & (h.count == 0)
         converged = ls.success & self._converged(state.f, f, g, dtype)
         result = RESULTS.where(failed, RESULTS.linesearch_failed, RESULTS.successful)
 
@@ -267,6 +271,7 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
             f=f,
             g=g,
             history=history,
+            proj=proj,
             num_steps=num_steps,
             num_fun_evals=num_fun_evals,
             terminate=converged | failed,

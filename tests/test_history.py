@@ -34,12 +34,12 @@ def _dense_bfgs_inverse(s_list, y_list, n):
 
 
 @pytest.mark.parametrize("num_pairs", [1, 3, 7])
-def test_two_loop_matches_dense_bfgs_with_wraparound(num_pairs):
+def test_compact_form_matches_dense_bfgs_with_wraparound(num_pairs):
     n, m = 6, 4
     s, y = _pairs(n, num_pairs, seed=num_pairs)
     h = init_history(jnp.zeros(n), m, jnp.float64)
     for i in range(num_pairs):
-        h = push_history(h, jnp.asarray(s[i]), jnp.asarray(y[i]))
+        h, _ = push_history(h, jnp.asarray(s[i]), jnp.asarray(y[i]))
     assert int(h.count) == min(num_pairs, m)
     keep = slice(max(0, num_pairs - m), num_pairs)
     dense = _dense_bfgs_inverse(list(s[keep]), list(y[keep]), n)
@@ -57,8 +57,8 @@ def test_pytree_history_equals_flat():
     flat = init_history(jnp.zeros(n), m, jnp.float64)
     tree = init_history(split(np.zeros(n)), m, jnp.float64)
     for i in range(5):
-        flat = push_history(flat, jnp.asarray(s[i]), jnp.asarray(y[i]))
-        tree = push_history(tree, split(s[i]), split(y[i]))
+        flat, _ = push_history(flat, jnp.asarray(s[i]), jnp.asarray(y[i]))
+        tree, _ = push_history(tree, split(s[i]), split(y[i]))
     v = np.cos(np.arange(n))
     out = apply_inverse_hessian(tree, split(v))
     joined = np.concatenate([np.asarray(out["a"]), np.asarray(out["b"]).ravel()])
@@ -69,11 +69,11 @@ def test_curvature_gate_rejects_nonpositive_pairs():
     n = 4
     h = init_history(jnp.zeros(n), 3, jnp.float64)
     s = jnp.array([1.0, 0.0, 0.0, 0.0])
-    h = push_history(h, s, -s)  # s'y < 0: a concave direction, must not be stored
+    h, _ = push_history(h, s, -s)  # s'y < 0: a concave direction, must not be stored
     assert int(h.count) == 0
     v = jnp.arange(1.0, 5.0)
     np.testing.assert_allclose(apply_inverse_hessian(h, v), v)  # empty memory: identity
-    h = push_history(h, s, 2 * s)
+    h, _ = push_history(h, s, 2 * s)
     assert int(h.count) == 1
     np.testing.assert_allclose(apply_inverse_hessian(h, s), 0.5 * s)
 
@@ -82,7 +82,7 @@ def test_reset_empties_memory():
     s, y = _pairs(5, 3, seed=1)
     h = init_history(jnp.zeros(5), 3, jnp.float64)
     for i in range(3):
-        h = push_history(h, jnp.asarray(s[i]), jnp.asarray(y[i]))
+        h, _ = push_history(h, jnp.asarray(s[i]), jnp.asarray(y[i]))
     v = jnp.ones(5)
     assert not np.allclose(apply_inverse_hessian(h, v), v)
     h = reset_history(h, jnp.array(True))
@@ -94,7 +94,7 @@ def test_operator_is_tagged_psd_and_symmetric():
     s, y = _pairs(n, 4, seed=2)
     h = init_history(jnp.zeros(n), 4, jnp.float64)
     for i in range(4):
-        h = push_history(h, jnp.asarray(s[i]), jnp.asarray(y[i]))
+        h, _ = push_history(h, jnp.asarray(s[i]), jnp.asarray(y[i]))
     op = inverse_hessian_operator(h, jax.ShapeDtypeStruct((n,), jnp.float64))
     assert lx.is_symmetric(op) and lx.is_positive_semidefinite(op)
     mat = np.asarray(op.as_matrix())

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import lbfgs_implicit as li
+from lbfgs_implicit._history import apply_inverse_hessian
 
 from helpers import problems, scipy_minimise, tree_allclose
 
@@ -154,3 +155,30 @@ def test_verbose_prints_one_line_per_step(capfd):
     lines = [ln for ln in capfd.readouterr().out.splitlines() if ln.startswith("L-BFGS step")]
     assert len(lines) == int(sol.stats["num_steps"])
     assert "|g|_inf=" in lines[-1] and "line-search evals=" in lines[-1]
+
+
+@pytest.mark.parametrize("name", ["rosenbrock", "logistic"])
+def test_solver_memory_matches_direct_products(solved, name):
+    """The solver builds S'Y and Y'Y from gradient differences; they must equal the
+    products of the stored pairs, and H_k must equal the textbook BFGS inverse."""
+    h = solved[name].state.history
+    m, count, head = h.size, int(h.count), int(h.head)
+    assert count >= 2
+    slots = [(head - count + i) % m for i in range(count)]  # oldest first
+    s = np.asarray(h.s)[slots].reshape(count, -1)
+    y = np.asarray(h.y)[slots].reshape(count, -1)
+    scale = np.outer(np.linalg.norm(s, axis=1), np.linalg.norm(y, axis=1))
+    sy = np.asarray(h.sy)[np.ix_(slots, slots)]
+    np.testing.assert_array_less(np.abs(sy - s @ y.T), 1e-12 * scale + 1e-300)
+    yscale = np.outer(np.linalg.norm(y, axis=1), np.linalg.norm(y, axis=1))
+    yy = np.asarray(h.yy)[np.ix_(slots, slots)]
+    np.testing.assert_array_less(np.abs(yy - y @ y.T), 1e-12 * yscale + 1e-300)
+
+    n = s.shape[1]
+    dense = (s[-1] @ y[-1]) / (y[-1] @ y[-1]) * np.eye(n)
+    for si, yi in zip(s, y):
+        v = np.eye(n) - np.outer(yi, si) / (si @ yi)
+        dense = v.T @ dense @ v + np.outer(si, si) / (si @ yi)
+    vec = np.cos(np.arange(n, dtype=np.float64))
+    out = apply_inverse_hessian(h, jnp.asarray(vec))
+    np.testing.assert_allclose(out, dense @ vec, rtol=1e-9)
