@@ -1,4 +1,4 @@
-"""The L-BFGS memory: a per-leaf ring buffer of `(s, y)` pairs, applied in compact form.
+"""The L-BFGS memory: a per-leaf ring buffer of `(s, y)` pairs and products with $H_k$.
 
 The approximate inverse Hessian $H_k$ is defined by the stored pairs
 $s_i = x_{i+1} - x_i$, $y_i = \\nabla f(x_{i+1}) - \\nabla f(x_i)$ and the initial scaling
@@ -6,11 +6,16 @@ $H^0 = \\gamma I$, $\\gamma = s^\\top y / y^\\top y$ of the newest pair (Nocedal
 Algorithm 7.4 with (7.20)). It is used three times: for the search direction, as the
 preconditioner of the implicit backward pass, and as `QuasiNewtonAdjoint`'s inverse.
 
-$H_k v$ is computed from the compact representation of Byrd, Nocedal & Schnabel (1994),
-N&W (7.24), rather than by the two-loop recursion: the same $H_k$, but as two passes over
-the buffers (`S'v, Y'v`, then `S c_s + Y c_y`) around an `m x m` triangular solve,
-instead of `2m` dependent dot-and-update steps. The small matrices `S'Y` and `Y'Y` are
-kept up to date as pairs are pushed.
+$H_k v$ is computed in one of two ways, chosen once from the problem size. For small
+problems, the two-loop recursion (N&W Algorithm 7.4): `2m` dependent dot-and-update
+steps, each a handful of tiny kernels. From `COMPACT_MIN_SIZE` parameters on, the compact
+representation of Byrd, Nocedal & Schnabel (1994), N&W (7.24): the same $H_k$ from two
+passes over the buffers (`S'v, Y'v`, then `S c_s + Y c_y`) around two `m x m`
+triangular solves, with `S'Y` and `Y'Y` kept up to date as pairs are pushed. The compact
+form is about 4x cheaper per direction at n = 1000 on CPU; below a few dozen
+parameters its fixed cost of small matrix operations exceeds the whole recursion
+(whole solves of extended Rosenbrock, in-jit: equal at n = 32, compact 1.4-2.9x faster
+from n = 64, two-loop 1.4x faster at n = 16).
 """
 
 import equinox as eqx
@@ -21,7 +26,11 @@ import jax.tree_util as jtu
 import lineax as lx
 from jaxtyping import Array, Float, Int, PyTree, Scalar
 
-from ._misc import tree_dot
+from ._misc import tree_axpy, tree_dot, tree_scale
+
+
+# Parameters (summed over leaves) from which the compact representation is used.
+COMPACT_MIN_SIZE = 32
 
 
 class History(eqx.Module):
@@ -29,32 +38,41 @@ class History(eqx.Module):
 
     Slot `(head - 1) % m` holds the newest pair and the `count` slots before it (cyclically)
     the older ones; the other slots are empty and masked out. `sy[i, j] = s_i'y_j` and
-    `yy[i, j] = y_i'y_j` over slots (entries of empty slots are meaningless).
+    `yy[i, j] = y_i'y_j` over slots (entries of empty slots are meaningless). Without
+    `compact`, `sy` holds only `s_i'y_i` (all the two-loop recursion uses) and `yy` is
+    empty.
     """
 
     s: PyTree[Array]
     y: PyTree[Array]
-    sy: Float[Array, "m m"]
-    yy: Float[Array, "m m"]
+    sy: Float[Array, "m ..."]
+    yy: Float[Array, "..."]
     gamma: Scalar
     head: Int[Array, ""]
     count: Int[Array, ""]
+    compact: bool = eqx.field(static=True, default=True)
 
     @property
     def size(self) -> int:
         return self.sy.shape[0]
 
 
-def init_history(x: PyTree[Array], history_size: int, dtype) -> History:
+def init_history(
+    x: PyTree[Array], history_size: int, dtype, compact: bool | None = None
+) -> History:
+    """An empty memory shaped like `x`; `compact=None` chooses the form from the size."""
+    if compact is None:
+        compact = sum(jnp.size(leaf) for leaf in jtu.tree_leaves(x)) >= COMPACT_MIN_SIZE
     stacked = jtu.tree_map(lambda leaf: jnp.zeros((history_size,) + leaf.shape, leaf.dtype), x)
     return History(
         s=stacked,
         y=stacked,
-        sy=jnp.zeros((history_size, history_size), dtype),
-        yy=jnp.zeros((history_size, history_size), dtype),
+        sy=jnp.zeros((history_size, history_size) if compact else (history_size,), dtype),
+        yy=jnp.zeros((history_size, history_size) if compact else (0,), dtype),
         gamma=jnp.ones((), dtype),
         head=jnp.zeros((), jnp.int32),
         count=jnp.zeros((), jnp.int32),
+        compact=compact,
     )
 
 
@@ -94,7 +112,8 @@ def push_history(
     """Store `(s, y)` if `enabled` and it passes the curvature gate `s'y > eps * y'y`.
 
     The gate keeps $H_k$ positive definite; a rejected pair leaves the history as it was.
-    The buffers are written in one slot, and `S'Y` and `Y'Y` gain a row and a column.
+    The buffers are written in one slot, and (in the compact form) `S'Y` and `Y'Y` gain
+    a row and a column.
 
     Inside the solver, `y = grad - g_old` and `proj = (S'g_old, Y'g_old)` over the memory
     before this push; then `S'y` and `Y'y` come as differences of `(S'grad, Y'grad)`
@@ -116,6 +135,19 @@ def push_history(
 
     s_buf = jtu.tree_map(write, h.s, s)
     y_buf = jtu.tree_map(write, h.y, y)
+    m = h.size
+    if not h.compact:
+        new = History(
+            s=s_buf,
+            y=y_buf,
+            sy=jnp.where(accept, h.sy.at[idx].set(sy), h.sy),
+            yy=h.yy,
+            gamma=jnp.where(accept, sy / jnp.where(accept, yy, 1), h.gamma),
+            head=jnp.where(accept, (idx + 1) % m, idx),
+            count=jnp.where(accept, jnp.minimum(h.count + 1, m), h.count),
+            compact=False,
+        )
+        return new, None if grad is None else proj
     # Row `idx` of S'Y is s'Y and its column S'y; the new slot's own entries are
     # overwritten by the directly computed s'y and y'y.
     y_s = _project(y_buf, s, dtype)
@@ -127,18 +159,22 @@ def push_history(
         new_proj = (_project(s_buf, grad, dtype), _project(y_buf, grad, dtype))
         s_y = new_proj[0] - proj[0]
         y_y = new_proj[1] - proj[1]
-    new_sy = h.sy.at[:, idx].set(s_y).at[idx, :].set(y_s).at[idx, idx].set(sy)
-    new_yy = h.yy.at[:, idx].set(y_y).at[idx, :].set(y_y).at[idx, idx].set(yy)
+    # Masks rather than scatters: one fused elementwise update per matrix.
+    slots = jnp.arange(m, dtype=jnp.int32)
+    row = accept & (slots[:, None] == idx)
+    col = accept & (slots[None, :] == idx)
+    new_sy = jnp.where(row & col, sy, jnp.where(col, s_y[:, None], jnp.where(row, y_s, h.sy)))
+    new_yy = jnp.where(row & col, yy, jnp.where(col, y_y[:, None], jnp.where(row, y_y, h.yy)))
     safe_yy = jnp.where(accept, yy, 1)
-    m = h.size
     new = History(
         s=s_buf,
         y=y_buf,
-        sy=jnp.where(accept, new_sy, h.sy),
-        yy=jnp.where(accept, new_yy, h.yy),
+        sy=new_sy,
+        yy=new_yy,
         gamma=jnp.where(accept, sy / safe_yy, h.gamma),
         head=jnp.where(accept, (idx + 1) % m, idx),
         count=jnp.where(accept, jnp.minimum(h.count + 1, m), h.count),
+        compact=True,
     )
     return new, new_proj
 
@@ -154,6 +190,8 @@ def apply_inverse_hessian(
     $R^\\top p = (D + \\gamma Y^\\top Y) u - \\gamma b$.
     `proj = (S'v, Y'v)` (slot order) may be passed when already known.
     """
+    if not h.compact:
+        return _two_loop(h, v)
     m = h.size
     dtype = h.sy.dtype
     gamma = h.gamma
@@ -187,6 +225,35 @@ def apply_inverse_hessian(
         h.s,
         h.y,
     )
+
+
+def _slot(buf: PyTree[Array], idx) -> PyTree[Array]:
+    return jtu.tree_map(lambda b: lax.dynamic_index_in_dim(b, idx, keepdims=False), buf)
+
+
+def _two_loop(h: History, v: PyTree[Array]) -> PyTree[Array]:
+    """$H_k v$ by the two-loop recursion; empty slots have `rho = 0` and drop out."""
+    m = h.size
+    dtype = h.sy.dtype
+    slots = jnp.arange(m, dtype=jnp.int32)
+    filled = (h.head - 1 - slots) % m < h.count
+    rho = jnp.where(filled, 1 / jnp.where(filled, h.sy, 1), 0)
+
+    def first(i, carry):
+        q, alpha = carry
+        idx = (h.head - 1 - i) % m
+        a = rho[idx] * tree_dot(_slot(h.s, idx), q).astype(dtype)
+        return tree_axpy(-a, _slot(h.y, idx), q), alpha.at[idx].set(a)
+
+    q, alpha = lax.fori_loop(0, m, first, (v, jnp.zeros(m, dtype)))
+    r = tree_scale(h.gamma, q)
+
+    def second(i, r):
+        idx = (h.head - m + i) % m
+        b = rho[idx] * tree_dot(_slot(h.y, idx), r).astype(dtype)
+        return tree_axpy(alpha[idx] - b, _slot(h.s, idx), r)
+
+    return lax.fori_loop(0, m, second, r)
 
 
 def inverse_hessian_operator(

@@ -204,12 +204,14 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
         finite = jnp.isfinite(f) & jnp.isfinite(tree_norm_inf(g))
         converged = self._grad_small(g, dtype)
         result = RESULTS.where(finite, RESULTS.successful, RESULTS.nonfinite)
+        history = init_history(x0, self.history_size, dtype)
+        k = self.history_size if history.compact else 0  # the two-loop form keeps no proj
         return _LBFGSState(
             x=x0,
             f=f,
             g=g,
-            history=init_history(x0, self.history_size, dtype),
-            proj=(jnp.zeros(self.history_size, dtype), jnp.zeros(self.history_size, dtype)),
+            history=history,
+            proj=(jnp.zeros(k, dtype), jnp.zeros(k, dtype)),
             num_steps=jnp.zeros((), jnp.int32),
             num_fun_evals=jnp.ones((), jnp.int32),
             terminate=~finite | (converged & finite),

@@ -33,11 +33,12 @@ def _dense_bfgs_inverse(s_list, y_list, n):
     return h
 
 
+@pytest.mark.parametrize("compact", [True, False])
 @pytest.mark.parametrize("num_pairs", [1, 3, 7])
-def test_compact_form_matches_dense_bfgs_with_wraparound(num_pairs):
+def test_inverse_matches_dense_bfgs_with_wraparound(num_pairs, compact):
     n, m = 6, 4
     s, y = _pairs(n, num_pairs, seed=num_pairs)
-    h = init_history(jnp.zeros(n), m, jnp.float64)
+    h = init_history(jnp.zeros(n), m, jnp.float64, compact=compact)
     for i in range(num_pairs):
         h, _ = push_history(h, jnp.asarray(s[i]), jnp.asarray(y[i]))
     assert int(h.count) == min(num_pairs, m)
@@ -47,15 +48,16 @@ def test_compact_form_matches_dense_bfgs_with_wraparound(num_pairs):
     np.testing.assert_allclose(apply_inverse_hessian(h, jnp.asarray(v)), dense @ v, rtol=1e-10)
 
 
-def test_pytree_history_equals_flat():
+@pytest.mark.parametrize("compact", [True, False])
+def test_pytree_history_equals_flat(compact):
     n, m = 7, 3
     s, y = _pairs(n, 5, seed=0)
 
     def split(z):
         return {"a": jnp.asarray(z[:3]), "b": jnp.asarray(z[3:]).reshape(2, 2)}
 
-    flat = init_history(jnp.zeros(n), m, jnp.float64)
-    tree = init_history(split(np.zeros(n)), m, jnp.float64)
+    flat = init_history(jnp.zeros(n), m, jnp.float64, compact=compact)
+    tree = init_history(split(np.zeros(n)), m, jnp.float64, compact=compact)
     for i in range(5):
         flat, _ = push_history(flat, jnp.asarray(s[i]), jnp.asarray(y[i]))
         tree, _ = push_history(tree, split(s[i]), split(y[i]))

@@ -157,16 +157,48 @@ def test_verbose_prints_one_line_per_step(capfd):
     assert "|g|_inf=" in lines[-1] and "line-search evals=" in lines[-1]
 
 
-@pytest.mark.parametrize("name", ["rosenbrock", "logistic"])
-def test_solver_memory_matches_direct_products(solved, name):
+def _extended_rosenbrock(x, args):
+    del args
+    return jnp.sum(100.0 * (x[1::2] - x[0::2] ** 2) ** 2 + (1.0 - x[0::2]) ** 2)
+
+
+def _pytree_logistic(w, args):
+    X, y = args
+    z = X @ w["w"].ravel() + w["b"]
+    return jnp.mean(jnp.logaddexp(0.0, -y * z)) + 0.05 * jnp.sum(w["w"] ** 2)
+
+
+@pytest.fixture(scope="module")
+def compact_solves():
+    """Problems above COMPACT_MIN_SIZE, so the solver keeps S'Y and Y'Y itself."""
+    rng = np.random.default_rng(3)
+    X = jnp.asarray(rng.normal(size=(300, 160)))
+    y = jnp.asarray(np.sign(rng.normal(size=300)))
+    n = 2 * (li._history.COMPACT_MIN_SIZE // 2 + 10)
+    return {
+        "rosenbrock": li.optimize(_extended_rosenbrock, jnp.tile(jnp.array([-1.2, 1.0]), n // 2)),
+        "pytree": li.optimize(
+            _pytree_logistic, {"w": jnp.zeros((16, 10)), "b": jnp.zeros(())}, (X, y)
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", ["rosenbrock", "pytree"])
+def test_solver_memory_matches_direct_products(compact_solves, name):
     """The solver builds S'Y and Y'Y from gradient differences; they must equal the
     products of the stored pairs, and H_k must equal the textbook BFGS inverse."""
-    h = solved[name].state.history
+    sol = compact_solves[name]
+    h = sol.state.history
+    assert h.compact and sol.result == li.RESULTS.successful
     m, count, head = h.size, int(h.count), int(h.head)
     assert count >= 2
     slots = [(head - count + i) % m for i in range(count)]  # oldest first
-    s = np.asarray(h.s)[slots].reshape(count, -1)
-    y = np.asarray(h.y)[slots].reshape(count, -1)
+
+    def flat(buf):
+        leaves = [np.asarray(b)[slots].reshape(count, -1) for b in jax.tree_util.tree_leaves(buf)]
+        return np.concatenate(leaves, axis=1)
+
+    s, y = flat(h.s), flat(h.y)
     scale = np.outer(np.linalg.norm(s, axis=1), np.linalg.norm(y, axis=1))
     sy = np.asarray(h.sy)[np.ix_(slots, slots)]
     np.testing.assert_array_less(np.abs(sy - s @ y.T), 1e-12 * scale + 1e-300)
@@ -180,5 +212,10 @@ def test_solver_memory_matches_direct_products(solved, name):
         v = np.eye(n) - np.outer(yi, si) / (si @ yi)
         dense = v.T @ dense @ v + np.outer(si, si) / (si @ yi)
     vec = np.cos(np.arange(n, dtype=np.float64))
-    out = apply_inverse_hessian(h, jnp.asarray(vec))
+    leaves, treedef = jax.tree_util.tree_flatten(sol.params)
+    split = np.split(vec, np.cumsum([leaf.size for leaf in leaves])[:-1])
+    tree = treedef.unflatten([jnp.asarray(p).reshape(leaf.shape) for p, leaf in zip(split, leaves)])
+    out = np.concatenate(
+        [np.ravel(o) for o in jax.tree_util.tree_leaves(apply_inverse_hessian(h, tree))]
+    )
     np.testing.assert_allclose(out, dense @ vec, rtol=1e-9)
