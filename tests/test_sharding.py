@@ -16,7 +16,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 import lbfgs_implicit as li
 
 
-M, N = 64, 16
+M, N = 64, 40  # N + 1 >= COMPACT_MIN_SIZE: the compact H_k product, sharded
 _rng = np.random.default_rng(0)
 X = _rng.normal(size=(M, N))
 Y = X @ _rng.normal(size=N) + 0.1 * _rng.normal(size=M)
