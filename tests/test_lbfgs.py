@@ -219,3 +219,26 @@ def test_solver_memory_matches_direct_products(compact_solves, name):
         [np.ravel(o) for o in jax.tree_util.tree_leaves(apply_inverse_hessian(h, tree))]
     )
     np.testing.assert_allclose(out, dense @ vec, rtol=1e-9)
+
+
+def test_compact_form_float32_and_mixed_precision():
+    """Above COMPACT_MIN_SIZE in float32 and with float64/float32 leaves together."""
+    n = 2 * (li._history.COMPACT_MIN_SIZE // 2 + 10)
+    x0 = jnp.tile(jnp.array([-1.2, 1.0], jnp.float32), n // 2)
+    sol = li.optimize(_extended_rosenbrock, x0)
+    assert sol.state.history.compact and sol.result == li.RESULTS.successful
+    assert sol.params.dtype == jnp.float32
+    assert float(sol.stats["grad_norm"]) <= 2.5e-5  # float32 default gtol, eps**(2/3)
+    # Smallest Hessian eigenvalue at (1, ..., 1) is about 0.4: distance <= ~6e-5.
+    np.testing.assert_allclose(sol.params, 1.0, atol=5e-4)
+
+    def fn(x, args):
+        scale = jnp.linspace(1.0, 10.0, x["a"].size)
+        return jnp.sum(scale * (x["a"] - 1.0) ** 2) + jnp.sum((x["b"].astype(jnp.float64) + 2) ** 2)
+
+    x0 = {"a": jnp.zeros(n, jnp.float64), "b": jnp.zeros(10, jnp.float32)}
+    sol = li.optimize(fn, x0, None)
+    assert sol.state.history.compact and sol.result == li.RESULTS.successful
+    assert sol.params["a"].dtype == jnp.float64 and sol.params["b"].dtype == jnp.float32
+    np.testing.assert_allclose(sol.params["a"], 1.0, rtol=1e-9)
+    np.testing.assert_allclose(sol.params["b"], -2.0, rtol=1e-6)
