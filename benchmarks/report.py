@@ -342,9 +342,9 @@ def hyper_section(hyp, path, lines):
             " the forward time `optimize` alone. optimistix differentiates by a custom JVP, "
             "so its linear solve runs in the forward half of `jax.vjp`; its backward is "
             "therefore value_and_grad minus its forward solve, and compared with ours "
-            "measured the same way. CG steps are counted by running the same "
-            "`lineax.linear_solve` the backward pass runs."
-            + (f" This case was run by `{b['command']}`." if "command" in b else ""),
+            "measured the same way. CG steps are counted by calling `ImplicitAdjoint.solve` "
+            "on the Hessian at the solution and the forward L-BFGS memory, as the backward "
+            "pass does." + (f" This case was run by `{b['command']}`." if "command" in b else ""),
             "",
             "| quantity | value | target | |",
             "| --- | --- | --- | --- |",

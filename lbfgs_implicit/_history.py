@@ -11,11 +11,12 @@ problems, the two-loop recursion (N&W Algorithm 7.4): `2m` dependent dot-and-upd
 steps, each a handful of tiny kernels. From `COMPACT_MIN_SIZE` parameters on, the compact
 representation of Byrd, Nocedal & Schnabel (1994), N&W (7.24): the same $H_k$ from two
 passes over the buffers (`S'v, Y'v`, then `S c_s + Y c_y`) around two `m x m`
-triangular solves, with `S'Y` and `Y'Y` kept up to date as pairs are pushed. The compact
-form is about 4x cheaper per direction at n = 1000 on CPU; below a few dozen
-parameters its fixed cost of small matrix operations exceeds the whole recursion
-(whole solves of extended Rosenbrock, in-jit: equal at n = 32, compact 1.4-2.9x faster
-from n = 64, two-loop 1.4x faster at n = 16).
+triangular solves, with `S'Y` and `Y'Y` kept up to date as pairs are pushed. The
+compact form has a fixed cost in small matrix operations that the recursion does not.
+Whole solves of extended Rosenbrock on a 2-core CPU
+(`python -m benchmarks.history_forms`, timings vary by tens of percent between runs):
+the two-loop is 2.5x faster at n <= 4 and 1-2x at n = 8-16; the compact form is
+1.1-1.8x faster at n = 32 and 1.4-1.7x from n = 64 to 1000.
 """
 
 import equinox as eqx
@@ -26,7 +27,7 @@ import jax.tree_util as jtu
 import lineax as lx
 from jaxtyping import Array, Float, Int, PyTree, Scalar
 
-from ._misc import tree_axpy, tree_dot, tree_scale
+from ._misc import sum_widest, tree_axpy, tree_dot, tree_scale
 
 
 # Parameters (summed over leaves) from which the compact representation is used.
@@ -91,14 +92,12 @@ def reset_history(h: History, pred) -> History:
 
 def _project(buf: PyTree[Array], v: PyTree[Array], dtype) -> Float[Array, " m"]:
     """`B'v`: the inner product of every slot of `buf` with `v` (one pass over `buf`)."""
-    parts = [
-        jnp.tensordot(b, x.astype(b.dtype), axes=x.ndim).astype(dtype)
-        for b, x in zip(jtu.tree_leaves(buf), jtu.tree_leaves(v))
-    ]
-    total = parts[0]
-    for part in parts[1:]:
-        total = total + part
-    return total
+    return sum_widest(
+        [
+            jnp.tensordot(b, x.astype(b.dtype), axes=x.ndim).astype(dtype)
+            for b, x in zip(jtu.tree_leaves(buf), jtu.tree_leaves(v))
+        ]
+    )
 
 
 def push_history(
@@ -136,45 +135,37 @@ def push_history(
     s_buf = jtu.tree_map(write, h.s, s)
     y_buf = jtu.tree_map(write, h.y, y)
     m = h.size
-    if not h.compact:
-        new = History(
-            s=s_buf,
-            y=y_buf,
-            sy=jnp.where(accept, h.sy.at[idx].set(sy), h.sy),
-            yy=h.yy,
-            gamma=jnp.where(accept, sy / jnp.where(accept, yy, 1), h.gamma),
-            head=jnp.where(accept, (idx + 1) % m, idx),
-            count=jnp.where(accept, jnp.minimum(h.count + 1, m), h.count),
-            compact=False,
-        )
-        return new, None if grad is None else proj
-    # Row `idx` of S'Y is s'Y and its column S'y; the new slot's own entries are
-    # overwritten by the directly computed s'y and y'y.
-    y_s = _project(y_buf, s, dtype)
-    if grad is None:
-        new_proj = None
-        s_y = _project(s_buf, y, dtype)
-        y_y = _project(y_buf, y, dtype)
+    if h.compact:
+        # Row `idx` of S'Y is s'Y and its column S'y; the new slot's own entries are
+        # overwritten by the directly computed s'y and y'y.
+        y_s = _project(y_buf, s, dtype)
+        if grad is None:
+            new_proj = None
+            s_y = _project(s_buf, y, dtype)
+            y_y = _project(y_buf, y, dtype)
+        else:
+            new_proj = (_project(s_buf, grad, dtype), _project(y_buf, grad, dtype))
+            s_y = new_proj[0] - proj[0]
+            y_y = new_proj[1] - proj[1]
+        # Masks rather than scatters: one fused elementwise update per matrix.
+        slots = jnp.arange(m, dtype=jnp.int32)
+        row = accept & (slots[:, None] == idx)
+        col = accept & (slots[None, :] == idx)
+        new_sy = jnp.where(row & col, sy, jnp.where(col, s_y[:, None], jnp.where(row, y_s, h.sy)))
+        new_yy = jnp.where(row & col, yy, jnp.where(col, y_y[:, None], jnp.where(row, y_y, h.yy)))
     else:
-        new_proj = (_project(s_buf, grad, dtype), _project(y_buf, grad, dtype))
-        s_y = new_proj[0] - proj[0]
-        y_y = new_proj[1] - proj[1]
-    # Masks rather than scatters: one fused elementwise update per matrix.
-    slots = jnp.arange(m, dtype=jnp.int32)
-    row = accept & (slots[:, None] == idx)
-    col = accept & (slots[None, :] == idx)
-    new_sy = jnp.where(row & col, sy, jnp.where(col, s_y[:, None], jnp.where(row, y_s, h.sy)))
-    new_yy = jnp.where(row & col, yy, jnp.where(col, y_y[:, None], jnp.where(row, y_y, h.yy)))
-    safe_yy = jnp.where(accept, yy, 1)
+        new_proj = None if grad is None else proj
+        new_sy = jnp.where(accept, h.sy.at[idx].set(sy), h.sy)
+        new_yy = h.yy
     new = History(
         s=s_buf,
         y=y_buf,
         sy=new_sy,
         yy=new_yy,
-        gamma=jnp.where(accept, sy / safe_yy, h.gamma),
+        gamma=jnp.where(accept, sy / jnp.where(accept, yy, 1), h.gamma),
         head=jnp.where(accept, (idx + 1) % m, idx),
         count=jnp.where(accept, jnp.minimum(h.count + 1, m), h.count),
-        compact=True,
+        compact=h.compact,
     )
     return new, new_proj
 

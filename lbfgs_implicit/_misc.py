@@ -29,7 +29,8 @@ def common_dtype(tree: Y) -> Any:
     return _widest([jnp.asarray(x).dtype for x in leaves]) if leaves else jnp.result_type(float)
 
 
-def _reduce(values: list[Array]) -> Scalar:
+def sum_widest(values: list[Array]) -> Array:
+    """Sum of per-leaf partial results, in the widest of their dtypes."""
     dtype = _widest([v.dtype for v in values])
     total = values[0].astype(dtype)
     for v in values[1:]:
@@ -39,11 +40,11 @@ def _reduce(values: list[Array]) -> Scalar:
 
 def tree_dot(a: Y, b: Y) -> Scalar:
     """Real inner product `sum_leaves sum(a * b)`."""
-    return _reduce([jnp.sum(x * y) for x, y in zip(jtu.tree_leaves(a), jtu.tree_leaves(b))])
+    return sum_widest([jnp.sum(x * y) for x, y in zip(jtu.tree_leaves(a), jtu.tree_leaves(b))])
 
 
 def tree_sumsq(a: Y) -> Scalar:
-    return _reduce([jnp.sum(jnp.square(x)) for x in jtu.tree_leaves(a)])
+    return sum_widest([jnp.sum(jnp.square(x)) for x in jtu.tree_leaves(a)])
 
 
 def tree_norm2(a: Y) -> Scalar:

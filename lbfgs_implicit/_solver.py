@@ -85,9 +85,9 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
     """Limited-memory BFGS (Liu & Nocedal, 1989), configuration only.
 
     Each iteration takes the direction $p = -H_k \\nabla f(x_k)$, with $H_k$ built from
-    the last `history_size` pairs (applied in the compact form of Byrd, Nocedal and
-    Schnabel, which gives the two-loop recursion's result in a few matrix-vector
-    products), runs the line search along it, and
+    the last `history_size` pairs (by the two-loop recursion below 32 parameters, above
+    that in the compact form of Byrd, Nocedal and Schnabel, which gives the same result
+    in a few matrix-vector products), runs the line search along it, and
     stores the new pair if $s^\\top y > \\varepsilon\\, y^\\top y$ so $H_k$ stays positive
     definite. The first step is scaled to length one, as in SciPy's L-BFGS-B. If a line
     search cannot decrease the objective, the history is reset and the next iteration
