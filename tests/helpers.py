@@ -58,11 +58,24 @@ def pytree_quadratic(x, args):
     )
 
 
-def _spd(n, cond, seed):
+def spd(n, cond, seed):
     rng = np.random.default_rng(seed)
     q, _ = np.linalg.qr(rng.normal(size=(n, n)))
     eig = np.geomspace(1.0, cond, n)
     return (q * eig) @ q.T
+
+
+def dense_bfgs_inverse(s_list, y_list):
+    """The textbook inverse BFGS update from H0 = gamma I (gamma of the newest pair), in
+    numpy, oldest pair first: the reference for the L-BFGS products."""
+    n = len(s_list[0])
+    s_new, y_new = s_list[-1], y_list[-1]
+    h = (s_new @ y_new) / (y_new @ y_new) * np.eye(n)
+    for s, y in zip(s_list, y_list):
+        rho = 1.0 / (s @ y)
+        v = np.eye(n) - rho * np.outer(y, s)
+        h = v.T @ h @ v + rho * np.outer(s, s)
+    return h
 
 
 def logistic_data(seed=0, n=60, d=5):
@@ -95,7 +108,7 @@ def scipy_minimise(fn, x0, args, gtol=1e-10):
 
 
 def problems() -> list[Problem]:
-    A = jnp.asarray(_spd(6, 50.0, 0))
+    A = jnp.asarray(spd(6, 50.0, 0))
     b = jnp.arange(1.0, 7.0)
     X, y = logistic_data()
     lam = 0.1

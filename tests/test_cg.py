@@ -6,11 +6,11 @@ import pytest
 
 import lbfgs_implicit as li
 
+from helpers import spd
 
-def _spd(n, cond, seed=0):
-    rng = np.random.default_rng(seed)
-    q, _ = np.linalg.qr(rng.normal(size=(n, n)))
-    return jnp.asarray((q * np.geomspace(1.0, cond, n)) @ q.T)
+
+def _spd(n, cond):
+    return jnp.asarray(spd(n, cond, seed=0))
 
 
 def _op(matrix):

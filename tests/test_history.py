@@ -12,6 +12,8 @@ from lbfgs_implicit._history import (
     reset_history,
 )
 
+from helpers import dense_bfgs_inverse
+
 
 def _pairs(n, k, seed):
     """Pairs from a strictly convex quadratic, so every one has s'y > 0."""
@@ -20,17 +22,6 @@ def _pairs(n, k, seed):
     hess = a @ a.T + n * np.eye(n)
     s = rng.normal(size=(k, n))
     return s, s @ hess
-
-
-def _dense_bfgs_inverse(s_list, y_list, n):
-    """The textbook inverse update, applied from H0 = gamma I (gamma of the newest pair)."""
-    s_new, y_new = s_list[-1], y_list[-1]
-    h = (s_new @ y_new) / (y_new @ y_new) * np.eye(n)
-    for s, y in zip(s_list, y_list):
-        rho = 1.0 / (s @ y)
-        v = np.eye(n) - rho * np.outer(y, s)
-        h = v.T @ h @ v + rho * np.outer(s, s)
-    return h
 
 
 @pytest.mark.parametrize("compact", [True, False])
@@ -43,7 +34,7 @@ def test_inverse_matches_dense_bfgs_with_wraparound(num_pairs, compact):
         h, _ = push_history(h, jnp.asarray(s[i]), jnp.asarray(y[i]))
     assert int(h.count) == min(num_pairs, m)
     keep = slice(max(0, num_pairs - m), num_pairs)
-    dense = _dense_bfgs_inverse(list(s[keep]), list(y[keep]), n)
+    dense = dense_bfgs_inverse(list(s[keep]), list(y[keep]))
     v = np.linspace(-1.0, 2.0, n)
     np.testing.assert_allclose(apply_inverse_hessian(h, jnp.asarray(v)), dense @ v, rtol=1e-10)
 
@@ -67,9 +58,10 @@ def test_pytree_history_equals_flat(compact):
     np.testing.assert_allclose(joined, apply_inverse_hessian(flat, jnp.asarray(v)), rtol=1e-12)
 
 
-def test_curvature_gate_rejects_nonpositive_pairs():
+@pytest.mark.parametrize("compact", [True, False])
+def test_curvature_gate_rejects_nonpositive_pairs(compact):
     n = 4
-    h = init_history(jnp.zeros(n), 3, jnp.float64)
+    h = init_history(jnp.zeros(n), 3, jnp.float64, compact=compact)
     s = jnp.array([1.0, 0.0, 0.0, 0.0])
     h, _ = push_history(h, s, -s)  # s'y < 0: a concave direction, must not be stored
     assert int(h.count) == 0
@@ -80,9 +72,10 @@ def test_curvature_gate_rejects_nonpositive_pairs():
     np.testing.assert_allclose(apply_inverse_hessian(h, s), 0.5 * s)
 
 
-def test_reset_empties_memory():
+@pytest.mark.parametrize("compact", [True, False])
+def test_reset_empties_memory(compact):
     s, y = _pairs(5, 3, seed=1)
-    h = init_history(jnp.zeros(5), 3, jnp.float64)
+    h = init_history(jnp.zeros(5), 3, jnp.float64, compact=compact)
     for i in range(3):
         h, _ = push_history(h, jnp.asarray(s[i]), jnp.asarray(y[i]))
     v = jnp.ones(5)
@@ -91,10 +84,11 @@ def test_reset_empties_memory():
     np.testing.assert_allclose(apply_inverse_hessian(h, v), v)
 
 
-def test_operator_is_tagged_psd_and_symmetric():
+@pytest.mark.parametrize("compact", [True, False])
+def test_operator_is_tagged_psd_and_symmetric(compact):
     n = 5
     s, y = _pairs(n, 4, seed=2)
-    h = init_history(jnp.zeros(n), 4, jnp.float64)
+    h = init_history(jnp.zeros(n), 4, jnp.float64, compact=compact)
     for i in range(4):
         h, _ = push_history(h, jnp.asarray(s[i]), jnp.asarray(y[i]))
     op = inverse_hessian_operator(h, jax.ShapeDtypeStruct((n,), jnp.float64))

@@ -7,7 +7,7 @@ import pytest
 import lbfgs_implicit as li
 from lbfgs_implicit._history import apply_inverse_hessian
 
-from helpers import problems, scipy_minimise, tree_allclose
+from helpers import dense_bfgs_inverse, problems, scipy_minimise, tree_allclose
 
 
 PROBLEMS = {p.name: p for p in problems()}
@@ -206,12 +206,8 @@ def test_solver_memory_matches_direct_products(compact_solves, name):
     yy = np.asarray(h.yy)[np.ix_(slots, slots)]
     np.testing.assert_array_less(np.abs(yy - y @ y.T), 1e-12 * yscale + 1e-300)
 
-    n = s.shape[1]
-    dense = (s[-1] @ y[-1]) / (y[-1] @ y[-1]) * np.eye(n)
-    for si, yi in zip(s, y):
-        v = np.eye(n) - np.outer(yi, si) / (si @ yi)
-        dense = v.T @ dense @ v + np.outer(si, si) / (si @ yi)
-    vec = np.cos(np.arange(n, dtype=np.float64))
+    dense = dense_bfgs_inverse(list(s), list(y))
+    vec = np.cos(np.arange(s.shape[1], dtype=np.float64))
     leaves, treedef = jax.tree_util.tree_flatten(sol.params)
     split = np.split(vec, np.cumsum([leaf.size for leaf in leaves])[:-1])
     tree = treedef.unflatten([jnp.asarray(p).reshape(leaf.shape) for p, leaf in zip(split, leaves)])

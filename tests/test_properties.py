@@ -118,7 +118,7 @@ def _check_quadratic(problem):
     )
     assert sol.result == li.RESULTS.successful
     x = np.asarray(_flat(sol.params), np.float64)
-    assert x.dtype == np.float64 and _flat(sol.params).dtype == dtype
+    assert _flat(sol.params).dtype == dtype
 
     # Solution: for a quadratic x - x* = A^-1 g, so with lambda_min(A) = 1 and the stop
     # |g|_inf <= gtol the error is at most sqrt(n) gtol (plus the rounding of x in dtype).
