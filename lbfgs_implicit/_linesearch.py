@@ -161,19 +161,17 @@ class StrongWolfe(AbstractLineSearch):
             done=jnp.array(False),
         )
 
-        def cond(c: _WolfeCarry):
-            return ~c.done
-
-        def body(c: _WolfeCarry):
-            # The trial step: given while bracketing, interpolated while zooming.
+        def trial_step(c: _WolfeCarry):
+            # Given while bracketing, interpolated while zooming.
             lo, hi = jnp.minimum(c.a_lo, c.a_hi), jnp.maximum(c.a_lo, c.a_hi)
             width = hi - lo
             cubic = _cubic_minimiser(c.a_lo, c.f_lo, c.d_lo, c.a_hi, c.f_hi, c.d_hi)
             bisect = 0.5 * (c.a_lo + c.a_hi)
             cubic = jnp.where(jnp.isfinite(cubic), cubic, bisect)
             interp = jnp.clip(cubic, lo + 0.1 * width, hi - 0.1 * width)
-            a = jnp.where(c.zoom, interp, c.a_next)
+            return jnp.where(c.zoom, interp, c.a_next)
 
+        def update(c: _WolfeCarry, a):
             ft, gt, dt, finite = _evaluate(value_and_grad, x, p, a, dtype)
             # Where the decrease Armijo asks for is below `allow`, values cannot rank the
             # trials (rounding in `f`, which for sums that cancel can far exceed
@@ -236,7 +234,15 @@ class StrongWolfe(AbstractLineSearch):
                 done=done,
             )
 
-        c = lax.while_loop(cond, body, init)
+        # The first trial (usually accepted) runs outside the loop, so the common case
+        # pays for neither the interpolation nor the loop.
+        first = update(init, init.a_next)
+        c = lax.cond(
+            first.done,
+            lambda c: c,
+            lambda c: lax.while_loop(lambda c: ~c.done, lambda c: update(c, trial_step(c)), c),
+            first,
+        )
         success = c.found | (c.f_best < f)
         return LineSearchResult(
             step=c.a_best,
