@@ -2,10 +2,16 @@
 
     python -m benchmarks.forward --mode {full,quick,smoke} [--out PATH]
 
-Per solver and problem: compile seconds (trace + lower + compile), median warm seconds of
->= 5 runs (each ended by `jax.block_until_ready`), iterations, value-and-gradient
-evaluations, final value, final gradient infinity norm (recomputed by one jitted gradient
-for every solver), and converged = that norm <= GTOL and a finite value.
+Per solver and problem: compile seconds (trace + lower + compile), median warm seconds
+(each run ended by `jax.block_until_ready`), iterations, value-and-gradient evaluations,
+final value, final gradient infinity norm (recomputed by one jitted gradient for every
+solver), and converged = that norm <= GTOL and a finite value.
+
+Timing: the solvers of one problem are run in interleaved rounds, so that a slow spell of
+a shared machine lands on all of them alike rather than on whichever ran then. Each
+solver runs at least `REPEATS` times and, when a run is short, until its runs add up to
+`MIN_SECONDS` (at most `MAX_REPEATS` runs): a median of five sub-millisecond runs moves
+by tens of percent between identical invocations.
 """
 
 import argparse
@@ -17,27 +23,62 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import problems, solvers
-from ._common import machine, RESULTS_DIR, setup, time_call, write_json
+from ._common import machine, RESULTS_DIR, setup, write_json
 
 
 MAX_STEPS = {"full": 5000, "quick": 2000, "smoke": 200}
 REPEATS = {"full": 5, "quick": 5, "smoke": 1}
+MIN_SECONDS = {"full": 0.5, "quick": 0.3, "smoke": 0.0}
+MAX_REPEATS = 300
 
 
-def run_case(problem, solver_name, max_steps, repeats):
+def prepare_case(problem, solver_name, max_steps):
+    """Compile one solver on one problem and run it once (untimed, warming caches).
+
+    Returns `(row, call, first_seconds)`; `call` is None when the solver failed.
+    """
     row = {"problem": problem.name, "n": problem.n, "family": problem.family}
     row["solver"] = solver_name
     try:
         adapter = solvers.ADAPTERS[solver_name]
         _, compile_s, call = adapter(problem.fn, problem.x0, problem.args, max_steps)
-        run_s, out = time_call(call, repeats=repeats)
+        row["compile_s"] = compile_s
+        first_s, _ = solvers.wall(call)
+        return row, call, first_s
+    except Exception as e:  # a peer failing on a problem is a result, not a crash
+        row.update(converged=False, error=f"{type(e).__name__}: {str(e)[:300]}")
+        traceback.print_exc()
+        return row, None, None
+
+
+def time_interleaved(calls, firsts, repeats, min_seconds):
+    """Median seconds per call, from rounds that run every call still short of its count.
+
+    A call's count is `repeats`, raised to `min_seconds / first run` when runs are short.
+    Returns `(medians, counts, outputs)`.
+    """
+    counts = [
+        min(MAX_REPEATS, max(repeats, int(np.ceil(min_seconds / max(t, 1e-9))))) for t in firsts
+    ]
+    times = [[] for _ in calls]
+    outputs = [None] * len(calls)
+    for k in range(max(counts, default=0)):
+        for i, call in enumerate(calls):
+            if k < counts[i]:
+                seconds, outputs[i] = solvers.wall(call)
+                times[i].append(seconds)
+    return [float(np.median(t)) for t in times], counts, outputs
+
+
+def finish_case(problem, row, run_s, repeats, out):
+    try:
         x = jnp.asarray(out["x"], problem.x0.dtype)
         value, grad = jax.jit(jax.value_and_grad(problem.fn))(x, problem.args)
         grad_inf = float(jnp.max(jnp.abs(grad)))
         value = float(value)
         row.update(
-            compile_s=compile_s,
             run_s=run_s,
+            repeats=repeats,
             iters=int(out["iters"]),
             evals=int(out["evals"]),
             value=value,
@@ -75,6 +116,8 @@ def main(argv=None):
             "history": solvers.HISTORY,
             "max_steps": MAX_STEPS[opts.mode],
             "repeats": REPEATS[opts.mode],
+            "min_seconds": MIN_SECONDS[opts.mode],
+            "max_repeats": MAX_REPEATS,
             "optimistix_rtol_atol": solvers.OPTIMISTIX_TOL,
         },
         "machine": machine(),
@@ -89,8 +132,18 @@ def main(argv=None):
             continue
         if keep is not None and problem.name not in keep:
             continue
-        for name in names:
-            row = run_case(problem, name, MAX_STEPS[opts.mode], REPEATS[opts.mode])
+        prepared = [prepare_case(problem, name, MAX_STEPS[opts.mode]) for name in names]
+        live = [(row, call, t) for row, call, t in prepared if call is not None]
+        medians, counts, outputs = time_interleaved(
+            [call for _, call, _ in live],
+            [t for _, _, t in live],
+            REPEATS[opts.mode],
+            MIN_SECONDS[opts.mode],
+        )
+        for (row, _, _), run_s, count, result in zip(live, medians, counts, outputs):
+            finish_case(problem, row, run_s, count, result)
+        for row, _, _ in prepared:
+            name = row["solver"]
             rows.append(row)
             print(
                 f"{problem.name:22s} n={problem.n:<7d} {name:15s} "
