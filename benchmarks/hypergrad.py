@@ -359,6 +359,88 @@ def ridge_backward_case(n, m, repeats):
     return out
 
 
+# --- What the L-BFGS preconditioner buys: CG steps with and without it -------------------
+
+
+def factor_ridge_problem(n, m, factors, seed=0):
+    """Ridge whose features share `factors` strong common factors, as real data often do.
+
+    The Hessian then has `factors` eigenvalues far above an otherwise Marchenko-Pastur
+    bulk, the case a limited-memory preconditioner is usually expected to help with.
+    """
+    rng = np.random.default_rng(seed)
+    loadings = rng.normal(size=(n, factors))
+
+    def features(rows):
+        return rng.normal(size=(rows, n)) + rng.normal(size=(rows, factors)) @ loadings.T
+
+    w_true = rng.normal(size=n) / np.sqrt(n)
+    X, Xv = features(m), features(m)
+    y = X @ w_true + 0.5 * rng.normal(size=m)
+    yv = Xv @ w_true + 0.5 * rng.normal(size=m)
+    inner, outer, x0, _, _ = ridge_problem(n, m, m, seed)
+    return inner, outer, x0, tuple(jnp.asarray(a) for a in (X, y, Xv, yv))
+
+
+def cg_steps_by_start(inner, x_star, args, history, v):
+    """CG steps to the default tolerance on $H w = v$ at `x_star`, for each use of $H_k$:
+    preconditioner and start $H_k v$ (the default), neither, the start only, the
+    preconditioner only."""
+    import lineax as lx
+
+    from lbfgs_implicit._adjoint import default_tolerance
+    from lbfgs_implicit._history import inverse_hessian_operator
+
+    structure = jax.eval_shape(lambda: x_star)
+    _, hvp = jax.linearize(jax.grad(lambda x: inner(x, args)), x_star)
+    hessian = lx.FunctionLinearOperator(
+        hvp, structure, tags=(lx.symmetric_tag, lx.positive_semidefinite_tag)
+    )
+    inverse = inverse_hessian_operator(history, structure)
+    v = v / jnp.max(jnp.abs(v))
+    solver = li.CG(rtol=default_tolerance(v.dtype), max_steps=10_000)
+    start = inverse.mv(v)
+    variants = {
+        "preconditioned_from_Hv": {"preconditioner": inverse, "y0": start},
+        "plain_from_zero": {},
+        "plain_from_Hv": {"y0": start},
+        "preconditioned_from_zero": {"preconditioner": inverse},
+    }
+    out = {}
+    for name, options in variants.items():
+        sol = lx.linear_solve(hessian, v, solver, options=options, throw=False)
+        ok = sol.result == lx.RESULTS.successful
+        out[name] = int(sol.stats["num_steps"]) if ok else None
+    return out
+
+
+def preconditioner_ablation(mode):
+    """Backward CG steps with and without the forward pass's $H_k$ on four problems."""
+    small = mode == "smoke"
+    n_r, n_s = (50, 100) if small else (2000, 10_000)
+    cases = [
+        ("ridge, isotropic features", *ridge_problem(n_r, 2 * n_r, 2 * n_r)[:4], np.log(0.1)),
+        ("ridge, 5 common factors", *factor_ridge_problem(n_r, 2 * n_r, 5), np.log(0.1)),
+        ("smoothing", *smoothing_problem(n_s)[:4], np.log(10.0)),
+    ]
+    inner, outer, x0, data = logistic_problem()
+    cases.append(("per-feature L2 logistic", inner, outer, x0, data, None))
+    rows = []
+    for name, inner, outer, x0, data, log_lam in cases:
+        theta = jnp.full(x0.shape[0] - 1, np.log(1e-2)) if log_lam is None else jnp.asarray(log_lam)
+        solver = li.LBFGS(max_steps=MAX_STEPS, gtol=FORWARD["gtol"])
+        sol = li.optimize(inner, x0, (theta, data), solver=solver)
+        v = jax.grad(outer)(sol.params, data)
+        steps = cg_steps_by_start(inner, sol.params, (theta, data), sol.state.history, v)
+        row = {"problem": name, "n": int(x0.size), "forward_steps": int(sol.stats["num_steps"])}
+        rows.append(row | steps)
+        print(f"  {rows[-1]}", flush=True)
+    return {
+        "command": f"python -m benchmarks.hypergrad --mode {mode} --only-preconditioner",
+        "rows": rows,
+    }
+
+
 # --- Scaling sweep: one subprocess per (method, n) -----------------------------------------
 
 
@@ -502,6 +584,9 @@ def main(argv=None):
     parser.add_argument(
         "--only-ridge-backward", action="store_true", help="redo that case in an existing file"
     )
+    parser.add_argument(
+        "--only-preconditioner", action="store_true", help="redo that table in an existing file"
+    )
     opts = parser.parse_args(argv)
     if opts.case:
         _child(opts.case, opts.n, opts.repeats, opts.mem_limit)
@@ -518,6 +603,11 @@ def main(argv=None):
         payload["ridge_backward"]["command"] = (
             f"python -m benchmarks.hypergrad --mode {mode} --only-ridge-backward"
         )
+        write_json(out, payload)
+        return payload
+    if opts.only_preconditioner:
+        payload = json.loads(open(out).read())
+        payload["preconditioner"] = preconditioner_ablation(mode)
         write_json(out, payload)
         return payload
     payload = {
@@ -537,6 +627,9 @@ def main(argv=None):
     n_b = 50 if mode == "smoke" else 2000
     print(f"ridge backward case (n={n_b})", flush=True)
     payload["ridge_backward"] = ridge_backward_case(n_b, 2 * n_b, repeats)
+    write_json(out, payload)
+    print("CG steps with and without the L-BFGS preconditioner", flush=True)
+    payload["preconditioner"] = preconditioner_ablation(mode)
     write_json(out, payload)
     print("scaling sweep", flush=True)
     mem_limit = min(

@@ -62,6 +62,12 @@ def test_hypergrad_rows(results):
     b = hyp["ridge_backward"]
     assert b["cg_converged"] and b["cg_steps_preconditioned"] >= 1
     assert b["rel_error"] < 1e-5
+    # Every way of using H_k in the backward CG converges, on all four problems.
+    pre = hyp["preconditioner"]["rows"]
+    assert len(pre) == 4
+    for row in pre:
+        counts = [row[k] for k in row if k.endswith(("_Hv", "_zero"))]
+        assert len(counts) == 4 and all(c is not None and c >= 1 for c in counts), row
     sweep = hyp["sweep"]["rows"]
     ours = [r for r in sweep if r["method"] == "ours-implicit"]
     assert ours and ours[0]["error"] is None and ours[0]["rel_error"] < 1e-5
@@ -71,7 +77,8 @@ def test_hypergrad_rows(results):
 def test_report_page(results):
     _, _, page = results
     text = page.read_text()
-    for heading in ("## Forward solves", "## Hypergradients", "### Scaling sweep"):
+    headings = ("## Forward solves", "## Hypergradients", "### Scaling sweep")
+    for heading in headings + ("### What the L-BFGS preconditioner buys",):
         assert heading in text
     assert (page.parent / "img" / "bench_profile.png").exists()
     assert (page.parent / "img" / "bench_sweep_time.png").exists()
