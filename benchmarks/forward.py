@@ -7,8 +7,9 @@ Per solver and problem: compile seconds (trace + lower + compile), median warm s
 final value, final gradient infinity norm (recomputed by one jitted gradient for every
 solver), and converged = that norm <= GTOL and a finite value.
 
-Timing: the solvers of one problem are run in interleaved rounds, so that a slow spell of
-a shared machine lands on all of them alike rather than on whichever ran then. Each
+Timing: the solvers of one problem take turns over five rounds, each running a block of
+consecutive calls per turn, so that a slow spell of a shared machine lands on all of them
+alike rather than on whichever ran then, while caches stay warm as in a loop. Each
 solver runs at least `REPEATS` times and, when a run is short, until its runs add up to
 `MIN_SECONDS` (at most `MAX_REPEATS` runs): a median of five sub-millisecond runs moves
 by tens of percent between identical invocations.
@@ -51,20 +52,23 @@ def prepare_case(problem, solver_name, max_steps):
         return row, None, None
 
 
-def time_interleaved(calls, firsts, repeats, min_seconds):
-    """Median seconds per call, from rounds that run every call still short of its count.
+def time_interleaved(calls, firsts, repeats, min_seconds, rounds=5):
+    """Median seconds per call, from `rounds` rounds that each run every call in turn.
 
-    A call's count is `repeats`, raised to `min_seconds / first run` when runs are short.
+    A call's count is `repeats`, raised to `min_seconds / first run` when runs are short;
+    within a round a call runs a block of about `count / rounds` times in a row, so its
+    caches are warm as in a loop, while a slow spell of the machine is shared by all.
     Returns `(medians, counts, outputs)`.
     """
     counts = [
         min(MAX_REPEATS, max(repeats, int(np.ceil(min_seconds / max(t, 1e-9))))) for t in firsts
     ]
+    blocks = [max(1, -(-count // rounds)) for count in counts]
     times = [[] for _ in calls]
     outputs = [None] * len(calls)
-    for k in range(max(counts, default=0)):
+    while any(len(t) < count for t, count in zip(times, counts)):
         for i, call in enumerate(calls):
-            if k < counts[i]:
+            for _ in range(min(blocks[i], counts[i] - len(times[i]))):
                 seconds, outputs[i] = solvers.wall(call)
                 times[i].append(seconds)
     return [float(np.median(t)) for t in times], counts, outputs

@@ -168,8 +168,9 @@ def forward_section(fwd, path, lines):
         "returned point, recomputed by one jitted gradient for every solver. "
         f"Memory {settings['history']} pairs, at most {settings['max_steps']} iterations, "
         + (
-            f"median of warm runs, the solvers of a problem interleaved round by round, each "
-            f"run at least {settings['repeats']} times and until its runs add up to "
+            f"median of warm runs, the solvers of a problem taking turns over five rounds of "
+            f"consecutive runs, each run at least {settings['repeats']} times and until its "
+            f"runs add up to "
             f"{settings['min_seconds']:g} s (at most {settings['max_repeats']} runs). "
             if "min_seconds" in settings
             else f"median of {settings['repeats']} warm runs. "
