@@ -5,6 +5,7 @@ never import sif2jax. Nothing here looks at a timing.
 """
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -91,3 +92,11 @@ def test_history_forms_reports_both_forms():
     for row in rows:
         two_loop, compact = float(row[2]), float(row[4])
         assert row[1] == "two-loop" and row[3] == "compact" and two_loop > 0 and compact > 0
+
+
+def test_closure_compile_reports_both_ways():
+    out = _run("benchmarks.closure_compile", "--sizes", "1000").stdout
+    (line,) = [line for line in out.splitlines() if line.startswith("n=")]
+    found = re.search(r"n=\s*1000 .*args\s+([\d.]+) s, closed over\s+([\d.]+) s", line)
+    assert found, line
+    assert float(found.group(1)) > 0 and float(found.group(2)) > 0, line
