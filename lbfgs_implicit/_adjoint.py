@@ -93,10 +93,10 @@ class ImplicitAdjoint(AbstractAdjoint):
       (`lineax.Cholesky()`, `lineax.LU()`) materialise $H$ (fine for small n);
       `lineax.GMRES` handles indefinite Hessians.
     - `precondition`: use $H_k$ as preconditioner and $H_k v$ as initial guess (for CG,
-      GMRES and BiCGStab). Default `True`. Ten pairs describe $H$ in at most ten
-      directions, so the saving is a few CG steps; on Hessians with a few eigenvalues
-      far above the rest it can cost steps instead, and `False` is faster there (see
-      the benchmarks page, "What the L-BFGS preconditioner buys").
+      GMRES and BiCGStab). Default `True`. The memory describes $H$ in at most
+      `history_size` directions, so the saving is a few CG steps; on Hessians with a
+      few eigenvalues far above the rest it can cost steps instead, and `False` is
+      faster there (see the benchmarks page, "What the L-BFGS preconditioner buys").
     - `damping`: $\\lambda \\ge 0$ added to the Hessian's diagonal, for singular
       Hessians (it changes the gradient: it is then that of a proximal-regularised
       problem). Default `0.0`.
