@@ -150,19 +150,23 @@ def ridge_data(n, m, m_val, seed=0):
     return tuple(jnp.asarray(a) for a in (X, y, Xv, yv))
 
 
+def ridge_inner(w, args):
+    """Mean squared training error + e^theta/2 ||w||^2, with `args = (theta, data)`."""
+    theta, (X, y, _, _) = args
+    r = X @ w - y
+    return 0.5 * jnp.mean(r**2) + 0.5 * jnp.exp(theta) * jnp.sum(w**2)
+
+
+def ridge_outer(w, data):
+    """Validation mean squared error."""
+    _, _, Xv, yv = data
+    return 0.5 * jnp.mean((Xv @ w - yv) ** 2)
+
+
 def ridge_problem(n, m, m_val, seed=0):
-    """Inner: mean squared error + e^theta/2 ||w||^2; outer: validation MSE."""
+    """Ridge on isotropic Gaussian features, with its closed-form hypergradient."""
     data = ridge_data(n, m, m_val, seed)
     X, y, Xv, yv = data
-
-    def inner(w, args):
-        theta, (X, y, _, _) = args
-        r = X @ w - y
-        return 0.5 * jnp.mean(r**2) + 0.5 * jnp.exp(theta) * jnp.sum(w**2)
-
-    def outer(w, data):
-        _, _, Xv, yv = data
-        return 0.5 * jnp.mean((Xv @ w - yv) ** 2)
 
     def exact(theta):
         lam = np.exp(float(theta))
@@ -172,7 +176,7 @@ def ridge_problem(n, m, m_val, seed=0):
         dw = -np.linalg.solve(A, lam * w)  # d w / d theta, theta = log lambda
         return float(((Xvn @ w - yvn) / m_val) @ (Xvn @ dw))
 
-    return inner, outer, jnp.zeros(n), data, exact
+    return ridge_inner, ridge_outer, jnp.zeros(n), data, exact
 
 
 def ridge_accuracy(n, m, m_val, repeats, methods):
@@ -263,21 +267,26 @@ def _fmt(row):
 # --- Ridge n = 2000: backward versus forward, optimistix, preconditioning ------------------
 
 
-def cg_iterations(inner, sol, v, precondition):
-    """Steps of the backward linear solve, run by `ImplicitAdjoint.solve` itself on the
-    Hessian at the solution and the forward pass's L-BFGS memory, as the backward pass does.
-    """
+def backward_operators(inner, x_star, args, history):
+    """The Hessian at `x_star` (matrix-free) and the forward pass's $H_k$, as lineax
+    operators, as the backward pass builds them."""
     import lineax as lx
 
     from lbfgs_implicit._history import inverse_hessian_operator
 
-    x_star, args = sol.params, sol.args
     structure = jax.eval_shape(lambda: x_star)
     _, hvp = jax.linearize(jax.grad(lambda x: inner(x, args)), x_star)
     hessian = lx.FunctionLinearOperator(
         hvp, structure, tags=(lx.symmetric_tag, lx.positive_semidefinite_tag)
     )
-    inverse = inverse_hessian_operator(sol.history, structure)
+    return hessian, inverse_hessian_operator(history, structure)
+
+
+def cg_iterations(inner, sol, v, precondition):
+    """Steps of the backward linear solve, run by `ImplicitAdjoint.solve` itself on the
+    Hessian at the solution and the forward pass's L-BFGS memory, as the backward pass does.
+    """
+    hessian, inverse = backward_operators(inner, sol.params, sol.args, sol.history)
     adjoint = li.ImplicitAdjoint(precondition=precondition)
     _, result, stats = adjoint.solve(hessian, inverse, v / jnp.max(jnp.abs(v)))
     return int(stats["num_steps"]), bool(result == li.RESULTS.successful)
@@ -378,8 +387,8 @@ def factor_ridge_problem(n, m, factors, seed=0):
     X, Xv = features(m), features(m)
     y = X @ w_true + 0.5 * rng.normal(size=m)
     yv = Xv @ w_true + 0.5 * rng.normal(size=m)
-    inner, outer, x0, _, _ = ridge_problem(n, m, m, seed)
-    return inner, outer, x0, tuple(jnp.asarray(a) for a in (X, y, Xv, yv))
+    data = tuple(jnp.asarray(a) for a in (X, y, Xv, yv))
+    return ridge_inner, ridge_outer, jnp.zeros(n), data
 
 
 def cg_steps_by_start(inner, x_star, args, history, v):
@@ -389,14 +398,8 @@ def cg_steps_by_start(inner, x_star, args, history, v):
     import lineax as lx
 
     from lbfgs_implicit._adjoint import default_tolerance
-    from lbfgs_implicit._history import inverse_hessian_operator
 
-    structure = jax.eval_shape(lambda: x_star)
-    _, hvp = jax.linearize(jax.grad(lambda x: inner(x, args)), x_star)
-    hessian = lx.FunctionLinearOperator(
-        hvp, structure, tags=(lx.symmetric_tag, lx.positive_semidefinite_tag)
-    )
-    inverse = inverse_hessian_operator(history, structure)
+    hessian, inverse = backward_operators(inner, x_star, args, history)
     v = v / jnp.max(jnp.abs(v))
     solver = li.CG(rtol=default_tolerance(v.dtype), max_steps=10_000)
     start = inverse.mv(v)

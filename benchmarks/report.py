@@ -167,15 +167,10 @@ def forward_section(fwd, path, lines):
         f"Float64. Converged means $\\|\\nabla f\\|_\\infty \\le$ {settings['gtol']:g} at the "
         "returned point, recomputed by one jitted gradient for every solver. "
         f"Memory {settings['history']} pairs, at most {settings['max_steps']} iterations, "
-        + (
-            f"median of warm runs, the solvers of a problem taking turns over five rounds of "
-            f"consecutive runs, each run at least {settings['repeats']} times and until its "
-            f"runs add up to "
-            f"{settings['min_seconds']:g} s (at most {settings['max_repeats']} runs). "
-            if "min_seconds" in settings
-            else f"median of {settings['repeats']} warm runs. "
-        )
-        + "Settings mapping:",
+        "median of warm runs, the solvers of a problem taking turns over five rounds of "
+        f"consecutive runs, each run at least {settings['repeats']} times and until its "
+        f"runs add up to {settings['min_seconds']:g} s (at most {settings['max_repeats']} "
+        "runs). Settings mapping:",
         "",
         "| solver | how it is told to stop |",
         "| --- | --- |",
@@ -399,7 +394,7 @@ def preconditioner_block(pre, lines):
         )
     lines += [
         "",
-        "Ten pairs describe $H$ in at most ten directions. Where CG needs many more "
+        "The default ten pairs describe $H$ in at most ten directions. Where CG needs many more "
         "steps than that (a spread spectrum), they save a few steps at most; where a "
         "few eigenvalues stand far above the rest, the last pairs of a long forward "
         "solve describe the bulk, not those directions, and preconditioning by $H_k$ "
