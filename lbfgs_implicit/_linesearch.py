@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Int, PyTree, Scalar
 
-from ._misc import tree_allfinite, tree_axpy, tree_dot, tree_where
+from ._misc import tree_axpy, tree_dot, tree_where
 
 
 ValueAndGrad = Callable[[PyTree[Array]], tuple[Scalar, PyTree[Array]]]
@@ -59,7 +59,11 @@ def _evaluate(value_and_grad, x, p, a, dtype):
     ft, gt = value_and_grad(xt)
     ft = ft.astype(dtype)
     dt = tree_dot(gt, p).astype(dtype)
-    finite = jnp.isfinite(ft) & jnp.isfinite(dt) & tree_allfinite(gt)
+    # A non-finite entry of `gt` makes `dt` non-finite too, even where `p` is zero
+    # (`inf * 0` is NaN), so this checks the gradient without another pass over it. A
+    # slope that overflows also counts as non-finite: the trial is then treated as too
+    # long.
+    finite = jnp.isfinite(ft) & jnp.isfinite(dt)
     return ft, gt, dt, finite
 
 

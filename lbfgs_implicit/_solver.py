@@ -25,6 +25,7 @@ from ._misc import (
     tree_norm2,
     tree_norm_inf,
     tree_sub,
+    tree_sumsq,
     tree_where,
 )
 from ._solution import RESULTS
@@ -228,12 +229,13 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
         not_descent = ~(dg < 0)
         h = reset_history(h, not_descent)
         p = tree_where(not_descent, tree_neg(state.g), p)
-        gnorm2 = tree_norm2(state.g).astype(dtype)
-        dg = jnp.where(not_descent, -(gnorm2**2), dg)
+        gg = tree_sumsq(state.g).astype(dtype)
+        dg = jnp.where(not_descent, -gg, dg)
 
         # Empty memory: step of unit length on the first iteration (SciPy's choice), and
-        # at most a unit step along -g on a retry.
-        pnorm = jnp.where(h.count == 0, tree_norm2(p).astype(dtype), 1)
+        # at most a unit step along -g on a retry. With an empty memory H_k = I (gamma
+        # is reset to one), so p = -g and |p| = |g|.
+        pnorm = jnp.where(h.count == 0, jnp.sqrt(gg), 1)
         safe = jnp.where(pnorm > 0, pnorm, 1)
         step0 = jnp.where(
             h.count > 0,

@@ -109,6 +109,33 @@ def test_nonfinite_gradient_trial_rejected():
     np.testing.assert_allclose(np.asarray(sol.params), [0.3], atol=1e-8)
 
 
+@jax.custom_jvp
+def _inf_off_direction_core(x):
+    return (x[0] - 0.3) ** 2 + x[1] ** 2
+
+
+@_inf_off_direction_core.defjvp
+def _inf_off_direction_jvp(primals, tangents):
+    # For |x_0| >= 0.5 the second gradient entry is inf while the value stays finite.
+    # From x0 = (-0.4, 0) the search direction has a zero second entry, so the fault is
+    # invisible to the slope except through inf * 0 = NaN.
+    (x,), (dx,) = primals, tangents
+    bad = jnp.abs(x[0]) >= 0.5
+    grad = jnp.stack([2 * (x[0] - 0.3), jnp.where(bad, jnp.inf, 2 * x[1])])
+    jax.debug.callback(_recorder, x, jnp.sum(grad))
+    return _inf_off_direction_core(x), jnp.sum(grad * dx)
+
+
+def test_nonfinite_gradient_entry_off_the_direction_rejected():
+    _recorder.clear()
+    sol = li.optimize(lambda x, args: _inf_off_direction_core(x), jnp.array([-0.4, 0.0]))
+    jax.effects_barrier()
+    assert _recorder.num_nonfinite >= 1, "the fault was not exercised"
+    assert sol.result == li.RESULTS.successful
+    assert _allfinite(sol.params)
+    np.testing.assert_allclose(np.asarray(sol.params), [0.3, 0.0], atol=1e-8)
+
+
 def _overflow32(x, args):
     # In float32 exp(200 (x - 0.5)) overflows to inf for x > 0.94, and the first trial
     # from x0 = 0 (a unit step in 1-D) is x = 1. The minimiser is near 0.3, where the
