@@ -31,13 +31,23 @@ def results(tmp_path_factory):
     _run("benchmarks.forward", "--mode", "smoke", "--problems", "rosenbrock-2", "--out", str(fwd))
     methods = "ours-implicit,optimistix-implicit-cg"  # one peer keeps the adapters alive
     _run("benchmarks.hypergrad", "--mode", "smoke", "--methods", methods, "--out", str(hyp))
+    ct = tmp / "compile_time.json"
+    _run(
+        "benchmarks.compile_time",
+        *("--n", "4", "--rounds", "2", "--solvers", "lbfgs_implicit,optax", "--out", str(ct)),
+    )
     page = tmp / "benchmarks.md"
-    _run("benchmarks.report", "--forward", str(fwd), "--hypergrad", str(hyp), "--page", str(page))
-    return json.loads(fwd.read_text()), json.loads(hyp.read_text()), page
+    _run(
+        "benchmarks.report",
+        *("--forward", str(fwd), "--hypergrad", str(hyp), "--compile-time", str(ct)),
+        *("--page", str(page)),
+    )
+    fwd, hyp, ct = (json.loads(path.read_text()) for path in (fwd, hyp, ct))
+    return fwd, hyp, page, ct
 
 
 def test_forward_rows(results):
-    fwd, _, _ = results
+    fwd, *_ = results
     rows = {row["solver"]: row for row in fwd["rows"]}
     assert set(rows) == {"lbfgs_implicit", "scipy", "optax", "jaxopt", "optimistix"}
     columns = {"compile_s", "run_s", "iters", "evals", "value", "grad_inf", "converged"}
@@ -54,7 +64,7 @@ def test_forward_rows(results):
 
 
 def test_hypergrad_rows(results):
-    _, hyp, _ = results
+    _, hyp, *_ = results
     for block in ("ridge", "logistic"):
         rows = {row["method"]: row for row in hyp[block]["rows"]}
         assert set(rows) == {"ours-implicit", "optimistix-implicit-cg"}
@@ -75,9 +85,18 @@ def test_hypergrad_rows(results):
     assert ours[0]["peak_rss"] > 0
 
 
+def test_compile_time_rows(results):
+    *_, ct = results
+    rows = {row["solver"]: row for row in ct["rows"]}
+    assert set(rows) == {"lbfgs_implicit", "optax"} and ct["rounds"] == 2
+    for row in rows.values():
+        assert len(row["samples_s"]) == 2 and min(row["samples_s"]) == row["min_s"] > 0
+
+
 def test_report_page(results):
-    _, _, page = results
+    _, _, page, _ = results
     text = page.read_text()
+    assert "python -m benchmarks.compile_time" in text
     headings = ("## Forward solves", "## Hypergradients", "### Scaling sweep")
     for heading in headings + ("### What the L-BFGS preconditioner buys",):
         assert heading in text
