@@ -14,18 +14,15 @@ trace + lower + compile, as in `benchmarks.forward`.
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 
 from . import problems, solvers
 from ._common import machine, RESULTS_DIR, setup
 
 
-ADAPTERS = {
-    "lbfgs_implicit": solvers.ours,
-    "optax": solvers.optax_lbfgs,
-    "jaxopt": solvers.jaxopt_lbfgs,
-    "optimistix": solvers.optimistix_lbfgs,
-}
+# The JAX solvers; SciPy's compile is only its jitted value-and-grad.
+JAX_SOLVERS = tuple(name for name in solvers.ADAPTERS if name != "scipy")
 
 
 def _compile_once(adapter, problem, max_steps):
@@ -36,16 +33,16 @@ def _compile_once(adapter, problem, max_steps):
     return seconds
 
 
-def run(n: int, rounds: int, names=tuple(ADAPTERS)) -> dict:
+def run(n: int, rounds: int, names=JAX_SOLVERS) -> dict:
     setup()
     problem = problems.rosenbrock(n)
     warm = problems.rosenbrock(2)
     for name in names:
-        _compile_once(ADAPTERS[name], warm, 1000)
+        _compile_once(solvers.ADAPTERS[name], warm, 1000)
     samples = {name: [] for name in names}
     for _ in range(rounds):
         for name in names:
-            samples[name].append(_compile_once(ADAPTERS[name], problem, 1000))
+            samples[name].append(_compile_once(solvers.ADAPTERS[name], problem, 1000))
     rows = [
         {
             "solver": name,
@@ -62,10 +59,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--solvers", default=",".join(ADAPTERS))
+    parser.add_argument("--solvers", default=",".join(JAX_SOLVERS))
     parser.add_argument("--out", default=str(RESULTS_DIR / "compile_time.json"))
     opts = parser.parse_args(argv)
     out = run(opts.n, opts.rounds, tuple(opts.solvers.split(",")))
+    out["command"] = "python -m benchmarks.compile_time " + " ".join(argv or sys.argv[1:])
     for row in out["rows"]:
         print(
             f"{out['problem']}: {row['solver']:15s} compile median {row['median_s']:.3f} s, "

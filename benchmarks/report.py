@@ -294,7 +294,7 @@ def acceptance_a(table, lines, compile_time=None):
             lines += [
                 "",
                 f"Compile time for {ct['problem']} (target < 1 s), median of {ct['rounds']} "
-                f"compiles taken in turns with the peers (`python -m benchmarks.compile_time`, "
+                f"compiles taken in turns with the peers (`{ct['command'].strip()}`, "
                 f"results: `{_rel(ct_path)}`): **{ours['median_s']:.2f} s** "
                 f"(min {ours['min_s']:.2f} s), {_met(ours['median_s'] < 1)}; {peers}.",
             ]
