@@ -100,6 +100,16 @@ def _project(buf: PyTree[Array], v: PyTree[Array], dtype) -> Float[Array, " m"]:
     )
 
 
+def _project2(buf: PyTree[Array], v: PyTree[Array], w: PyTree[Array], dtype):
+    """`(B'v, B'w)` from one pass over `buf`."""
+    both = []
+    for b, x, z in zip(jtu.tree_leaves(buf), jtu.tree_leaves(v), jtu.tree_leaves(w)):
+        xz = jnp.stack([x.astype(b.dtype), z.astype(b.dtype)], axis=-1)
+        both.append(jnp.tensordot(b, xz, axes=x.ndim).astype(dtype))
+    both = sum_widest(both)
+    return both[:, 0], both[:, 1]
+
+
 def push_history(
     h: History,
     s: PyTree[Array],
@@ -112,13 +122,14 @@ def push_history(
 
     The gate keeps $H_k$ positive definite; a rejected pair leaves the history as it was.
     The buffers are written in one slot, and (in the compact form) `S'Y` and `Y'Y` gain
-    a row and a column.
+    a row and a column. A pair whose products with the memory are not finite is
+    rejected too (it would poison `S'Y`).
 
     Inside the solver, `y = grad - g_old` and `proj = (S'g_old, Y'g_old)` over the memory
     before this push; then `S'y` and `Y'y` come as differences of `(S'grad, Y'grad)`
     (Byrd, Nocedal & Schnabel 1994, section 4), which are returned for the next
-    [`apply_inverse_hessian`][]. Three passes over the buffers in all (`S'grad`,
-    `Y'grad`, `Y's`), instead of five. Without `grad`, `S'y`, `Y's` and `Y'y` are
+    [`apply_inverse_hessian`][]. One pass over each buffer in all (`S'grad`, and
+    `Y's` with `Y'grad`), instead of five. Without `grad`, `S'y`, `Y's` and `Y'y` are
     computed directly and `None` is returned.
     """
     dtype = h.sy.dtype
@@ -127,6 +138,34 @@ def push_history(
     eps = jnp.finfo(dtype).eps
     accept = enabled & (sy > eps * yy) & jnp.isfinite(sy) & jnp.isfinite(yy) & (yy > 0)
     idx = h.head
+    m = h.size
+    slots = jnp.arange(m, dtype=jnp.int32)
+    if h.compact:
+        # Products with the memory are taken on the buffers as they were before this
+        # push, and the written slot's entries replaced by the new pair's own products.
+        # The write below depends on them (through `accept`), so XLA reads the buffers
+        # before it overwrites them in place; read after the write instead, they are
+        # copied (several times per iteration for leaves of more than one axis).
+        fresh = accept & (slots == idx)
+
+        def patch(old, new):
+            return jnp.where(fresh, new, old)
+
+        if grad is None:
+            new_proj = None
+            y_s, y_y = _project2(h.y, s, y, dtype)
+            y_s, y_y = patch(y_s, sy), patch(y_y, yy)
+            s_y = patch(_project(h.s, y, dtype), sy)
+        else:
+            y_s, y_g = _project2(h.y, s, grad, dtype)
+            new_proj = (
+                patch(_project(h.s, grad, dtype), tree_dot(s, grad).astype(dtype)),
+                patch(y_g, tree_dot(y, grad).astype(dtype)),
+            )
+            y_s = patch(y_s, sy)
+            s_y = new_proj[0] - proj[0]
+            y_y = new_proj[1] - proj[1]
+        accept = accept & jnp.isfinite(jnp.sum(y_s) + jnp.sum(s_y) + jnp.sum(y_y))
 
     def write(buf, new):
         old = lax.dynamic_index_in_dim(buf, idx, keepdims=False)
@@ -134,21 +173,10 @@ def push_history(
 
     s_buf = jtu.tree_map(write, h.s, s)
     y_buf = jtu.tree_map(write, h.y, y)
-    m = h.size
     if h.compact:
         # Row `idx` of S'Y is s'Y and its column S'y; the new slot's own entries are
-        # overwritten by the directly computed s'y and y'y.
-        y_s = _project(y_buf, s, dtype)
-        if grad is None:
-            new_proj = None
-            s_y = _project(s_buf, y, dtype)
-            y_y = _project(y_buf, y, dtype)
-        else:
-            new_proj = (_project(s_buf, grad, dtype), _project(y_buf, grad, dtype))
-            s_y = new_proj[0] - proj[0]
-            y_y = new_proj[1] - proj[1]
-        # Masks rather than scatters: one fused elementwise update per matrix.
-        slots = jnp.arange(m, dtype=jnp.int32)
+        # the directly computed s'y and y'y. Masks rather than scatters: one fused
+        # elementwise update per matrix.
         row = accept & (slots[:, None] == idx)
         col = accept & (slots[None, :] == idx)
         new_sy = jnp.where(row & col, sy, jnp.where(col, s_y[:, None], jnp.where(row, y_s, h.sy)))
