@@ -50,8 +50,13 @@ class AbstractLineSearch(eqx.Module):
         p: PyTree[Array],
         dg: Scalar,
         step0: Scalar,
+        max_step: Scalar | None = None,
     ) -> LineSearchResult:
-        """Search along `p` (with `dg = g'p < 0`) starting from the trial step `step0`."""
+        """Search along `p` (with `dg = g'p < 0`) starting from the trial step `step0`.
+
+        With `max_step`, no trial step exceeds it (bounded solves pass the step at which
+        the segment leaves the box); `None` means no limit.
+        """
 
 
 def _evaluate(value_and_grad, x, p, a, dtype):
@@ -142,9 +147,11 @@ class StrongWolfe(AbstractLineSearch):
         if self.approx_tol is not None and not self.approx_tol >= 0:
             raise ValueError(f"StrongWolfe needs approx_tol >= 0, got {self.approx_tol}.")
 
-    def __call__(self, value_and_grad, x, f, g, p, dg, step0):
+    def __call__(self, value_and_grad, x, f, g, p, dg, step0, max_step=None):
         dtype = f.dtype
         zero = jnp.zeros((), dtype)
+        if max_step is not None:
+            step0 = jnp.minimum(step0, max_step)
         eps = jnp.finfo(dtype).eps
         rel = float(np.finfo(dtype).eps) ** (2 / 3) if self.approx_tol is None else self.approx_tol
         allow = rel * jnp.abs(f)
@@ -189,8 +196,14 @@ class StrongWolfe(AbstractLineSearch):
             wolfe = armijo & curvature
             too_long = ~armijo | (~flat & (ft >= c.f_lo))
 
+            if max_step is None:
+                capped = jnp.array(False)
+            else:
+                # Sufficient decrease and still descending at the largest allowed step:
+                # bracketing cannot extrapolate, so accept it (MINPACK-2's `stpmax` exit).
+                capped = ~c.zoom & ~too_long & ~(dt >= 0) & (a >= max_step)
             better = finite & (ft < c.f_best)
-            take = wolfe | better
+            take = wolfe | better | capped
             a_best = jnp.where(take, a, c.a_best)
             f_best = jnp.where(take, ft, c.f_best)
             g_best = tree_where(take, gt, c.g_best)
@@ -216,11 +229,13 @@ class StrongWolfe(AbstractLineSearch):
 
             # Extrapolate while the step is still too short (Moré-Thuente's factor).
             a_next = a + 4 * (a - c.a_lo)
+            if max_step is not None:
+                a_next = jnp.minimum(a_next, max_step)
 
             num_evals = c.num_evals + 1
             new_width = jnp.abs(a_hi - a_lo)
             collapsed = zoom & (new_width <= eps * jnp.maximum(jnp.abs(a_lo), jnp.abs(a_hi)))
-            done = wolfe | (num_evals >= self.max_evals) | collapsed
+            done = wolfe | capped | (num_evals >= self.max_evals) | collapsed
             return _WolfeCarry(
                 a_lo=a_lo,
                 f_lo=f_lo,
@@ -234,7 +249,7 @@ class StrongWolfe(AbstractLineSearch):
                 f_best=f_best,
                 g_best=g_best,
                 num_evals=num_evals,
-                found=wolfe,
+                found=wolfe | capped,
                 done=done,
             )
 
@@ -292,8 +307,10 @@ class Backtracking(AbstractLineSearch):
         if self.max_evals < 1:
             raise ValueError(f"Backtracking needs max_evals >= 1, got {self.max_evals}.")
 
-    def __call__(self, value_and_grad, x, f, g, p, dg, step0):
+    def __call__(self, value_and_grad, x, f, g, p, dg, step0, max_step=None):
         dtype = f.dtype
+        if max_step is not None:  # backtracking only shrinks: capping the start suffices
+            step0 = jnp.minimum(step0, max_step)
         init = _BacktrackCarry(
             a=step0.astype(dtype),
             a_best=jnp.zeros((), dtype),
