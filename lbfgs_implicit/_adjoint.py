@@ -18,6 +18,7 @@ import lineax as lx
 import numpy as np
 from jaxtyping import Array, PyTree
 
+from ._box import active_masks, Box
 from ._cg import CG
 from ._history import History, inverse_hessian_operator
 from ._misc import (
@@ -207,7 +208,7 @@ class QuasiNewtonAdjoint(AbstractAdjoint):
 
 
 def _grad_x(fn: Callable, x: PyTree[Array], theta) -> PyTree[Array]:
-    closed_fn, args = theta
+    closed_fn, args = theta[:2]
     return jax.grad(lambda y: closed_fn(y, args)[0])(x)
 
 
@@ -220,7 +221,16 @@ def _backward(
     adjoint: AbstractAdjoint,
     throw: bool,
     verbose: bool,
+    free: PyTree[Array] | None = None,
 ):
+    """`theta_bar` for the cotangent `v` on `x*`.
+
+    With bounds, `free` is the boolean mask of the free coordinates: the solve is then
+    $(P_F H P_F + P_A) w = P_F v$ (positive definite on the whole space when $H_{FF}$
+    is), preconditioned by $P_F H_k P_F + P_A$, and the residual $v - H w$, whose
+    active part is the cotangent of the bounds the active coordinates sit on, is
+    returned too.
+    """
     theta = (fn, args)
     structure = jax.eval_shape(lambda: x_star)
     # Hessian-vector products by reverse-over-reverse, linearised once at x*. H is
@@ -233,6 +243,11 @@ def _backward(
         hvp, structure, tags=(lx.symmetric_tag, lx.positive_semidefinite_tag)
     )
     inverse_approx = inverse_hessian_operator(history, structure)
+    if free is not None:
+        hessian = _masked(hessian, free)
+        inverse_approx = _masked(inverse_approx, free)
+        v_full = v
+        v = jtu.tree_map(lambda vi, fi: jnp.where(fi, vi, 0), v, free)
 
     # Scale the right-hand side to unit infinity norm so absolute tolerances mean the
     # same thing whatever the size of the cotangent.
@@ -256,14 +271,32 @@ def _backward(
 
     _, vjp_theta = eqx.filter_vjp(lambda th: _grad_x(fn, x_star, th), theta)
     (theta_bar,) = vjp_theta(tree_neg(w))
-    return theta_bar
+    if free is None:
+        return theta_bar
+    return theta_bar, tree_sub(v_full, hvp(w))
+
+
+def _masked(operator: lx.AbstractLinearOperator, free: PyTree[Array]):
+    """$P_F A P_F + P_A$ for the free-set mask `free` (identity on the active set)."""
+
+    def mv(u):
+        uf = jtu.tree_map(lambda ui, fi: jnp.where(fi, ui, 0), u, free)
+        au = operator.mv(uf)
+        return jtu.tree_map(lambda ai, ui, fi: jnp.where(fi, ai, ui), au, u, free)
+
+    return lx.FunctionLinearOperator(
+        mv, operator.in_structure(), tags=(lx.symmetric_tag, lx.positive_semidefinite_tag)
+    )
 
 
 @eqx.filter_custom_vjp
 def implicit_solve(theta, x0, solver, adjoint, throw):
-    """`x*(theta)` and the final solver state, with the implicit backward pass."""
-    fn, args = theta
-    return iterate(solver, fn, args, x0)
+    """`x*(theta)` and the final solver state, with the implicit backward pass.
+
+    `theta = (closed_fn, args, box)`, `box` a normalised `Box` or `None`.
+    """
+    fn, args, box = theta
+    return iterate(solver, fn, args, x0, box)
 
 
 @implicit_solve.def_fwd
@@ -287,5 +320,16 @@ def _implicit_solve_bwd(residuals, grad_obj, perturbed, theta, x0, solver, adjoi
         x_star,
         is_leaf=lambda z: z is None,
     )
-    fn, args = theta
-    return _backward(fn, args, x_star, state.history, v, adjoint, throw, solver.verbose)
+    fn, args, box = theta
+    if box is None:
+        theta_bar = _backward(fn, args, x_star, state.history, v, adjoint, throw, solver.verbose)
+        return (*theta_bar, None)
+    # On the active set x* equals the bound: its cotangent flows to the bound, and the
+    # free coordinates solve the reduced system H_FF w_F = v_F.
+    at_lower, at_upper = active_masks(x_star, state.g, box)
+    free = jtu.tree_map(lambda a, b: ~(a | b), at_lower, at_upper)
+    theta_bar, r = _backward(
+        fn, args, x_star, state.history, v, adjoint, throw, solver.verbose, free=free
+    )
+    zero = lambda mask: jtu.tree_map(lambda ri, mi: jnp.where(mi, ri, 0), r, mask)  # noqa: E731
+    return (*theta_bar, Box(zero(at_lower), zero(at_upper)))

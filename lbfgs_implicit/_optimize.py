@@ -10,6 +10,7 @@ import numpy as np
 from jaxtyping import ArrayLike, PyTree
 
 from ._adjoint import AbstractAdjoint, implicit_solve, ImplicitAdjoint
+from ._box import check_bounds, normalise_bounds
 from ._solution import RESULTS, Solution
 from ._solver import AbstractMinimiser, LBFGS
 
@@ -107,14 +108,16 @@ def _check_output(fn: Callable, x0, args, has_aux: bool) -> None:
 
 
 @eqx.filter_jit
-def _optimize(fn, x0, args, solver, adjoint, has_aux, throw):
+def _optimize(fn, x0, args, bounds, solver, adjoint, has_aux, throw):
     _check_output(fn, x0, args, has_aux)
     fn = _normalise_fn(fn, has_aux)
     # Closure conversion turns the arrays `fn` closes over into leaves of `closed_fn`,
     # so they are differentiated like `args` instead of getting a silent zero.
     closed_fn = eqx.filter_closure_convert(fn, x0, args)
     x0 = lax.stop_gradient(x0)
-    params, state = implicit_solve((closed_fn, args), x0, solver, adjoint, throw)
+    # A Python branch: without bounds the compiled program is the unconstrained one.
+    box = None if bounds is None else normalise_bounds(bounds, x0)
+    params, state = implicit_solve((closed_fn, args, box), x0, solver, adjoint, throw)
     state = lax.stop_gradient(state)
     value, aux = closed_fn(params, args)
     _, stats = solver.postprocess(state)
@@ -142,6 +145,7 @@ def optimize(
     *,
     solver: AbstractMinimiser = LBFGS(),
     adjoint: AbstractAdjoint = ImplicitAdjoint(),
+    bounds: tuple[Any, Any] | None = None,
     has_aux: bool = False,
     throw: bool = True,
 ) -> Solution:
@@ -161,6 +165,17 @@ def optimize(
     - `solver`: an [`lbfgs_implicit.LBFGS`][] configuration.
     - `adjoint`: how gradients are computed: [`lbfgs_implicit.ImplicitAdjoint`][]
       (default) or [`lbfgs_implicit.QuasiNewtonAdjoint`][].
+    - `bounds`: `None` (default), or `(lower, upper)` for the box constraint
+      `lower <= x <= upper` (L-BFGS-B, as SciPy's). Each side is a pytree with the
+      structure of `x0` whose leaves broadcast to the leaf's shape (a scalar per leaf is
+      fine), a single scalar for every leaf, or `None` for no bound on that side;
+      `-inf`/`+inf` entries are unbounded. `x0` is projected into the box, `fn` is only
+      evaluated inside it, and the solve stops on the infinity norm of the projected
+      gradient (`sol.stats` then has `projected_grad_norm` and `num_active`). Bounds are
+      data: they may be traced, batched and differentiated (their gradient flows
+      through the coordinates held at them). `lower > upper` is a `ValueError` when the
+      bounds are concrete and `RESULTS.infeasible_bounds` when they are traced. See the
+      Bounds page of the docs.
     - `has_aux`: whether `fn` returns `(value, aux)`.
     - `throw`: raise (also inside `jax.jit`, as a runtime error) if the solve does not
       succeed, and in the backward pass if its linear solve fails. With `throw=False`
@@ -203,4 +218,7 @@ def optimize(
         )
     if not callable(fn):
         raise TypeError(f"`fn` must be callable as fn(x, args), got {fn!r}.")
-    return _optimize(fn, _check_x0(x0), args, solver, adjoint, bool(has_aux), bool(throw))
+    x0 = _check_x0(x0)
+    if bounds is not None:
+        check_bounds(bounds, x0)
+    return _optimize(fn, x0, args, bounds, solver, adjoint, bool(has_aux), bool(throw))

@@ -25,6 +25,11 @@ class RESULTS(lx.RESULTS):  # pyright: ignore[reportGeneralTypeIssues]
         "`x0`. Check `fn` and `x0`; every line-search trial with a non-finite value is "
         "rejected, but the start must be finite."
     )
+    infeasible_bounds = (
+        "The bounds are inconsistent: some lower bound is above its upper bound, so the "
+        "box is empty. Check `bounds=(lower, upper)` (with concrete bounds this is a "
+        "ValueError before the solve)."
+    )
     backward_failed = (
         "The linear solve of the implicit backward pass failed: the Hessian at the "
         "solution looks singular or indefinite, or the forward solve did not converge. "

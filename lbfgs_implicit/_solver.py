@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Int, PyTree, Scalar
 
+from ._box import Box, box_search, infeasible, project, projected_gradient, solve_info
 from ._history import (
     apply_inverse_hessian,
     History,
@@ -40,8 +41,11 @@ class AbstractMinimiser(eqx.Module, Generic[_State]):
     max_steps: eqx.AbstractVar[int]
 
     @abc.abstractmethod
-    def init(self, value_and_grad: ValueAndGrad, x0: PyTree[Array]) -> _State:
-        """Evaluate the objective at `x0` and build the initial state."""
+    def init(
+        self, value_and_grad: ValueAndGrad, x0: PyTree[Array], box: Box | None = None
+    ) -> _State:
+        """Evaluate the objective at `x0` and build the initial state; `box` holds
+        normalised bounds, or is `None` for an unconstrained solve."""
 
     @abc.abstractmethod
     def step(self, value_and_grad: ValueAndGrad, state: _State) -> _State:
@@ -80,6 +84,8 @@ class _LBFGSState(eqx.Module):
     num_fun_evals: Int[Array, ""]
     terminate: Bool[Array, ""]
     result: RESULTS
+    # the bounds (data, fixed for the solve); None when unconstrained
+    box: Box | None = None
 
 
 class LBFGS(AbstractMinimiser[_LBFGSState]):
@@ -198,14 +204,24 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
             ok = ok | ((f - f_new) <= self.ftol * scale)
         return ok
 
-    def init(self, value_and_grad, x0):
+    def init(self, value_and_grad, x0, box=None):
         dtype = common_dtype(x0)
+        if box is not None:
+            x0 = project(x0, box)  # SciPy projects an infeasible start too
         f, g = value_and_grad(x0)
         f = f.astype(dtype)
         finite = jnp.isfinite(f) & jnp.isfinite(tree_norm_inf(g))
-        converged = self._grad_small(g, dtype)
+        converged = self._grad_small(_stationarity(x0, g, box), dtype)
         result = RESULTS.where(finite, RESULTS.successful, RESULTS.nonfinite)
-        history = init_history(x0, self.history_size, dtype)
+        stop = ~finite | (converged & finite)
+        if box is not None:
+            bad = infeasible(box)
+            result = RESULTS.where(bad, RESULTS.infeasible_bounds, result)
+            stop = stop | bad
+        # L-BFGS-B needs the compact form (S'Y) whatever the size.
+        history = init_history(
+            x0, self.history_size, dtype, compact=True if box is not None else None
+        )
         k = self.history_size if history.compact else 0  # the two-loop form keeps no proj
         return _LBFGSState(
             x=x0,
@@ -215,11 +231,13 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
             proj=(jnp.zeros(k, dtype), jnp.zeros(k, dtype)),
             num_steps=jnp.zeros((), jnp.int32),
             num_fun_evals=jnp.ones((), jnp.int32),
-            terminate=~finite | (converged & finite),
+            terminate=stop,
             result=result,
+            box=box,
         )
 
-    def step(self, value_and_grad, state):
+    def _search(self, value_and_grad, state):
+        """The unconstrained search: direction $-H_k g$, line search along it."""
         dtype = state.f.dtype
         h = state.history
         p = tree_neg(apply_inverse_hessian(h, state.g, state.proj))
@@ -244,6 +262,23 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
         )
 
         ls = self.linesearch(value_and_grad, state.x, state.f, state.g, p, dg, step0)
+        return h, ls
+
+    def step(self, value_and_grad, state):
+        dtype = state.f.dtype
+        if state.box is None:
+            h, ls = self._search(value_and_grad, state)
+        else:
+            h, ls = box_search(
+                self.linesearch,
+                value_and_grad,
+                state.box,
+                state.x,
+                state.f,
+                state.g,
+                state.history,
+                state.num_steps,
+            )
 
         s = tree_sub(ls.x, state.x)
         y = tree_sub(ls.g, state.g)
@@ -255,7 +290,7 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
         history, proj = push_history(h, s, y, ls.success, grad=g, proj=state.proj)
         history = reset_history(history, ~ls.success)
         failed = ~ls.success & (h.count == 0)
-        converged = ls.success & self._converged(state.f, f, g, dtype)
+        converged = ls.success & self._converged(state.f, f, _stationarity(x, g, state.box), dtype)
         result = RESULTS.where(failed, RESULTS.linesearch_failed, RESULTS.successful)
 
         num_steps = state.num_steps + 1
@@ -265,7 +300,7 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
                 "L-BFGS step {k}: f={f:.10e} |g|_inf={gn:.3e} step={a:.3e} line-search evals={e}",
                 k=num_steps,
                 f=f,
-                gn=tree_norm_inf(g),
+                gn=tree_norm_inf(_stationarity(x, g, state.box)),
                 a=ls.step,
                 e=ls.num_evals,
                 ordered=True,
@@ -280,6 +315,7 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
             num_fun_evals=num_fun_evals,
             terminate=converged | failed,
             result=result,
+            box=state.box,
         )
 
     def terminate(self, state):
@@ -292,11 +328,18 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
             "grad_norm": tree_norm_inf(state.g),
             "grad_norm_l2": tree_norm2(state.g),
         }
+        if state.box is not None:
+            stats.update(solve_info(state.x, state.g, state.box))
         return state.x, stats
 
 
-def iterate(solver: AbstractMinimiser, fn, args, x0):
-    """Run `solver` on `fn(x, args)` from `x0` in one `lax.while_loop`.
+def _stationarity(x, g, box: Box | None) -> PyTree[Array]:
+    """What the stopping test measures: the gradient, or with bounds the projected one."""
+    return g if box is None else projected_gradient(x, g, box)
+
+
+def iterate(solver: AbstractMinimiser, fn, args, x0, box: Box | None = None):
+    """Run `solver` on `fn(x, args)` from `x0` (within `box`) in one `lax.while_loop`.
 
     Returns the final point and state; the state's `result` says why the loop ended
     (`max_steps_reached` is decided here, once).
@@ -305,7 +348,7 @@ def iterate(solver: AbstractMinimiser, fn, args, x0):
     def value_and_grad(x):
         return jax.value_and_grad(lambda y: fn(y, args)[0])(x)
 
-    state = solver.init(value_and_grad, x0)
+    state = solver.init(value_and_grad, x0, box)
 
     def cond(carry):
         state, k = carry

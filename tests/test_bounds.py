@@ -1,0 +1,458 @@
+"""Box constraints (L-BFGS-B): the forward solve against SciPy, the active-set backward
+pass against closed forms and central differences, and the transformations."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.optimize as so
+
+import lbfgs_implicit as li
+
+from helpers import central_difference
+
+
+TIGHT = li.LBFGS(gtol=1e-11, max_steps=2000)
+
+
+def _scipy_lbfgsb(fn, x0, args, lower, upper, gtol=1e-11):
+    """SciPy L-BFGS-B on the same problem (the reference, and its counts)."""
+    vg = jax.jit(jax.value_and_grad(lambda z: fn(z, args)))
+
+    def fun(z):
+        v, g = vg(jnp.asarray(z))
+        return float(v), np.asarray(g, dtype=np.float64)
+
+    res = so.minimize(
+        fun,
+        np.asarray(x0, dtype=np.float64),
+        jac=True,
+        method="L-BFGS-B",
+        bounds=so.Bounds(
+            np.broadcast_to(lower, np.shape(x0)), np.broadcast_to(upper, np.shape(x0))
+        ),
+        options=dict(gtol=gtol, ftol=0.0, maxiter=10_000, maxfun=20_000),
+    )
+    return res
+
+
+# ---------------------------------------------------------------------------------------
+# Problems
+
+
+def least_squares(x, args):
+    A, b, lam = args
+    return 0.5 * jnp.sum((A @ x - b) ** 2) + 0.5 * lam * jnp.sum(x**2)
+
+
+_rng = np.random.default_rng(0)
+NNLS_A = _rng.normal(size=(30, 12))
+NNLS_B = _rng.normal(size=30)
+NNLS_ARGS = (jnp.asarray(NNLS_A), jnp.asarray(NNLS_B), jnp.asarray(0.0))
+
+
+def rosenbrock(x, args):
+    del args
+    return jnp.sum(100.0 * (x[1:] - x[:-1] ** 2) ** 2 + (1.0 - x[:-1]) ** 2)
+
+
+ROSEN_LO = np.full(10, -2.0)
+ROSEN_LO[1] = 1.5
+ROSEN_UP = np.full(10, 2.0)
+ROSEN_UP[::3] = 0.5
+
+
+def box_quadratic(x, args):
+    A, b = args
+    return 0.5 * x @ (A @ x) - b @ x
+
+
+_q = np.linalg.qr(_rng.normal(size=(20, 20)))[0]
+QUAD_A = (_q * np.geomspace(1.0, 100.0, 20)) @ _q.T
+QUAD_B = 30.0 * _rng.normal(size=20)
+
+
+def poisson(w, args):
+    # Steep (exponential) and badly scaled (feature scales 1e-2 .. 1e2) with several
+    # weights held at zero: the kind of problem on which jaxopt.LBFGSB stalls (jaxopt#620).
+    X, y = args
+    z = X @ w
+    return jnp.sum(jnp.exp(z) - y * z)
+
+
+_scales = np.geomspace(1e-2, 1e2, 8)
+POIS_X = _rng.normal(size=(40, 8)) * 0.3 / _scales
+POIS_W = np.where(np.arange(8) % 2 == 0, 0.5, -0.5) * _scales
+POIS_Y = _rng.poisson(np.exp(POIS_X @ POIS_W)).astype(np.float64)
+
+
+@pytest.fixture(scope="module")
+def solved():
+    """The forward problems solved once, ours and SciPy's."""
+    lo, up = jnp.asarray(ROSEN_LO), jnp.asarray(ROSEN_UP)
+    cases = {
+        "nnls": (least_squares, jnp.zeros(12), NNLS_ARGS, 0.0, np.inf),
+        "rosenbrock": (rosenbrock, jnp.full(10, 0.3), None, ROSEN_LO, ROSEN_UP),
+        "quadratic": (box_quadratic, jnp.zeros(20), (QUAD_A, QUAD_B), -1.0, 1.0),
+        "poisson": (poisson, jnp.zeros(8), (POIS_X, POIS_Y), 0.0, np.inf),
+    }
+    out = {}
+    for name, (fn, x0, args, lower, upper) in cases.items():
+        bounds = (lo, up) if name == "rosenbrock" else (lower, upper)
+        sol = li.optimize(fn, x0, args, solver=TIGHT, bounds=bounds)
+        res = _scipy_lbfgsb(fn, x0, args, lower, upper)
+        out[name] = (sol, res)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Forward
+
+
+def test_nnls_matches_scipy_nnls(solved):
+    sol, _ = solved["nnls"]
+    ref, _ = so.nnls(NNLS_A, NNLS_B)
+    assert sol.result == li.RESULTS.successful
+    np.testing.assert_allclose(np.asarray(sol.params), ref, atol=1e-8)
+    np.testing.assert_array_equal(np.asarray(sol.params) == 0, ref == 0)
+    assert 0 < int(sol.stats["num_active"]) == int(np.sum(ref == 0))
+    assert float(sol.stats["projected_grad_norm"]) <= 1e-11
+
+
+@pytest.mark.parametrize("name", ["nnls", "rosenbrock", "quadratic", "poisson"])
+def test_matches_scipy_lbfgsb(solved, name):
+    sol, res = solved[name]
+    assert sol.result == li.RESULTS.successful
+    assert res.success, res.message
+    np.testing.assert_allclose(float(sol.value), res.fun, rtol=1e-8, atol=1e-12)
+    # Several bounds active, the same ones as SciPy's.
+    x = np.asarray(sol.params)
+    assert int(sol.stats["num_active"]) >= 2
+    assert int(sol.stats["num_active"]) == int(
+        np.sum(
+            np.isclose(res.x, x, atol=1e-6)
+            & (
+                np.isclose(res.x, np.broadcast_to(_bounds(name)[0], x.shape))
+                | np.isclose(res.x, np.broadcast_to(_bounds(name)[1], x.shape))
+            )
+        )
+    )
+    # Counts comparable to SciPy's (the numbers are in the report of the bounds work).
+    assert int(sol.stats["num_fun_evals"]) <= 2 * res.nfev + 5, (sol.stats, res.nfev)
+
+
+def _bounds(name):
+    return {
+        "nnls": (0.0, np.inf),
+        "rosenbrock": (ROSEN_LO, ROSEN_UP),
+        "quadratic": (-1.0, 1.0),
+        "poisson": (0.0, np.inf),
+    }[name]
+
+
+def test_never_evaluates_outside_the_box():
+    # NaN for x < 0 (x^1.5), as in jaxopt#590; the start is infeasible and is projected.
+    a = jnp.array([1.0, 2.0, 0.5, 1.0, 3.0])
+    b = jnp.array([1.0, -1.0, 2.0, -0.5, 0.5])
+    seen = []
+
+    def fn(x, args):
+        jax.debug.callback(lambda x: seen.append(np.asarray(x)), x)
+        return jnp.sum(a * x**1.5 - b * x)
+
+    x0 = jnp.array([-1.0, 0.5, -2.0, 1.0, 4.0])
+    sol = li.optimize(fn, x0, None, bounds=(0.0, None))
+    jax.effects_barrier()
+    pts = np.stack(seen)
+    assert np.all(pts >= 0), pts.min()
+    np.testing.assert_array_equal(pts[0], np.maximum(np.asarray(x0), 0))  # x0 projected
+    expected = np.where(b > 0, (np.asarray(b) / (1.5 * np.asarray(a))) ** 2, 0.0)
+    np.testing.assert_allclose(np.asarray(sol.params), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_infinite_bounds_give_the_unconstrained_answer():
+    args = (jnp.asarray(QUAD_A), jnp.asarray(QUAD_B))
+    sol = li.optimize(box_quadratic, jnp.zeros(20), args, bounds=(-jnp.inf, None))
+    np.testing.assert_allclose(np.asarray(sol.params), np.linalg.solve(QUAD_A, QUAD_B), rtol=1e-8)
+    assert int(sol.stats["num_active"]) == 0
+
+
+def test_lower_above_upper_is_an_error():
+    with pytest.raises(ValueError, match="lower > upper"):
+        li.optimize(box_quadratic, jnp.zeros(20), (QUAD_A, QUAD_B), bounds=(1.0, -1.0))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        li.optimize(box_quadratic, jnp.zeros(20), (QUAD_A, QUAD_B), bounds=(jnp.zeros(3), None))
+
+    @jax.jit
+    def traced(lower):
+        return li.optimize(
+            box_quadratic, jnp.zeros(20), (QUAD_A, QUAD_B), bounds=(lower, 0.0), throw=False
+        ).result
+
+    assert traced(jnp.asarray(1.0)) == li.RESULTS.infeasible_bounds
+    with pytest.raises(Exception, match="lower bound is above"):
+        jax.block_until_ready(
+            jax.jit(
+                lambda lo: (
+                    li.optimize(
+                        box_quadratic, jnp.zeros(20), (QUAD_A, QUAD_B), bounds=(lo, 0.0)
+                    ).params
+                )
+            )(jnp.asarray(1.0))
+        )
+
+
+def test_linesearch_never_tries_past_max_step():
+    # A linear function: unconstrained bracketing would extrapolate forever.
+    trials = []
+
+    def vg(x):
+        jax.debug.callback(lambda x: trials.append(float(x[0])), x)
+        return -x[0], jnp.array([-1.0])
+
+    x, p = jnp.zeros(1), jnp.ones(1)
+    for ls in (li.StrongWolfe(), li.Backtracking()):
+        trials.clear()
+        res = ls(
+            vg,
+            x,
+            jnp.asarray(0.0),
+            jnp.array([-1.0]),
+            p,
+            jnp.asarray(-1.0),
+            jnp.asarray(1.0),
+            max_step=jnp.asarray(3.5),
+        )
+        jax.effects_barrier()
+        assert max(trials) <= 3.5
+        assert bool(res.success)
+    assert float(res.step) == 1.0  # backtracking: first trial accepted
+    trials.clear()
+    res = li.StrongWolfe()(
+        vg,
+        x,
+        jnp.asarray(0.0),
+        jnp.array([-1.0]),
+        p,
+        jnp.asarray(-1.0),
+        jnp.asarray(1.0),
+        max_step=jnp.asarray(3.5),
+    )
+    assert float(res.step) == 3.5  # extrapolated up to the cap and stopped there
+
+
+# ---------------------------------------------------------------------------------------
+# Backward
+
+
+def _nnls_outer(lam, b, c):
+    sol = li.optimize(
+        least_squares, jnp.zeros(12), (NNLS_ARGS[0], b, lam), solver=TIGHT, bounds=(0.0, None)
+    )
+    return jnp.sum(c * sol.params), sol.params
+
+
+def test_ridge_nnls_hypergradient_closed_form():
+    lam = jnp.asarray(0.5)
+    c = jnp.asarray(_rng.normal(size=12))
+    b = NNLS_ARGS[1]
+    (val, x), (g_lam, g_b) = jax.value_and_grad(_nnls_outer, argnums=(0, 1), has_aux=True)(
+        lam, b, c
+    )
+    x = np.asarray(x)
+    F = x > 0
+    assert 0 < F.sum() < 12
+    A = NNLS_A[:, F]
+    K = A.T @ A + float(lam) * np.eye(F.sum())
+    xF = np.linalg.solve(K, A.T @ NNLS_B)
+    np.testing.assert_allclose(x[F], xF, rtol=1e-9)
+    # x_F = K^-1 A_F' b: d/dlam = -K^-1 x_F, d/db = A_F K^-1 c_F.
+    np.testing.assert_allclose(float(g_lam), -np.asarray(c)[F] @ np.linalg.solve(K, xF), rtol=1e-8)
+    np.testing.assert_allclose(
+        np.asarray(g_b), A @ np.linalg.solve(K, np.asarray(c)[F]), rtol=1e-8, atol=1e-12
+    )
+
+
+def test_gradient_with_respect_to_the_bounds():
+    # A coupled quadratic with an upper bound: dx*/du is e_i on active rows and
+    # -H_FF^-1 H_FA on free rows (d x*/d u = 1 on active, 0 on free when H is diagonal).
+    A = jnp.asarray(QUAD_A[:6, :6])
+    b = jnp.asarray(QUAD_B[:6])
+    up = jnp.asarray([0.1, 5.0, -0.2, 5.0, 0.0, 5.0])
+
+    def solve(up):
+        return li.optimize(
+            box_quadratic, jnp.zeros(6), (A, b), solver=TIGHT, bounds=(None, up)
+        ).params
+
+    x = np.asarray(solve(up))
+    act = np.isclose(x, np.asarray(up))
+    assert 0 < act.sum() < 6
+    F = ~act
+    jac = np.asarray(jax.jacrev(solve)(up))
+    H = np.asarray(A)
+    expected = np.zeros((6, 6))
+    expected[np.ix_(act, act)] = np.eye(act.sum())
+    expected[np.ix_(F, act)] = -np.linalg.solve(H[np.ix_(F, F)], H[np.ix_(F, act)])
+    np.testing.assert_allclose(jac, expected, atol=1e-9)
+
+    # A diagonal Hessian: exactly 1 on active, 0 on free.
+    t = jnp.asarray([1.0, -1.0, 2.0])
+    diag = lambda up: (
+        li.optimize(
+            lambda x, t: jnp.sum((x - t) ** 2),
+            jnp.zeros(3),
+            t,  # noqa: E731
+            bounds=(None, up),
+        ).params
+    )
+    np.testing.assert_allclose(
+        np.asarray(jax.jacrev(diag)(jnp.asarray([0.5, 0.0, 3.0]))),
+        np.diag([1.0, 0.0, 0.0]),
+        atol=1e-12,
+    )
+
+
+def test_weakly_active_coordinate_is_held():
+    # x* = max(t, 0) at t = 0: at the bound with zero gradient. Convention: held, so the
+    # derivative in t is the one-sided 0 (from below) and the lower bound gets 1.
+    def solve(t, lo):
+        return li.optimize(
+            lambda x, t: jnp.sum((x - t) ** 2), jnp.ones(1), t, bounds=(lo, None)
+        ).params[0]
+
+    t, lo = jnp.zeros(1), jnp.zeros(1)
+    assert float(solve(t, lo)) == 0.0
+    g_t, g_lo = jax.grad(solve, argnums=(0, 1))(t, lo)
+    assert float(g_t[0]) == 0.0
+    assert float(g_lo[0]) == 1.0
+    # Strictly free / strictly active neighbours for comparison.
+    assert float(jax.grad(solve)(jnp.asarray([0.3]), lo)[0]) == pytest.approx(1.0)
+    assert float(jax.grad(solve)(jnp.asarray([-0.3]), lo)[0]) == 0.0
+
+
+def _logistic(w, args):
+    X, y, lam = args
+    z = X @ w
+    return jnp.mean(jnp.logaddexp(0.0, z) - y * z) + 0.5 * jnp.sum(lam * w**2)
+
+
+_LX = jnp.asarray(_rng.normal(size=(50, 6)))
+_LY = jnp.asarray((_rng.uniform(size=50) < 0.5).astype(np.float64))
+_LV = jnp.asarray(_rng.normal(size=6))
+
+
+def _logistic_loss(lam):
+    sol = li.optimize(
+        _logistic, jnp.zeros(6), (_LX, _LY, lam), solver=li.LBFGS(gtol=1e-13), bounds=(0.0, None)
+    )
+    return jnp.sum(_LV * sol.params) + 0.1 * sol.value
+
+
+def test_nonnegative_logistic_hypergradient_vs_central_differences():
+    lam = jnp.asarray(np.full(6, 0.05))
+    w = li.optimize(_logistic, jnp.zeros(6), (_LX, _LY, lam), bounds=(0.0, None)).params
+    assert 0 < int(np.sum(np.asarray(w) == 0)) < 6
+    g = jax.grad(_logistic_loss)(lam)
+    fd = central_difference(_logistic_loss, lam, rel_step=1e-4)
+    np.testing.assert_allclose(np.asarray(g), fd, rtol=1e-5, atol=1e-8)
+
+
+# ---------------------------------------------------------------------------------------
+# Transformations
+
+
+def test_vmap_jit_over_bounds_and_data_closure_pytree():
+    # Batched upper bounds and batched data closed over, a pytree of parameters with a
+    # scalar bound per leaf, and the hypergradient of the batch.
+    ts = jnp.asarray(_rng.normal(size=(3, 4)))
+
+    def solve_one(t, up):
+        def fn(x, args):  # closes over t
+            return jnp.sum((x["a"] - t[:2]) ** 2) + jnp.sum((x["b"] - t[2:]) ** 2) + x["a"] @ x["b"]
+
+        sol = li.optimize(
+            fn,
+            {"a": jnp.zeros(2), "b": jnp.zeros(2)},
+            None,
+            bounds=({"a": -0.5, "b": None}, {"a": up, "b": 0.3}),
+            throw=False,
+        )
+        return sol.params, sol.result
+
+    ups = jnp.asarray([0.2, 0.5, 1.0])
+    params, results = jax.jit(jax.vmap(solve_one))(ts, ups)
+    assert bool(jnp.all(results == li.RESULTS.successful))
+    for i in range(3):
+        t = np.asarray(ts[i])
+        fun = lambda z: float(
+            np.sum((z[:2] - t[:2]) ** 2) + np.sum((z[2:] - t[2:]) ** 2) + z[:2] @ z[2:]
+        )  # noqa: E731
+        res = so.minimize(
+            fun,
+            np.zeros(4),
+            method="L-BFGS-B",
+            bounds=[(-0.5, float(ups[i]))] * 2 + [(None, 0.3)] * 2,
+            options=dict(gtol=1e-12, ftol=0),
+        )
+        got = np.r_[np.asarray(params["a"][i]), np.asarray(params["b"][i])]
+        np.testing.assert_allclose(got, res.x, atol=1e-6)
+
+    def outer(ts, ups):
+        p, _ = jax.vmap(solve_one)(ts, ups)
+        return jnp.sum(p["a"] ** 2) + jnp.sum(p["b"])
+
+    g_t, g_u = jax.jit(jax.grad(outer, argnums=(0, 1)))(ts, ups)
+    # One compiled function for all the differences (`fn` is a new closure per trace).
+    f = jax.jit(outer)
+    fd = central_difference(lambda z: f(z, ups), ts, rel_step=1e-6)
+    np.testing.assert_allclose(np.asarray(g_t), fd, atol=1e-5)
+    fd_u = central_difference(lambda u: f(ts, u), ups, rel_step=1e-6)
+    np.testing.assert_allclose(np.asarray(g_u), fd_u, atol=1e-5)
+    assert np.any(np.abs(np.asarray(g_u)) > 1e-3)  # some upper bound is active
+
+
+def test_float32(solved):
+    sol64, _ = solved["nnls"]
+    A, b, lam = (a.astype(jnp.float32) for a in NNLS_ARGS)
+    sol = li.optimize(least_squares, jnp.zeros(12, jnp.float32), (A, b, lam), bounds=(0.0, None))
+    assert sol.params.dtype == jnp.float32
+    assert sol.result == li.RESULTS.successful
+    np.testing.assert_allclose(np.asarray(sol.params), np.asarray(sol64.params), atol=1e-4)
+    assert int(sol.stats["num_active"]) == int(sol64.stats["num_active"])
+
+
+def test_sharded_matches_single_device():
+    # 8 simulated devices (conftest): parameters, bounds and the columns of A sharded.
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+    rng = np.random.default_rng(1)
+    A = jnp.asarray(rng.normal(size=(48, 40)))
+    b = jnp.asarray(rng.normal(size=48))
+    up = jnp.asarray(np.full(40, 0.2))
+
+    def outer(A, b, up):
+        sol = li.optimize(
+            least_squares,
+            jnp.zeros(40),
+            (A, b, jnp.asarray(0.1)),
+            solver=TIGHT,
+            bounds=(0.0, up),
+            throw=False,
+        )
+        return jnp.sum(jnp.sin(sol.params)), sol
+
+    vg = jax.jit(jax.value_and_grad(outer, argnums=(1, 2), has_aux=True))
+    (v1, sol1), g1 = vg(A, b, up)
+    mesh = jax.make_mesh((8,), ("d",), axis_types=(AxisType.Auto,))
+    A_s = jax.device_put(A, NamedSharding(mesh, P(None, "d")))
+    up_s = jax.device_put(up, NamedSharding(mesh, P("d")))
+    (v8, sol8), g8 = vg(A_s, b, up_s)
+    assert sol8.result == li.RESULTS.successful
+    assert 0 < int(sol1.stats["num_active"]) < 40
+    np.testing.assert_allclose(np.asarray(sol8.params), np.asarray(sol1.params), atol=1e-10)
+    for a, c in zip(g8, g1):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=1e-8)
+    # And the single-device hypergradient of the upper bound is nonzero only where held.
+    held = np.asarray(sol1.params) == 0.2
+    assert np.all(np.asarray(g1[1])[~held] == 0) and np.any(np.asarray(g1[1])[held] != 0)
