@@ -13,7 +13,7 @@ import pytest
 
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-SCRIPTS = ["quickstart", "meta_learning", "optimisation_layer", "bilevel"]
+SCRIPTS = ["quickstart", "meta_learning", "optimisation_layer", "bilevel", "spectral_unmixing"]
 
 
 def test_every_example_is_tested():
