@@ -503,6 +503,28 @@ def sweep_block(sweep, lines):
     lines.append("")
 
 
+def bounds_section(mode, lines):
+    """Bound-constrained solves (`python -m benchmarks.bounds`), if a result file exists."""
+    from .bounds import table_lines
+
+    data, path = _load("bounds", mode)
+    if not data:
+        return
+    lines += [
+        "## Bound-constrained solves (L-BFGS-B)",
+        "",
+        f"From `{data['command']}` ({path.name}): lbfgs_implicit with `bounds`, SciPy's "
+        "L-BFGS-B (jitted value and gradient) and `jaxopt.LBFGSB`, float64, "
+        f"`gtol = {data['settings']['gtol']:g}` on the projected gradient (jaxopt: `tol` on "
+        "its own test), memory 10, the solvers of a problem interleaved; converged = "
+        "projected-gradient infinity norm at most `gtol`, recomputed for every solver, at a "
+        "point inside the box. Times are ratios of medians measured in the same run.",
+        "",
+        *table_lines(data["rows"]),
+        "",
+    ]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--mode", choices=("full", "quick"), default=None)
@@ -545,6 +567,7 @@ def main(argv=None):
             sweep_plots(
                 hyp["sweep"]["rows"], img / "bench_sweep_time.png", img / "bench_sweep_memory.png"
             )
+    bounds_section(opts.mode, lines)
     if not fwd and not hyp:
         lines.append("No results yet: run `make bench-quick`.")
     page.write_text("\n".join(lines).rstrip() + "\n")
