@@ -394,11 +394,13 @@ def box_search(
     g: PyTree[Array],
     h: History,
     num_steps,
+    active=None,
 ) -> tuple[History, LineSearchResult]:
     """One L-BFGS-B search: direction, capped line search, iterate snapped into the box.
 
     If the direction is not one of descent (rounding, or a non-finite model), the memory
     is reset and the search runs along the projected steepest descent $P(x - g) - x$.
+    `active` is passed to the line search (False for finished elements of a batch).
     """
     dtype = f.dtype
     d = box_direction(h, x, g, box)
@@ -428,7 +430,7 @@ def box_search(
     def inside(xt):
         return value_and_grad(_snap(x, d, xt, box))
 
-    ls = linesearch(inside, x, f, g, d, dg, step0, max_step=cap)
+    ls = linesearch(inside, x, f, g, d, dg, step0, max_step=cap, active=active)
     ls = eqx.tree_at(lambda r: r.x, ls, _snap(x, d, ls.x, box))
     return h, ls
 

@@ -51,11 +51,16 @@ class AbstractLineSearch(eqx.Module):
         dg: Scalar,
         step0: Scalar,
         max_step: Scalar | None = None,
+        active: Bool[Array, ""] | None = None,
     ) -> LineSearchResult:
         """Search along `p` (with `dg = g'p < 0`) starting from the trial step `step0`.
 
         With `max_step`, no trial step exceeds it (bounded solves pass the step at which
         the segment leaves the box); `None` means no limit.
+
+        With `active` False the search stops after at most one trial and its result is
+        meaningless: the solver passes it for finished elements of a `vmap`-ed batch,
+        whose steps are discarded, so that they do not hold up the others' searches.
         """
 
 
@@ -147,7 +152,7 @@ class StrongWolfe(AbstractLineSearch):
         if self.approx_tol is not None and not self.approx_tol >= 0:
             raise ValueError(f"StrongWolfe needs approx_tol >= 0, got {self.approx_tol}.")
 
-    def __call__(self, value_and_grad, x, f, g, p, dg, step0, max_step=None):
+    def __call__(self, value_and_grad, x, f, g, p, dg, step0, max_step=None, active=None):
         dtype = f.dtype
         zero = jnp.zeros((), dtype)
         if max_step is not None:
@@ -256,6 +261,8 @@ class StrongWolfe(AbstractLineSearch):
         # The first trial (usually accepted) runs outside the loop, so the common case
         # pays for neither the interpolation nor the loop.
         first = update(init, init.a_next)
+        if active is not None:
+            first = eqx.tree_at(lambda c: c.done, first, first.done | ~active)
         c = lax.cond(
             first.done,
             lambda c: c,
@@ -307,10 +314,11 @@ class Backtracking(AbstractLineSearch):
         if self.max_evals < 1:
             raise ValueError(f"Backtracking needs max_evals >= 1, got {self.max_evals}.")
 
-    def __call__(self, value_and_grad, x, f, g, p, dg, step0, max_step=None):
+    def __call__(self, value_and_grad, x, f, g, p, dg, step0, max_step=None, active=None):
         dtype = f.dtype
         if max_step is not None:  # backtracking only shrinks: capping the start suffices
             step0 = jnp.minimum(step0, max_step)
+        run = jnp.array(True) if active is None else active
         init = _BacktrackCarry(
             a=step0.astype(dtype),
             a_best=jnp.zeros((), dtype),
@@ -321,7 +329,7 @@ class Backtracking(AbstractLineSearch):
         )
 
         def cond(c):
-            return ~c.found & (c.num_evals < self.max_evals)
+            return run & ~c.found & (c.num_evals < self.max_evals)
 
         def body(c):
             ft, gt, _, finite = _evaluate(value_and_grad, x, p, c.a, dtype)

@@ -261,7 +261,12 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
             jnp.where(state.num_steps == 0, 1 / safe, jnp.minimum(1, 1 / safe)),
         )
 
-        ls = self.linesearch(value_and_grad, state.x, state.f, state.g, p, dg, step0)
+        # A finished state is only stepped as a finished element of a `vmap`-ed batch,
+        # whose step the loop discards: its line search then stops at the first trial
+        # instead of keeping the batch's search loop running.
+        ls = self.linesearch(
+            value_and_grad, state.x, state.f, state.g, p, dg, step0, active=~state.terminate
+        )
         return h, ls
 
     def step(self, value_and_grad, state):
@@ -278,6 +283,7 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
                 state.g,
                 state.history,
                 state.num_steps,
+                active=~state.terminate,
             )
 
         s = tree_sub(ls.x, state.x)
