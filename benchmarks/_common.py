@@ -59,8 +59,6 @@ def current_rss_bytes() -> int:
 
 
 def machine() -> dict:
-    from importlib.metadata import version
-
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -77,7 +75,7 @@ def machine() -> dict:
         "memory_gib": round(mem / 2**30, 1),
         "python": platform.python_version(),
         "versions": {
-            name: version(name)
+            name: _version(name)
             for name in (
                 "lbfgs_implicit",
                 "jax",
@@ -92,6 +90,15 @@ def machine() -> dict:
         },
         "device": str(jax.devices()[0]),
     }
+
+
+def _version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
 
 
 def write_json(path, payload: dict) -> None:

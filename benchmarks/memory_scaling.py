@@ -15,6 +15,13 @@ The problem is a separable smooth convex objective with per-coordinate weights `
 A linear fit `bytes ~ a + b * n * (2 * history_size + c)` is what O(n * history_size)
 predicts; the script prints the per-(n * history_size) slope for each sweep.
 
+A third table, `temporaries_by_shape`, gives the compiled program's temporaries
+(`temp_size_in_bytes`) in units of the parameters' bytes, for the same objective on
+parameters of different shapes with the same n: one vector, one matrix, a 4-D
+convolution kernel and a dict of MLP layers, in float32 and float64, for the forward
+solve alone and for `value_and_grad` of the outer loss. The history alone is
+`2 * history_size` of these units.
+
     python benchmarks/memory_scaling.py            # default sizes, a few minutes on CPU
     python benchmarks/memory_scaling.py --quick    # CI-sized
 
@@ -84,6 +91,47 @@ def _case(n: int, history_size: int, max_steps: int) -> dict:
     }
 
 
+SHAPES = {
+    # About 1e5 parameters each.
+    "vector": {"x": (100_000,)},
+    "matrix": {"x": (400, 250)},
+    "conv4d": {"x": (3, 3, 96, 116)},
+    "mlp": {"w1": (200, 250), "b1": (250,), "w2": (250, 200), "b2": (200,)},
+}
+
+
+def _shape_case(shape: str, dtype: str, history_size: int) -> dict:
+    """Run inside the subprocess: temporaries of one leaf layout, forward and gradient."""
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+    import jax.tree_util as jtu
+
+    import lbfgs_implicit as li
+
+    x0 = {k: jnp.zeros(v, dtype) for k, v in SHAPES[shape].items()}
+    n_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jtu.tree_leaves(x0))
+
+    def fn(x, theta):
+        return sum(jnp.sum(jax.nn.softplus(-v) + 0.5 * theta * v**2) for v in jtu.tree_leaves(x))
+
+    solver = li.LBFGS(history_size=history_size, max_steps=15, gtol=0.0)
+
+    def solve(theta):
+        return li.optimize(fn, x0, theta, solver=solver, throw=False).params
+
+    def outer(theta):
+        return sum(jnp.sum(v) for v in jtu.tree_leaves(solve(theta)))
+
+    theta = jnp.asarray(1.5, dtype)
+    row = {"shape": shape, "dtype": dtype, "history_size": history_size, "n_bytes": n_bytes}
+    for name, program in (("forward", solve), ("value_and_grad", jax.value_and_grad(outer))):
+        analysis = jax.jit(program).lower(theta).compile().memory_analysis()
+        row[name] = analysis.temp_size_in_bytes / n_bytes
+    return row
+
+
 def _run_case(n: int, history_size: int, max_steps: int) -> dict:
     cmd = [sys.executable, __file__, "--case", str(n), str(history_size), str(max_steps)]
     env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
@@ -104,13 +152,48 @@ def _slope(rows: list[dict], key: str, x_of) -> tuple[float, float]:
     return float(b), 1.0 - ss_res / ss_tot
 
 
+def _shapes_table() -> list[dict]:
+    rows = []
+    env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+    for shape in SHAPES:
+        for dtype in ("float32", "float64"):
+            for m in (10,):
+                cmd = [sys.executable, __file__, "--shape-case", shape, dtype, str(m)]
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+                rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print("Temporaries in units of the parameters' bytes (history alone: 2 * history_size)")
+    print(f"{'shape':<8}{'dtype':>9}{'history':>9}{'forward':>9}{'value_and_grad':>16}")
+    for r in rows:
+        print(
+            f"{r['shape']:<8}{r['dtype']:>9}{r['history_size']:>9}"
+            f"{r['forward']:>9.1f}{r['value_and_grad']:>16.1f}"
+        )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="CI-sized sweep")
     parser.add_argument("--case", nargs=3, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--shape-case", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--shapes-only", action="store_true", help="only the temporaries-by-shape table"
+    )
     args = parser.parse_args()
     if args.case:
         print(json.dumps(_case(*args.case)))
+        return
+    if args.shape_case:
+        shape, dtype, m = args.shape_case
+        print(json.dumps(_shape_case(shape, dtype, int(m))))
+        return
+
+    by_shape = _shapes_table()
+    if args.shapes_only:
+        path = HERE / "results" / "memory_by_shape.json"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps({"temporaries_by_shape": by_shape}, indent=2) + "\n")
+        print(f"wrote {path}")
         return
 
     if args.quick:
@@ -147,6 +230,7 @@ def main() -> None:
     print(f"XLA bytes per (history slot * parameter): {per_pair:.1f} (16 = one s and one y)")
 
     out = {
+        "temporaries_by_shape": by_shape,
         "max_steps": max_steps,
         "sweep_n": sweep_n,
         "sweep_history_size": sweep_m,

@@ -525,12 +525,79 @@ def bounds_section(mode, lines):
     ]
 
 
+def scale_section(scale, path, by_shape, shape_path, lines):
+    """Memory and time per iteration at large n against the peers."""
+    lines += [
+        "## Scale: memory and time per iteration",
+        "",
+        f"From `{scale['command']}` (`{_rel(path)}`): a smoothing objective on n "
+        "parameters held as one vector or one square matrix, every solver running "
+        f"{scale['iters']} iterations with its stopping tests off. Time per iteration is "
+        "the median solve time over the iterations run; ratios are ours over the peer's, "
+        f"per round, over {scale['rounds']} interleaved rounds (median, and minimum in "
+        "brackets). The floor is one value-and-gradient plus two passes over the memory, "
+        "timed in the same rounds. Memory is XLA's `temp_size_in_bytes` of the compiled "
+        "solve in units of the parameters' bytes (the memory itself is "
+        "`2 * history_size` of them).",
+        "",
+    ]
+    peers = [p for p in JAX_PEERS if any(p in c["solvers"] for c in scale["cases"])]
+    head = "| n | leaf | dtype | m | ours ms/iter | ours / floor |"
+    rule = "| --- | --- | --- | --- | --- | --- |"
+    for p in peers:
+        head += f" {p} ms/iter | ours / {p} |"
+        rule += " --- | --- |"
+    head += " temporaries: ours | " + " | ".join(peers) + " |"
+    rule += " --- |" + " --- |" * len(peers)
+    lines += [head, rule]
+    for c in scale["cases"]:
+        ours = c["solvers"][OURS]
+        row = (
+            f"| {c['n']:g} | {c['shape']} | {c['dtype']} | {c['history_size']} | "
+            f"{ours['per_iter_ms']:.1f} | {c['ours_over_floor_median']:.2f} |"
+        )
+        for p in peers:
+            r = c["solvers"].get(p)
+            row += (
+                f" {r['per_iter_ms']:.1f} | {r['ours_over_this_median']:.2f} "
+                f"({r['ours_over_this_min']:.2f}) |"
+                if r
+                else " - | - |"
+            )
+        row += f" {ours['temp_per_n']:.0f} n |"
+        for p in peers:
+            r = c["solvers"].get(p)
+            row += f" {r['temp_per_n']:.0f} n |" if r else " - |"
+        lines.append(row)
+    lines.append("")
+    if by_shape:
+        lines += [
+            "### Temporaries by leaf shape",
+            "",
+            f"From `python benchmarks/memory_scaling.py --shapes-only` (`{_rel(shape_path)}`): "
+            "the same objective on about 1e5 parameters held as one vector, one matrix, a "
+            "4-D convolution kernel or a dict of MLP layers; temporaries of the compiled "
+            "forward solve and of `value_and_grad` of an outer loss through it, in units of "
+            "the parameters' bytes.",
+            "",
+            "| leaves | dtype | history_size | forward | value_and_grad |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for r in by_shape:
+            lines.append(
+                f"| {r['shape']} | {r['dtype']} | {r['history_size']} | "
+                f"{r['forward']:.1f} n | {r['value_and_grad']:.1f} n |"
+            )
+        lines.append("")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--mode", choices=("full", "quick"), default=None)
     parser.add_argument("--forward", default=None, help="a forward results file")
     parser.add_argument("--hypergrad", default=None, help="a hypergradient results file")
     parser.add_argument("--compile-time", default=None, help="a compile-time results file")
+    parser.add_argument("--scale", default=None, help="a scale results file")
     parser.add_argument("--page", default=str(PAGE))
     opts = parser.parse_args(argv)
     page = Path(opts.page)
@@ -568,6 +635,19 @@ def main(argv=None):
                 hyp["sweep"]["rows"], img / "bench_sweep_time.png", img / "bench_sweep_memory.png"
             )
     bounds_section(opts.mode, lines)
+    scale_path = Path(opts.scale) if opts.scale else RESULTS_DIR / "scale.json"
+    shape_path = RESULTS_DIR / "memory_by_shape.json"
+    if scale_path.exists():
+        by_shape = None
+        if shape_path.exists():
+            by_shape = json.loads(shape_path.read_text())["temporaries_by_shape"]
+        scale_section(
+            json.loads(scale_path.read_text()),
+            scale_path.resolve(),
+            by_shape,
+            shape_path.resolve(),
+            lines,
+        )
     if not fwd and not hyp:
         lines.append("No results yet: run `make bench-quick`.")
     page.write_text("\n".join(lines).rstrip() + "\n")

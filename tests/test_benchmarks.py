@@ -36,14 +36,32 @@ def results(tmp_path_factory):
         "benchmarks.compile_time",
         *("--n", "4", "--rounds", "2", "--solvers", "lbfgs_implicit,optax", "--out", str(ct)),
     )
+    scale = tmp / "scale.json"
+    _run(
+        "benchmarks.scale",
+        *("--n", "64", "--shapes", "matrix", "--dtypes", "float64", "--iters", "3"),
+        *("--rounds", "1", "--solvers", "lbfgs_implicit,optax", "--out", str(scale)),
+    )
     page = tmp / "benchmarks.md"
     _run(
         "benchmarks.report",
         *("--forward", str(fwd), "--hypergrad", str(hyp), "--compile-time", str(ct)),
-        *("--page", str(page)),
+        *("--scale", str(scale), "--page", str(page)),
     )
     fwd, hyp, ct = (json.loads(path.read_text()) for path in (fwd, hyp, ct))
     return fwd, hyp, page, ct
+
+
+def test_scale_rows(results):
+    *_, page, _ = results
+    scale = json.loads((page.parent / "scale.json").read_text())
+    (case,) = scale["cases"]
+    for name in ("lbfgs_implicit", "optax"):
+        row = case["solvers"][name]
+        # Stopping tests off: every solver runs the iterations it was given.
+        assert row["iters"] == 3 and row["evals"] >= 3, name
+        assert row["temp_per_n"] > 0, name
+    assert "## Scale: memory and time per iteration" in page.read_text()
 
 
 def test_forward_rows(results):
