@@ -569,7 +569,14 @@ def scale_section(scale, path, by_shape, shape_path, lines):
             r = c["solvers"].get(p)
             row += f" {r['temp_per_n']:.0f} n |" if r else " - |"
         lines.append(row)
-    lines.append("")
+    lines += [
+        "",
+        "A dash: the solver failed to compile that case (the script prints why; "
+        "optimistix's two-loop recursion changes its carry's dtype in float32 with "
+        "float64 enabled). Temporaries above `2 * history_size + 10` include the "
+        "objective's own intermediates.",
+        "",
+    ]
     if by_shape:
         lines += [
             "### Temporaries by leaf shape",

@@ -149,3 +149,23 @@ def test_gradient_shardings_kept_with_throw():
     gX1, gy1 = jax.grad(loss, argnums=(0, 1))(jnp.asarray(X), jnp.asarray(Y))
     np.testing.assert_allclose(np.asarray(gX), np.asarray(gX1), rtol=1e-7, atol=1e-12)
     np.testing.assert_allclose(np.asarray(gy), np.asarray(gy1), rtol=1e-7, atol=1e-12)
+
+
+@pytest.mark.parametrize("spec", [P("d", None), P(None, "d")])
+def test_matrix_leaf_memory_stays_sharded(spec):
+    # A matrix leaf sharded along either axis: the memory's products with it must not
+    # gather it (flattening a leaf sharded along its minor axis would), and the result
+    # keeps the sharding.
+    mesh = _mesh_1d()
+    target = jnp.asarray(_rng.normal(size=(16, 40)))
+
+    def fn(w, target):
+        return jnp.sum(jnp.logaddexp(w - target, target - w))
+
+    x0 = jax.device_put(jnp.zeros((16, 40)), NamedSharding(mesh, spec))
+    solve = jax.jit(lambda x0, t: li.optimize(fn, x0, t, solver=SOLVER, throw=False).params)
+    compiled = solve.lower(x0, target).compile()
+    assert "all-gather" not in compiled.as_text()
+    w = compiled(x0, target)
+    _assert_kept(w, mesh, spec)
+    np.testing.assert_allclose(np.asarray(w), np.asarray(target), atol=1e-9)
