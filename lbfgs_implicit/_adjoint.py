@@ -212,6 +212,10 @@ def _grad_x(fn: Callable, x: PyTree[Array], theta) -> PyTree[Array]:
     return jax.grad(lambda y: closed_fn(y, args)[0])(x)
 
 
+def _first_output(vjp, u):
+    return vjp(u)[0]
+
+
 def _backward(
     fn,
     args,
@@ -238,9 +242,16 @@ def _backward(
     # forward-over-reverse (jax.linearize), and unlike it this works when `fn` calls a
     # custom-VJP function, such as another `optimize`.
     _, vjp_grad = jax.vjp(lambda x: _grad_x(fn, x, theta), x_star)
-    hvp = lambda u: vjp_grad(u)[0]  # noqa: E731
+    # The VJP is a pytree whose leaves are the linearisation's residuals, so lineax can
+    # carry it without closure conversion. Closure conversion would compare every call
+    # with `structure` including shardings, and under an explicit-axes mesh lineax's
+    # own shape evaluation calls `mv` with unsharded stand-ins, which fails.
+    hvp = jtu.Partial(_first_output, vjp_grad)
     hessian = lx.FunctionLinearOperator(
-        hvp, structure, tags=(lx.symmetric_tag, lx.positive_semidefinite_tag)
+        hvp,
+        structure,
+        tags=(lx.symmetric_tag, lx.positive_semidefinite_tag),
+        closure_convert=False,
     )
     inverse_approx = inverse_hessian_operator(history, structure)
     if free is not None:

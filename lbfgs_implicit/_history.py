@@ -284,8 +284,11 @@ def inverse_hessian_operator(
     operator is only ever used as a preconditioner or as an approximate inverse.
     """
     h = lax.stop_gradient(h)
+    # A pytree function (the history is its leaf), not closure-converted: see the
+    # Hessian operator in `_adjoint._backward` for why (explicit-axes meshes).
     return lx.FunctionLinearOperator(
-        lambda v: apply_inverse_hessian(h, v),
+        jtu.Partial(apply_inverse_hessian, h),
         structure,
         tags=(lx.symmetric_tag, lx.positive_semidefinite_tag),
+        closure_convert=False,
     )
