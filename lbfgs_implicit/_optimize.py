@@ -1,3 +1,4 @@
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +16,28 @@ from ._solution import RESULTS, Solution
 from ._solver import AbstractMinimiser, LBFGS
 
 
+def _numbers_as_container(node) -> bool:
+    # `[0.0, 0.0, 0.0]` is, to JAX, a pytree of three scalars: `fn` would receive a list
+    # and fail on the first arithmetic with a message that does not say why.
+    # Namedtuples are left alone: their fields are meant as separate parameters.
+    return (
+        type(node) in (list, tuple)
+        and len(node) > 0
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in node)
+    )
+
+
 def _check_x0(x0: PyTree[ArrayLike]) -> PyTree[jax.Array]:
+    containers = jtu.tree_leaves(x0, is_leaf=_numbers_as_container)
+    for node in containers:
+        if _numbers_as_container(node):
+            kind = type(node).__name__
+            raise TypeError(
+                f"`x0` contains a {kind} of Python numbers, {node!r}, which JAX treats as "
+                f"a pytree of {len(node)} separate scalars, so `fn` would receive a "
+                f"{kind}. Pass an array instead: `jnp.array({list(node)!r})`. (A {kind} "
+                "of arrays is fine: each array is one parameter leaf.)"
+            )
     leaves, treedef = jtu.tree_flatten(x0)
     if not leaves:
         raise ValueError(
@@ -48,6 +70,25 @@ def _check_x0(x0: PyTree[ArrayLike]) -> PyTree[jax.Array]:
             )
         out.append(leaf)
     return jtu.tree_unflatten(treedef, out)
+
+
+def _check_signature(fn: Callable) -> None:
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # builtins and some C callables have none
+        return
+    try:
+        signature.bind(None, None)
+    except TypeError:
+        name = getattr(fn, "__name__", type(fn).__name__)
+        if name == "<lambda>":
+            name = "fn"
+        raise TypeError(
+            f"`fn` must take two arguments, `fn(x, args)`, but `{name}{signature}` cannot "
+            "be called that way. For an objective of `x` alone pass "
+            f"`lambda x, args: {name}(x)` (define it once, outside any loop, so it is "
+            "compiled once); to use extra inputs, take them from `args`."
+        ) from None
 
 
 def _normalise_fn(fn: Callable, has_aux: bool) -> Callable:
@@ -218,6 +259,7 @@ def optimize(
         )
     if not callable(fn):
         raise TypeError(f"`fn` must be callable as fn(x, args), got {fn!r}.")
+    _check_signature(fn)
     x0 = _check_x0(x0)
     if bounds is not None:
         check_bounds(bounds, x0)

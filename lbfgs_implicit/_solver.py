@@ -1,6 +1,7 @@
 """The L-BFGS minimiser: configuration, state, and one iteration."""
 
 import abc
+import dataclasses
 from typing import Generic, TypeVar
 
 import equinox as eqx
@@ -68,6 +69,36 @@ def default_gtol(dtype) -> float:
     objectives.
     """
     return max(float(np.finfo(dtype).eps) ** (2 / 3), 1e-10)
+
+
+# Argument names of SciPy, jaxopt, optax and optimistix, and what they are called here.
+_OTHER_NAMES = {
+    "tol": "`gtol` (the infinity norm of the gradient, SciPy's `gtol`; `gtol_l2` bounds "
+    "the 2-norm), e.g. `LBFGS(gtol=1e-8)`",
+    "rtol": "`gtol` (an absolute bound on the infinity norm of the gradient), e.g. "
+    "`LBFGS(gtol=1e-8)`; `ftol` is the relative decrease",
+    "atol": "`gtol` (an absolute bound on the infinity norm of the gradient), e.g. "
+    "`LBFGS(gtol=1e-8)`",
+    "maxiter": "`max_steps`, e.g. `LBFGS(max_steps=5000)`",
+    "max_iter": "`max_steps`, e.g. `LBFGS(max_steps=5000)`",
+    "maxfun": "`max_steps` (a limit on iterations; each uses a few evaluations)",
+    "maxcor": "`history_size`, e.g. `LBFGS(history_size=10)`",
+    "memory_size": "`history_size`, e.g. `LBFGS(history_size=10)`",
+    "m": "`history_size`, e.g. `LBFGS(history_size=10)`",
+}
+
+
+def _check_known_names(cls, kwargs) -> None:
+    fields = [f.name for f in dataclasses.fields(cls)]
+    for name in kwargs:
+        if name in fields:
+            continue
+        hint = _OTHER_NAMES.get(name)
+        where = f"here it is {hint}" if hint else "check the spelling"
+        raise TypeError(
+            f"{cls.__name__} has no argument `{name}`: {where}. Its arguments are "
+            f"{', '.join(fields)}."
+        )
 
 
 class _LBFGSState(eqx.Module):
@@ -149,6 +180,12 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
     ftol: float = 0.0
     linesearch: AbstractLineSearch = StrongWolfe()
     verbose: bool = False
+
+    def __new__(cls, *args, **kwargs):
+        # Names other libraries use for the same settings get a pointer instead of
+        # Python's bare "unexpected keyword argument".
+        _check_known_names(cls, kwargs)
+        return super().__new__(cls)
 
     def __check_init__(self):
         # `bool` is a subclass of `int`: `history_size=True` is a mistake, not a 1.

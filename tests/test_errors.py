@@ -397,3 +397,36 @@ def test_args_with_static_leaves():
         sol = li.optimize(fn, jnp.zeros(2), (norm, jnp.array([1.0, -2.0])))
         np.testing.assert_allclose(np.asarray(sol.params), [1.0, -2.0], atol=1e-3)
         assert sol.result == li.RESULTS.successful
+
+
+# ---------------------------------------------------------------------------------------
+# Rows added for issue 16: call-site mistakes whose Python error did not name the fix.
+
+
+def test_x0_list_of_floats():
+    # A list of numbers is, to JAX, a pytree of scalars: `fn` would get a list.
+    match = r"`x0` contains a list of Python numbers.*Pass an array.*jnp\.array\(\[0\.0, 0\.0"
+    with pytest.raises(TypeError, match=match):
+        li.optimize(_sphere, [0.0, 0.0, 0.0])
+
+
+def test_fn_with_one_parameter():
+    def loss(x):
+        return jnp.sum(x**2)
+
+    match = r"`fn` must take two arguments, `fn\(x, args\)`.*`lambda x, args: loss\(x\)`"
+    with pytest.raises(TypeError, match=match):
+        li.optimize(loss, jnp.zeros(2))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(tol=1e-6), r"LBFGS has no argument `tol`: here it is `gtol`"),
+        (dict(maxiter=100), r"LBFGS has no argument `maxiter`: here it is `max_steps`"),
+        (dict(gtoll=1e-6), r"no argument `gtoll`: check the spelling.*history_size, max_steps"),
+    ],
+)
+def test_lbfgs_argument_names_of_other_libraries(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        li.LBFGS(**kwargs)
