@@ -1,15 +1,104 @@
 from typing import Any
 
 import equinox as eqx
+import jax
 import lineax as lx
+import numpy as np
+from equinox._enum import EnumerationItem
 from jaxtyping import Array, PyTree, Scalar
 
 
-class RESULTS(lx.RESULTS):  # pyright: ignore[reportGeneralTypeIssues]
+class Outcome(EnumerationItem):
+    """A [`lbfgs_implicit.RESULTS`][] value: one outcome, or an array of them under `vmap`.
+
+    `str` and `repr` name the member (`RESULTS.successful`); a batch prints the count of
+    each outcome. `name` and `counts()` read a finished (not traced) result on the host.
+    """
+
+    @property
+    def name(self) -> str:
+        """The member's name, e.g. `"successful"`, for a single (not batched) result."""
+        values = self._concrete("name")
+        if values.shape != ():
+            raise ValueError(
+                f"`result.name` needs a single result, got a batch of shape {values.shape}; "
+                "use `result.counts()` for a batch."
+            )
+        return self._enumeration._index_to_name[int(values)]
+
+    def counts(self) -> dict[str, int]:
+        """How many elements ended with each outcome, e.g. `{"successful": 510,
+        "linesearch_failed": 2}`: members that occur, in definition order.
+
+        For a batch of solves (`jax.vmap`) as for a single one. Needs a finished result
+        (outside `jax.jit`); inside a traced function count with
+        `jnp.sum(sol.result == li.RESULTS.successful)`.
+        """
+        values = self._concrete("counts()")
+        found = np.bincount(values.ravel(), minlength=len(self._enumeration._index_to_name))
+        return {
+            name: int(found[index])
+            for index, name in enumerate(self._enumeration._index_to_name)
+            if found[index] > 0
+        }
+
+    def _concrete(self, what: str) -> np.ndarray:
+        if isinstance(self._value, jax.core.Tracer):
+            raise TypeError(
+                f"`result.{what}` needs a finished result, but this one is traced (inside "
+                "`jax.jit`, `jax.vmap` or `jax.grad`); return `sol.result` from the traced "
+                "function, or compare there: `sol.result == li.RESULTS.successful`."
+            )
+        return np.asarray(self._value)
+
+    def __repr__(self) -> str:
+        cls = self._enumeration.__name__
+        if isinstance(self._value, jax.core.Tracer):
+            return f"{cls}<traced>"
+        values = np.asarray(self._value)
+        if values.shape == ():
+            return f"{cls}.{self._enumeration._index_to_name[int(values)]}"
+        found = ", ".join(f"{name}={n}" for name, n in self.counts().items())
+        return f"{cls}(shape {values.shape}: {found})"
+
+    __str__ = __repr__
+
+
+class _ResultsMeta(type(lx.RESULTS)):
+    # Equinox builds plain `EnumerationItem`s; rebuild them as `Outcome`s so that a
+    # result prints its name, and keep `where`/`promote` producing `Outcome`s.
+    def __new__(mcs, cls_name, bases, namespace):
+        cls = super().__new__(mcs, cls_name, bases, namespace)
+        names = [""] * len(cls._index_to_message)
+        for name, item in cls._name_to_item.items():
+            names[int(item._value)] = name
+            cls._name_to_item[name] = Outcome(item._value, cls)
+        cls._index_to_name = names
+        base_where, base_promote = cls.where, cls.promote
+        cls.where = classmethod(lambda c, pred, a, b: _as_outcome(base_where(pred, a, b)))
+        cls.promote = classmethod(lambda c, item: _as_outcome(base_promote(item)))
+        return cls
+
+    def __getitem__(cls, item) -> str:
+        # `successful` inherits lineax's empty message; say something readable instead.
+        message = super().__getitem__(item)
+        return message if message else "successful: the stopping test was met."
+
+
+def _as_outcome(item: EnumerationItem) -> Outcome:
+    return item if isinstance(item, Outcome) else Outcome(item._value, item._enumeration)
+
+
+class RESULTS(lx.RESULTS, metaclass=_ResultsMeta):  # pyright: ignore[reportGeneralTypeIssues]
     """Outcome codes of [`lbfgs_implicit.optimize`][], an extension of `lineax.RESULTS`.
 
-    Compare with `sol.result == li.RESULTS.successful`; each member's message (shown
-    when `throw=True` raises) names the cause and the fix.
+    Compare with `sol.result == li.RESULTS.successful` (elementwise for a batch, and
+    inside `jax.jit`); each member's message (shown when `throw=True` raises, and by
+    `li.RESULTS[sol.result]`) names the cause and the fix.
+
+    A finished result prints its name (`RESULTS.max_steps_reached`); `sol.result.name`
+    is that name as a string, and `sol.result.counts()` tallies a batch from
+    `jax.vmap`, e.g. `{"successful": 510, "linesearch_failed": 2}`.
     """
 
     linesearch_failed = (
