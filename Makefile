@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: demo test lint docs docs-build bench bench-quick clean
+.PHONY: demo test test-latest lint docs docs-build bench bench-quick clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,27 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 	$(VENV)/bin/mkdocs build --strict --quiet -f docs/mkdocs.yml -d ../site
 
+# The second CI leg: the newest jax, numpy and scipy (no constraints.txt) on the oldest
+# Python they support, 3.12 (`.ci/latest_python` finds it, pyenv's included), in its own
+# .venv-latest. What `pip install lbfgs_implicit` gives a user today; upgraded on every
+# run. Lint and docs are the pinned leg's job. Skipped, saying so, without Python 3.12+.
+LATEST_VENV := .venv-latest
+LATEST_PY := $(LATEST_VENV)/bin/python
+
+test-latest:
+	@py="$$(.ci/latest_python)"; \
+	if [ -z "$$py" ]; then \
+		echo "test-latest: SKIPPED: no Python >= 3.12 found (looked for python3.12, python3.13 and python3 on PATH and in pyenv's versions); the newest jax needs one."; \
+		exit 0; \
+	fi; \
+	set -e; \
+	if [ ! -x $(LATEST_PY) ]; then "$$py" -m venv $(LATEST_VENV); fi; \
+	$(LATEST_PY) -m pip install --quiet --disable-pip-version-check --upgrade pip; \
+	$(LATEST_PY) -m pip install --quiet --disable-pip-version-check --upgrade \
+		--upgrade-strategy eager -e ".[dev,examples,bench]"; \
+	$(LATEST_PY) -c "import sys, jax, numpy, scipy, equinox, lineax; print('test-latest: Python', sys.version.split()[0], 'jax', jax.__version__, 'numpy', numpy.__version__, 'scipy', scipy.__version__, 'equinox', equinox.__version__, 'lineax', lineax.__version__)"; \
+	$(LATEST_PY) -m pytest -q -p no:cacheprovider
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -44,4 +65,4 @@ bench-quick: $(STAMP)
 	$(PY) -m benchmarks.run --quick
 
 clean:
-	rm -rf $(VENV) site .pytest_cache
+	rm -rf $(VENV) $(LATEST_VENV) site .pytest_cache

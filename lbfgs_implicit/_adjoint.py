@@ -30,7 +30,7 @@ from ._misc import (
     tree_scale,
     tree_sub,
 )
-from ._solution import RESULTS
+from ._solution import check_can_raise, RESULTS, traced_messages
 from ._solver import iterate
 
 
@@ -235,6 +235,8 @@ def _backward(
     active part is the cotangent of the bounds the active coordinates sit on, is
     returned too.
     """
+    if throw:
+        check_can_raise((fn, args, x_star, v), "backward pass")
     theta = (fn, args)
     structure = jax.eval_shape(lambda: x_star)
     # Hessian-vector products by reverse-over-reverse, linearised once at x*. H is
@@ -277,7 +279,7 @@ def _backward(
     if throw:
         # A scalar through the error check, as in `optimize`: passing `w` itself would
         # gather a sharded `w` onto one device.
-        failed = result.error_if(failed, failed)
+        failed = eqx.branched_error_if(failed, failed, result._value, traced_messages("backward"))
     w = jtu.tree_map(lambda leaf: jnp.where(failed, jnp.nan, leaf), w)
 
     _, vjp_theta = eqx.filter_vjp(lambda th: _grad_x(fn, x_star, th), theta)

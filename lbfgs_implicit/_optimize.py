@@ -12,7 +12,7 @@ from jaxtyping import ArrayLike, PyTree
 
 from ._adjoint import AbstractAdjoint, implicit_solve, ImplicitAdjoint
 from ._box import check_bounds, normalise_bounds
-from ._solution import RESULTS, Solution
+from ._solution import check_can_raise, RESULTS, Solution, SolveError, traced_messages
 from ._solver import AbstractMinimiser, LBFGS
 
 
@@ -158,25 +158,35 @@ def _optimize(fn, x0, args, bounds, solver, adjoint, has_aux, throw):
     x0 = lax.stop_gradient(x0)
     # A Python branch: without bounds the compiled program is the unconstrained one.
     box = None if bounds is None else normalise_bounds(bounds, x0)
+    # `throw` here is the backward pass's; the forward outcome is checked by `optimize`.
     params, state = implicit_solve((closed_fn, args, box), x0, solver, adjoint, throw)
     state = lax.stop_gradient(state)
     value, aux = closed_fn(params, args)
     _, stats = solver.postprocess(state)
-    result = state.result
-    if throw:
-        # Check a scalar and tie the outputs to it elementwise. Passing the Solution itself
-        # through `error_if` routes it through a single-device host callback, which
-        # gathers sharded parameters; an optimisation barrier would be dead-code
-        # eliminated when only `params` is used.
-        ok = result.error_if(result == RESULTS.successful, result != RESULTS.successful)
+    return Solution(
+        params=params, value=value, aux=aux, result=state.result, stats=stats, state=state
+    )
 
-        def tie(leaf):
-            if eqx.is_inexact_array(leaf):
-                return jnp.where(ok, leaf, jnp.array(jnp.nan, leaf.dtype))
-            return leaf
 
-        params, value, aux = jtu.tree_map(tie, (params, value, aux))
-    return Solution(params=params, value=value, aux=aux, result=result, stats=stats, state=state)
+def _check_in_program(sol: Solution, inputs) -> Solution:
+    check_can_raise((inputs, sol.params), "solve's outcome")
+    # Check a scalar and tie the outputs to it elementwise. Passing the Solution itself
+    # through `error_if` routes it through a single-device host callback, which
+    # gathers sharded parameters; an optimisation barrier would be dead-code
+    # eliminated when only `params` is used.
+    result = sol.result
+    failed = result != RESULTS.successful
+    ok = eqx.branched_error_if(~failed, failed, result._value, traced_messages("optimize"))
+
+    def tie(leaf):
+        if eqx.is_inexact_array(leaf):
+            return jnp.where(ok, leaf, jnp.array(jnp.nan, leaf.dtype))
+        return leaf
+
+    params, value, aux = jtu.tree_map(tie, (sol.params, sol.value, sol.aux))
+    return eqx.tree_at(
+        lambda s: (s.params, s.value, s.aux), sol, (params, value, aux), is_leaf=lambda z: z is None
+    )
 
 
 def optimize(
@@ -218,10 +228,16 @@ def optimize(
       bounds are concrete and `RESULTS.infeasible_bounds` when they are traced. See the
       Bounds page of the docs.
     - `has_aux`: whether `fn` returns `(value, aux)`.
-    - `throw`: raise (also inside `jax.jit`, as a runtime error) if the solve does not
-      succeed, and in the backward pass if its linear solve fails. With `throw=False`
-      check `sol.result`; a failed backward solve then gives NaN gradients. Under
-      `jax.vmap` an error fires if any batch element fails: use `throw=False` there.
+    - `throw`: what a failed solve does. Called eagerly (also under an eager
+      `jax.grad`), `optimize` raises [`lbfgs_implicit.SolveError`][] at the call, an
+      ordinary exception holding the `Solution`. Inside `jax.jit` or `jax.vmap` the
+      check runs in the compiled program and JAX raises a runtime error (under `vmap`
+      if any element fails); the backward pass raises the same way if its linear solve
+      fails. In a program on several devices an in-program error would stall the
+      other devices until XLA aborts the process, so `throw=True` is refused there
+      with a `ValueError` when traced. With `throw=False` check `sol.result`; a failed
+      backward solve then gives NaN gradients. An outer loop that should survive a
+      failure passes `throw=False` (see the FAQ, "Failed solves in a loop").
 
     **Returns:**
 
@@ -263,4 +279,20 @@ def optimize(
     x0 = _check_x0(x0)
     if bounds is not None:
         check_bounds(bounds, x0)
-    return _optimize(fn, x0, args, bounds, solver, adjoint, bool(has_aux), bool(throw))
+    throw = bool(throw)
+    sol = _optimize(fn, x0, args, bounds, solver, adjoint, bool(has_aux), throw)
+    if not throw:
+        return sol
+    try:
+        # Concrete when called eagerly, also under an eager `jax.grad`.
+        ok = bool(jnp.all(sol.result == RESULTS.successful))
+    except jax.errors.ConcretizationTypeError:
+        # Inside jax.jit or jax.vmap the outcome is only known when the program runs,
+        # so the check has to be part of the program.
+        return _check_in_program(sol, (x0, args, bounds, fn))
+    # Called eagerly: the program has finished, so check the outcome here and raise an
+    # ordinary Python exception at the caller's line. No host callback runs inside the
+    # program, so a failure cannot stall devices waiting in a collective.
+    if not ok:
+        raise SolveError(sol)
+    return sol

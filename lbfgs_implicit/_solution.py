@@ -154,3 +154,108 @@ class Solution(eqx.Module):
     result: RESULTS
     stats: dict[str, Array]
     state: Any
+
+
+def program_devices(tree: Any) -> int:
+    """The number of devices a traced program runs on, as far as its values tell.
+
+    Under `jax.jit` every traced value's type carries the (abstract) mesh of its
+    sharding, also for `AxisType.Auto`; `jax.set_mesh` sets one for the whole trace.
+    """
+    sizes = [1]
+    try:
+        sizes.append(jax.sharding.get_abstract_mesh().size)
+    except AttributeError:  # a JAX without abstract meshes: nothing to learn here
+        pass
+    for leaf in jax.tree.leaves(tree):
+        if isinstance(leaf, jax.core.Tracer):
+            mesh = getattr(getattr(jax.typeof(leaf), "sharding", None), "mesh", None)
+            sizes.append(getattr(mesh, "size", 1))
+        elif isinstance(leaf, jax.Array):
+            sizes.append(len(leaf.sharding.device_set))
+    return max(sizes)
+
+
+def check_can_raise(tree: Any, where: str) -> None:
+    """Refuse `throw=True` where a failure would stall a multi-device program.
+
+    An error raised inside a compiled program comes from a host callback, which XLA runs
+    on one device; the other devices then wait for it in the next collective until XLA
+    aborts the whole process (seen on CPU after 74 s, as SIGABRT). A Python exception
+    now, at trace time, is catchable and names the fix.
+    """
+    n = program_devices(tree)
+    if n > 1:
+        raise ValueError(
+            f"`throw=True` cannot check the {where} inside this traced function: it runs "
+            f"on {n} devices, and an error raised on one of them would leave the others "
+            "waiting until XLA aborts the process. Pass `throw=False` and check "
+            "`sol.result` after the step (a failed backward solve then gives NaN "
+            "gradients), or call `optimize` outside `jax.jit`, where `throw=True` checks "
+            "the solve's outcome on the host and raises `li.SolveError`."
+        )
+
+
+def traced_messages(where: str) -> list[str]:
+    """The messages of a check inside a traced program, one per `RESULTS` member."""
+    prefix = {
+        "optimize": "lbfgs_implicit.optimize did not succeed, inside a traced function "
+        "(jax.jit, jax.vmap or jax.grad), so the check ran in the compiled program.",
+        "backward": "The backward pass of lbfgs_implicit.optimize (the implicit gradient) failed.",
+    }[where]
+    advice = (
+        "To handle failures yourself (an outer loop that should go on), pass "
+        "`throw=False` and check `sol.result` (see the FAQ, 'Failed solves in a loop')."
+    )
+    return [
+        f"{prefix} {RESULTS._index_to_name[i]}: {message} {advice}"
+        for i, message in enumerate(RESULTS._index_to_message)
+    ]
+
+
+def _number(x) -> str:
+    # Under an eager `jax.grad` the forward values are tracers; most are concrete.
+    try:
+        return f"{float(x):.6e}"
+    except jax.errors.ConcretizationTypeError:
+        return "(traced)"
+
+
+class SolveError(RuntimeError):
+    """Raised by [`lbfgs_implicit.optimize`][] with `throw=True`, called outside
+    `jax.jit`, when the solve does not succeed.
+
+    An ordinary Python exception, raised at the line that called `optimize`: catch it
+    to go on with a loop. Its message names the outcome, the number of steps and the
+    final gradient norm, and the fix.
+
+    **Attributes:**
+
+    - `solution`: the [`lbfgs_implicit.Solution`][] that was not returned (its `params`
+      are the best point found).
+    - `result`: `solution.result`, a [`lbfgs_implicit.RESULTS`][] member.
+
+    Inside a traced function (`jax.jit`, `jax.vmap`, `jax.grad`) the outcome is only
+    known when the compiled program runs, and `throw=True` raises there instead, as a
+    JAX runtime error (`equinox.EquinoxRuntimeError` under `equinox.filter_jit`,
+    `jax.errors.JaxRuntimeError` under `jax.jit`). A loop that must survive failures
+    should pass `throw=False` and check `sol.result`.
+    """
+
+    def __init__(self, solution: "Solution"):
+        self.solution = solution
+        self.result = solution.result
+        stats = solution.stats
+        super().__init__(
+            f"lbfgs_implicit.optimize did not succeed: {solution.result} after "
+            f"{int(stats['num_steps'])} steps ({int(stats['num_fun_evals'])} evaluations of "
+            f"fn), final |grad|_inf = {_number(stats['grad_norm'])}, "
+            f"f = {_number(solution.state.f)}.\n{RESULTS[solution.result]}\n"
+            "The best point found is in `error.solution.params`. To handle failures "
+            "without an exception (an outer loop that should go on), pass `throw=False` "
+            "and check `sol.result`."
+        )
+
+
+# Shown as `lbfgs_implicit.SolveError` in tracebacks, the name users catch.
+SolveError.__module__ = "lbfgs_implicit"

@@ -141,7 +141,10 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
     **Arguments:**
 
     - `history_size`: number of stored pairs, default 10.
-    - `max_steps`: iteration limit, default 1000 (then `RESULTS.max_steps_reached`).
+    - `max_steps`: iteration limit, default 15000 (SciPy's `maxiter`), then
+      `RESULTS.max_steps_reached`. A cap, not a budget: a solve that converges stops
+      earlier, and one that stalls ends with `linesearch_failed`. Lower it to bound
+      the cost of a hard problem (under `jax.vmap` every lane waits for the slowest).
     - `gtol`: bound on the infinity norm of the gradient (SciPy's `gtol`). `None`
       (default) means `1e-10` in float64 and `2.4e-5` in float32 (see `default_gtol`):
       tight, because the hypergradient error is proportional to the final gradient.
@@ -174,7 +177,7 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
     """
 
     history_size: int = 10
-    max_steps: int = 1000
+    max_steps: int = 15_000
     gtol: float | None = None
     gtol_l2: float | None = None
     ftol: float = 0.0

@@ -6,7 +6,6 @@ that the solver stepped around it: the returned iterate is finite, the result co
 what happened, and where a minimiser exists it is found.
 """
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -182,7 +181,7 @@ def test_nan_at_x0_reported_at_once():
     assert int(sol.stats["num_fun_evals"]) == 1
     assert len(_recorder.values) == 2
     np.testing.assert_array_equal(np.asarray(sol.params), np.asarray(x0))
-    with pytest.raises(eqx.EquinoxRuntimeError, match=r"not finite \(NaN or inf\) at the initial"):
+    with pytest.raises(li.SolveError, match=r"not finite \(NaN or inf\) at the initial"):
         li.optimize(_nan_at_start, x0)
 
 
@@ -243,5 +242,5 @@ def test_no_minimiser_inside_finite_region():
     finite_values = [v for v in _recorder.values if np.isfinite(v)]
     assert float(sol.value) == pytest.approx(min(finite_values), abs=0.0)
     assert float(sol.value) < -0.9
-    with pytest.raises(eqx.EquinoxRuntimeError, match=r"line search could not decrease"):
+    with pytest.raises(li.SolveError, match=r"line search could not decrease"):
         li.optimize(_unbounded_in_region, x0)

@@ -1,5 +1,7 @@
-"""What the user of an outer loop sees: outcomes that print their names, and a batch
-that can be tallied."""
+"""What the user of an outer loop sees: outcomes that print their names, a batch that
+can be tallied, and a failed solve that raises one ordinary exception at its call."""
+
+import traceback
 
 import jax
 import jax.numpy as jnp
@@ -39,3 +41,39 @@ def test_counts_over_a_vmapped_batch():
         result.name
     with pytest.raises(TypeError, match=r"needs a finished result, but this one is traced"):
         jax.jit(lambda a: solve(a).counts())(batch)
+
+
+def test_failed_solve_raises_one_ordinary_exception_at_its_call():
+    # An earlier successful call of the same compiled program: its trace must not be
+    # what the error points to.
+    li.optimize(_quartic, X0, AT_START, solver=CAP)
+    failures = []
+    for a in (AT_START, AWAY):
+        try:
+            li.optimize(_quartic, X0, a, solver=CAP)
+        except li.SolveError as error:  # an ordinary exception: the loop goes on
+            failures.append(error)
+    assert len(failures) == 1
+    error = failures[0]
+    assert isinstance(error, RuntimeError)
+    message = str(error)
+    assert message.count("maximum number of solver steps was reached") == 1
+    assert "RESULTS.max_steps_reached after 2 steps" in message
+    for noise in ("equinox", "filter_jit", "CpuCallback", "stack inside of JIT"):
+        assert noise not in message
+    assert error.__cause__ is None and error.__context__ is None
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if f.filename == __file__]
+    assert [f.line for f in frames] == ["li.optimize(_quartic, X0, a, solver=CAP)"]
+    # The Solution travels with it: the best point, as `throw=False` returns it.
+    reference = li.optimize(_quartic, X0, AWAY, solver=CAP, throw=False)
+    assert error.result == li.RESULTS.max_steps_reached
+    np.testing.assert_array_equal(np.asarray(error.solution.params), reference.params)
+
+
+def test_failed_solve_under_eager_grad_raises_solve_error():
+    # Under an eager `jax.grad` the forward outcome is still known on the host.
+    def loss(a):
+        return li.optimize(_quartic, X0, a, solver=CAP).value
+
+    with pytest.raises(li.SolveError, match=r"RESULTS\.max_steps_reached after 2 steps"):
+        jax.grad(loss)(AWAY)

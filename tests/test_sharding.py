@@ -3,8 +3,9 @@
 single-device result, and outputs must keep their sharding (no gather to one device).
 
 Meshes use `AxisType.Auto` (JAX's GSPMD propagation, what `jax.jit` on sharded inputs
-does). Output shardings are checked with `throw=False` and `throw=True`; the docs page
-says why `throw=False` is still advised with sharded arrays (a failure on one device).
+does), and `AxisType.Explicit` under `jax.set_mesh` for the gradient. `throw=True` is
+checked on the host when `optimize` is called eagerly and refused at trace time inside a
+multi-device program, where a failure would stall the other devices (docs page).
 """
 
 import jax
@@ -120,35 +121,48 @@ def test_output_shardings_kept(sharded):
     _assert_kept(gy, mesh, y_spec)
 
 
-def test_output_shardings_kept_with_throw():
-    mesh = _mesh_1d()
-    shard = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
-    X_s, y_s = shard(jnp.asarray(X), P("d", None)), shard(jnp.asarray(Y), P("d"))
-    x0 = {"w": shard(jnp.zeros(N), P("d")), "b": shard(jnp.zeros(()), P())}
-    solve = jax.jit(
-        lambda X, y, x0: li.optimize(_ridge, x0, (X, y, jnp.asarray(LAM)), solver=SOLVER)
-    )
-    sol = solve(X_s, y_s, x0)
-    _assert_kept(sol.params["w"], mesh, P("d"))
-
-
-def test_gradient_shardings_kept_with_throw():
-    mesh = _mesh_1d()
+def _sharded_inputs(mesh):
     shard = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))  # noqa: E731
     X_s, y_s = shard(jnp.asarray(X), P("d", None)), shard(jnp.asarray(Y), P("d"))
     x0 = {"w": shard(jnp.zeros(N), P("d")), "b": shard(jnp.zeros(()), P())}
+    return X_s, y_s, x0
 
-    def loss(X, y):
-        sol = li.optimize(_ridge, x0, (X, y, jnp.asarray(LAM)), solver=SOLVER)
-        return jnp.sum(sol.params["w"] ** 2) + sol.params["b"] ** 2
 
-    gX, gy = jax.jit(jax.grad(loss, argnums=(0, 1)))(X_s, y_s)
-    _assert_kept(gX, mesh, P("d", None))
-    _assert_kept(gy, mesh, P("d"))
-    # Same numbers as the unsharded computation.
-    gX1, gy1 = jax.grad(loss, argnums=(0, 1))(jnp.asarray(X), jnp.asarray(Y))
-    np.testing.assert_allclose(np.asarray(gX), np.asarray(gX1), rtol=1e-7, atol=1e-12)
-    np.testing.assert_allclose(np.asarray(gy), np.asarray(gy1), rtol=1e-7, atol=1e-12)
+def test_eager_throw_keeps_shardings_and_raises_catchably():
+    # Called outside jit, `throw=True` checks the outcome on the host: a success keeps
+    # the output sharding, and a failure is a `SolveError`. (An error raised inside
+    # the 8-device program used to stall the other devices until XLA aborted.)
+    X_s, y_s, x0 = _sharded_inputs(_mesh_1d())
+    args = (X_s, y_s, jnp.asarray(LAM))
+    sol = li.optimize(_ridge, x0, args, solver=SOLVER)
+    _assert_kept(sol.params["w"], _mesh_1d(), P("d"))
+    with pytest.raises(li.SolveError, match=r"RESULTS\.max_steps_reached after 2 steps"):
+        li.optimize(_ridge, x0, args, solver=li.LBFGS(max_steps=2))
+
+
+def test_throw_refused_inside_multi_device_jit():
+    # Inside jit the check would have to run in the program, on one device, while the
+    # other seven wait for it: refused at trace time, with the fix named.
+    X_s, y_s, x0 = _sharded_inputs(_mesh_1d())
+    solve = jax.jit(
+        lambda X, y, x0: (
+            li.optimize(_ridge, x0, (X, y, jnp.asarray(LAM)), solver=li.LBFGS(max_steps=2)).params
+        )
+    )
+    with pytest.raises(ValueError, match=r"runs on 8 devices.*Pass `throw=False`"):
+        solve(X_s, y_s, x0)
+
+
+def test_backward_throw_refused_on_several_devices():
+    # The backward pass always runs as a compiled program: with sharded inputs its
+    # `throw=True` check is refused when it is traced, even under an eager `jax.grad`.
+    X_s, y_s, x0 = _sharded_inputs(_mesh_1d())
+
+    def loss(X):
+        return jnp.sum(li.optimize(_ridge, x0, (X, y_s, jnp.asarray(LAM)), solver=SOLVER).value)
+
+    with pytest.raises(ValueError, match=r"cannot check the backward pass.*runs on 8"):
+        jax.grad(loss)(X_s)
 
 
 @pytest.mark.parametrize("spec", [P("d", None), P(None, "d")])
