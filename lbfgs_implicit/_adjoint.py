@@ -15,7 +15,6 @@ import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import lineax as lx
-import numpy as np
 from jaxtyping import Array, PyTree
 
 from ._box import active_masks, Box
@@ -23,6 +22,7 @@ from ._cg import CG
 from ._history import History, inverse_hessian_operator
 from ._misc import (
     common_dtype,
+    eps,
     tree_allfinite,
     tree_neg,
     tree_norm2,
@@ -40,10 +40,11 @@ _ITERATIVE = (CG, lx.CG, lx.GMRES, lx.BiCGStab)
 def default_tolerance(dtype) -> float:
     """CG tolerance of the default backward solve: $\\varepsilon^{2/3}$ of `dtype`.
 
-    `3.7e-11` in float64, `2.4e-5` in float32 (the same power as the forward `gtol`):
-    tight enough that the linear solve does not limit the hypergradient's accuracy.
+    `3.7e-11` in float64, `2.4e-5` in float32, `3.9e-2` in bfloat16 (the same power as
+    the forward `gtol`): tight enough that the linear solve does not limit the
+    hypergradient's accuracy.
     """
-    return float(np.finfo(dtype).eps) ** (2 / 3)
+    return eps(dtype) ** (2 / 3)
 
 
 def failure_tolerance(dtype) -> float:
@@ -54,7 +55,7 @@ def failure_tolerance(dtype) -> float:
     `default_tolerance` with an answer that is as good as the precision allows, while
     a singular or indefinite Hessian leaves a residual of order one.
     """
-    return float(np.sqrt(np.finfo(dtype).eps))
+    return eps(dtype) ** 0.5
 
 
 class AbstractAdjoint(eqx.Module):

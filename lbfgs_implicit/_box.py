@@ -33,7 +33,7 @@ from jaxtyping import Array, Bool, PyTree, Scalar
 
 from ._history import History, reset_history
 from ._linesearch import AbstractLineSearch, LineSearchResult, ValueAndGrad
-from ._misc import tree_dot, tree_norm_inf
+from ._misc import eps as _eps, tree_dot, tree_norm_inf
 
 
 class Box(eqx.Module):
@@ -182,7 +182,7 @@ def _snap(x, d, xt, box: Box):
     """`xt = x + a d` projected, with coordinates within rounding of the bound they move
     towards set exactly on it, so the iterate lands on the bound the step aimed at (the
     line search's step to the box's edge, or the projected subspace point)."""
-    eps = float(np.finfo(jnp.result_type(*jtu.tree_leaves(x))).eps)
+    eps = _eps(jnp.result_type(*jtu.tree_leaves(x)))  # jnp.finfo: bfloat16 too
 
     def one(xi, di, ti, lo, up):
         tol_lo = 4 * eps * (jnp.abs(xi) + jnp.abs(jnp.where(jnp.isfinite(lo), lo, 0)))

@@ -94,7 +94,9 @@ def _project(buf: PyTree[Array], v: PyTree[Array], dtype) -> Float[Array, " m"]:
     """`B'v`: the inner product of every slot of `buf` with `v` (one pass over `buf`)."""
     return sum_widest(
         [
-            jnp.tensordot(b, x.astype(b.dtype), axes=x.ndim).astype(dtype)
+            jnp.tensordot(b, x.astype(b.dtype), axes=x.ndim, preferred_element_type=dtype).astype(
+                dtype
+            )
             for b, x in zip(jtu.tree_leaves(buf), jtu.tree_leaves(v))
         ]
     )

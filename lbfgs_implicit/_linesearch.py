@@ -15,10 +15,9 @@ from collections.abc import Callable
 import equinox as eqx
 import jax.lax as lax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, Bool, Int, PyTree, Scalar
 
-from ._misc import tree_axpy, tree_dot, tree_where
+from ._misc import common_dtype, eps, tree_axpy, tree_dot, tree_where
 
 
 ValueAndGrad = Callable[[PyTree[Array]], tuple[Scalar, PyTree[Array]]]
@@ -130,9 +129,9 @@ class StrongWolfe(AbstractLineSearch):
     - `max_evals`: the most value-and-gradient evaluations per search, default 20
       (SciPy's `maxls`).
     - `approx_tol`: relative tolerance on values where they cannot resolve the step;
-      `None` (default) means $\\varepsilon^{2/3}$ of the dtype (`3.7e-11` in float64,
-      `2.4e-5` in float32). When the decrease Armijo asks for is below
-      `approx_tol * |f(x)|`, a trial passes the approximate Wolfe conditions of Hager &
+      `None` (default) means $\\varepsilon^{2/3}$ of the parameters' dtype (`3.7e-11` in
+      float64, `2.4e-5` in float32, `3.9e-2` in bfloat16). When the decrease Armijo asks
+      for is below `approx_tol * |f(x)|`, a trial passes the approximate Wolfe conditions of Hager &
       Zhang (2005): $\\phi'(a) \\le (2 c_1 - 1)\\phi'(0)$, the curvature condition, and
       $f(x + a p) \\le f(x) + $ `approx_tol` $|f(x)|$. Without this, objectives whose
       terms cancel (such as $\\frac12 x^\\top A x - b^\\top x$ with ill-conditioned $A$)
@@ -157,8 +156,10 @@ class StrongWolfe(AbstractLineSearch):
         zero = jnp.zeros((), dtype)
         if max_step is not None:
             step0 = jnp.minimum(step0, max_step)
-        eps = jnp.finfo(dtype).eps
-        rel = float(np.finfo(dtype).eps) ** (2 / 3) if self.approx_tol is None else self.approx_tol
+        # The precision of the trial points (and of `fn`'s value) is that of `x`; `f` and
+        # the steps may be carried wider (bfloat16 parameters give float32 scalars).
+        x_eps = eps(common_dtype(x))
+        rel = x_eps ** (2 / 3) if self.approx_tol is None else self.approx_tol
         allow = rel * jnp.abs(f)
         init = _WolfeCarry(
             a_lo=zero,
@@ -239,7 +240,7 @@ class StrongWolfe(AbstractLineSearch):
 
             num_evals = c.num_evals + 1
             new_width = jnp.abs(a_hi - a_lo)
-            collapsed = zoom & (new_width <= eps * jnp.maximum(jnp.abs(a_lo), jnp.abs(a_hi)))
+            collapsed = zoom & (new_width <= x_eps * jnp.maximum(jnp.abs(a_lo), jnp.abs(a_hi)))
             done = wolfe | capped | (num_evals >= self.max_evals) | collapsed
             return _WolfeCarry(
                 a_lo=a_lo,

@@ -1,7 +1,8 @@
 """Pytree arithmetic shared by the forward solve, the line searches and the adjoints.
 
 Every operation works leaf by leaf, so leaves keep their own shape, dtype and
-sharding; reductions sum the per-leaf results in the common dtype of the leaves.
+sharding; reductions sum the per-leaf results in the common dtype of the leaves, and in
+at least float32 (see `accumulation_dtype`).
 """
 
 import functools
@@ -29,6 +30,26 @@ def common_dtype(tree: Y) -> Any:
     return _widest([jnp.asarray(x).dtype for x in leaves]) if leaves else jnp.result_type(float)
 
 
+def eps(dtype) -> float:
+    """Machine epsilon of a floating `dtype` as a Python float.
+
+    `jnp.finfo`, not `numpy.finfo`: NumPy does not know `bfloat16` (an ml_dtypes type)
+    and rejects it as "not inexact".
+    """
+    return float(jnp.finfo(dtype).eps)
+
+
+def accumulation_dtype(dtype) -> Any:
+    """The dtype that reductions and the solver's scalars use: `dtype`, at least float32.
+
+    In bfloat16 (8 bits of mantissa) a sum of n terms loses about `n * eps / 2` of
+    relative accuracy, so inner products of a few hundred leaves would already be noise;
+    in float32 the same sums are exact to the precision the bfloat16 inputs carry. The
+    leaves themselves (parameters, gradients, the memory's pairs) keep their dtype.
+    """
+    return _widest([dtype, jnp.float32])
+
+
 def sum_widest(values: list[Array]) -> Array:
     """Sum of per-leaf partial results, in the widest of their dtypes."""
     dtype = _widest([v.dtype for v in values])
@@ -38,13 +59,20 @@ def sum_widest(values: list[Array]) -> Array:
     return total
 
 
+def _up(x: Array) -> Array:
+    # A no-op for float32 and float64 leaves; XLA fuses the cast into the reduction.
+    return x.astype(accumulation_dtype(x.dtype))
+
+
 def tree_dot(a: Y, b: Y) -> Scalar:
-    """Real inner product `sum_leaves sum(a * b)`."""
-    return sum_widest([jnp.sum(x * y) for x, y in zip(jtu.tree_leaves(a), jtu.tree_leaves(b))])
+    """Real inner product `sum_leaves sum(a * b)`, accumulated in at least float32."""
+    return sum_widest(
+        [jnp.sum(_up(x) * _up(y)) for x, y in zip(jtu.tree_leaves(a), jtu.tree_leaves(b))]
+    )
 
 
 def tree_sumsq(a: Y) -> Scalar:
-    return sum_widest([jnp.sum(jnp.square(x)) for x in jtu.tree_leaves(a)])
+    return sum_widest([jnp.sum(jnp.square(_up(x))) for x in jtu.tree_leaves(a)])
 
 
 def tree_norm2(a: Y) -> Scalar:

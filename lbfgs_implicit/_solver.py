@@ -21,7 +21,9 @@ from ._history import (
 )
 from ._linesearch import AbstractLineSearch, StrongWolfe, ValueAndGrad
 from ._misc import (
+    accumulation_dtype,
     common_dtype,
+    eps,
     tree_dot,
     tree_neg,
     tree_norm2,
@@ -62,13 +64,19 @@ class AbstractMinimiser(eqx.Module, Generic[_State]):
 
 
 def default_gtol(dtype) -> float:
-    """$\\varepsilon^{2/3}$ of `dtype`, at least `1e-10`: `1e-10` in float64, `2.4e-5` in float32.
+    """$\\varepsilon^{2/3}$ of `dtype`, at least `1e-10`.
 
-    Tight because the hypergradient error is proportional to the final gradient norm;
-    the floor keeps it above the rounding error of gradients of moderately scaled
-    objectives.
+    `1e-10` in float64, `2.4e-5` in float32, `9.8e-3` in float16 and `3.9e-2` in
+    bfloat16. Tight because the hypergradient error is proportional to the final
+    gradient norm; the floor keeps it above the rounding error of gradients of
+    moderately scaled objectives. The power 2/3 sits between what is reachable and what
+    is useful: a gradient evaluated in `dtype` carries a rounding error of about
+    $\\varepsilon$ times the size of its terms (`7.8e-3` for unit-sized terms in
+    bfloat16), so $\\varepsilon^{2/3}$ leaves a margin of $\\varepsilon^{-1/3}$ (5x in
+    bfloat16, 10x in float16, 400x in float32) above that floor. The absolute test assumes
+    gradients of order one at the start; otherwise see `LBFGS(gtol_rel=...)`.
     """
-    return max(float(np.finfo(dtype).eps) ** (2 / 3), 1e-10)
+    return max(eps(dtype) ** (2 / 3), 1e-10)
 
 
 # Argument names of SciPy, jaxopt, optax and optimistix, and what they are called here.
@@ -110,6 +118,8 @@ class _LBFGSState(eqx.Module):
     history: History
     # (S'g, Y'g) for the current gradient, from the pass that pushed the last pair
     proj: tuple[Array, Array]
+    # the bound on |g|_inf, fixed at x0 (it depends on the initial gradient for `gtol_rel`)
+    grad_tol: Scalar
     # counters and outcome; updated every iteration
     num_steps: Int[Array, ""]
     num_fun_evals: Int[Array, ""]
@@ -134,8 +144,9 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
     than `StrongWolfe.approx_tol * |f|` (rounding level, and only where values cannot
     resolve the step), and never become non-finite.
 
-    The solve stops successfully when $\\|\\nabla f\\|_\\infty \\le$ `gtol` (and, if
-    given, $\\|\\nabla f\\|_2 \\le$ `gtol_l2`), or when the relative decrease
+    The solve stops successfully when $\\|\\nabla f\\|_\\infty \\le$ `gtol` (with
+    `gtol_rel`: $\\|\\nabla f\\|_\\infty \\le$ `gtol_rel` $\\|\\nabla f(x_0)\\|_\\infty$
+    `+ gtol`; and, if given, $\\|\\nabla f\\|_2 \\le$ `gtol_l2`), or when the relative decrease
     $(f_k - f_{k+1}) / \\max(|f_k|, |f_{k+1}|, 1) \\le$ `ftol`.
 
     **Arguments:**
@@ -146,8 +157,21 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
       earlier, and one that stalls ends with `linesearch_failed`. Lower it to bound
       the cost of a hard problem (under `jax.vmap` every lane waits for the slowest).
     - `gtol`: bound on the infinity norm of the gradient (SciPy's `gtol`). `None`
-      (default) means `1e-10` in float64 and `2.4e-5` in float32 (see `default_gtol`):
+      (default) means `1e-10` in float64, `2.4e-5` in float32, `9.8e-3` in float16 and
+      `3.9e-2` in bfloat16 (see `default_gtol`), or `0.0` when `gtol_rel` is given:
       tight, because the hypergradient error is proportional to the final gradient.
+      It is absolute, so it assumes gradients of order one.
+    - `gtol_rel`: optional bound on the gradient relative to the initial one:
+      stop when $\\|\\nabla f(x_k)\\|_\\infty \\le$ `gtol_rel`
+      $\\|\\nabla f(x_0)\\|_\\infty$ (plus `gtol` if that is given too). Use it when the
+      objective's scale is unknown or far from one (a loss multiplied by a small
+      constant, a mean over many samples, a float32 or bfloat16 objective whose
+      gradients start near the absolute default): the absolute default then stops too
+      early, or at a tolerance the precision cannot reach. The test is invariant to
+      rescaling `fn`, and so is the hypergradient error it allows ($H^{-1} \\nabla f$
+      does not change when `fn` is multiplied by a constant). It depends on `x0`: a start
+      close to the minimiser asks for a smaller gradient. Try `1e-6` in float64 or
+      `1e-4` in float32.
     - `gtol_l2`: optional bound on the 2-norm of the gradient. The hypergradient error
       is about $\\|H^{-1}\\|\\,\\|\\nabla f(x_k)\\|_2$, so this is the test that bounds it
       independently of the dimension.
@@ -180,6 +204,7 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
     max_steps: int = 15_000
     gtol: float | None = None
     gtol_l2: float | None = None
+    gtol_rel: float | None = None
     ftol: float = 0.0
     linesearch: AbstractLineSearch = StrongWolfe()
     verbose: bool = False
@@ -207,7 +232,7 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
                 f"LBFGS needs max_steps >= 1 (an int), got {self.max_steps!r}; use x0 "
                 "directly if no step should be taken."
             )
-        for name in ("gtol", "gtol_l2", "ftol"):
+        for name in ("gtol", "gtol_l2", "gtol_rel", "ftol"):
             value = getattr(self, name)
             # Python numbers only: an array here would be hashed by identity and
             # recompile on every call, and a string would fail far from the cause.
@@ -226,32 +251,41 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
                 f"got {self.linesearch!r}."
             )
 
-    def _gtol(self, dtype) -> float:
-        if self.gtol is None:
-            return default_gtol(dtype)
-        return self.gtol
+    def _grad_tol(self, g0, precision) -> Scalar:
+        """The bound on the infinity norm of the gradient, fixed at `x0`."""
+        if self.gtol_rel is None:
+            gtol = default_gtol(precision) if self.gtol is None else self.gtol
+            return jnp.asarray(gtol, accumulation_dtype(precision))
+        scale = tree_norm_inf(g0).astype(accumulation_dtype(precision))
+        return self.gtol_rel * scale + (0.0 if self.gtol is None else self.gtol)
 
-    def _grad_small(self, g, dtype) -> Bool[Array, ""]:
-        ok = tree_norm_inf(g) <= self._gtol(dtype)
+    def _grad_small(self, g, grad_tol) -> Bool[Array, ""]:
+        ok = tree_norm_inf(g).astype(grad_tol.dtype) <= grad_tol
         if self.gtol_l2 is not None:
             ok = ok & (tree_norm2(g) <= self.gtol_l2)
         return ok
 
-    def _converged(self, f, f_new, g_new, dtype) -> Bool[Array, ""]:
-        ok = self._grad_small(g_new, dtype)
+    def _converged(self, f, f_new, g_new, grad_tol) -> Bool[Array, ""]:
+        ok = self._grad_small(g_new, grad_tol)
         if self.ftol > 0:
             scale = jnp.maximum(jnp.maximum(jnp.abs(f), jnp.abs(f_new)), 1)
             ok = ok | ((f - f_new) <= self.ftol * scale)
         return ok
 
     def init(self, value_and_grad, x0, box=None):
-        dtype = common_dtype(x0)
+        # Tolerances follow the parameters' precision; values, slopes and the memory's
+        # small matrices are kept in at least float32 (bfloat16 scalars would round
+        # the Armijo test's decrease away).
+        precision = common_dtype(x0)
+        dtype = accumulation_dtype(precision)
         if box is not None:
             x0 = project(x0, box)  # SciPy projects an infeasible start too
         f, g = value_and_grad(x0)
         f = f.astype(dtype)
         finite = jnp.isfinite(f) & jnp.isfinite(tree_norm_inf(g))
-        converged = self._grad_small(_stationarity(x0, g, box), dtype)
+        stationarity = _stationarity(x0, g, box)
+        grad_tol = self._grad_tol(stationarity, precision)
+        converged = self._grad_small(stationarity, grad_tol)
         result = RESULTS.where(finite, RESULTS.successful, RESULTS.nonfinite)
         stop = ~finite | (converged & finite)
         if box is not None:
@@ -269,6 +303,7 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
             g=g,
             history=history,
             proj=(jnp.zeros(k, dtype), jnp.zeros(k, dtype)),
+            grad_tol=grad_tol,
             num_steps=jnp.zeros((), jnp.int32),
             num_fun_evals=jnp.ones((), jnp.int32),
             terminate=stop,
@@ -310,7 +345,6 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
         return h, ls
 
     def step(self, value_and_grad, state):
-        dtype = state.f.dtype
         if state.box is None:
             h, ls = self._search(value_and_grad, state)
         else:
@@ -336,7 +370,9 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
         history, proj = push_history(h, s, y, ls.success, grad=g, proj=state.proj)
         history = reset_history(history, ~ls.success)
         failed = ~ls.success & (h.count == 0)
-        converged = ls.success & self._converged(state.f, f, _stationarity(x, g, state.box), dtype)
+        converged = ls.success & self._converged(
+            state.f, f, _stationarity(x, g, state.box), state.grad_tol
+        )
         result = RESULTS.where(failed, RESULTS.linesearch_failed, RESULTS.successful)
 
         num_steps = state.num_steps + 1
@@ -357,6 +393,7 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
             g=g,
             history=history,
             proj=proj,
+            grad_tol=state.grad_tol,
             num_steps=num_steps,
             num_fun_evals=num_fun_evals,
             terminate=converged | failed,

@@ -131,6 +131,38 @@ def test_gtol_l2_and_ftol_are_honoured():
     assert float(loose.stats["grad_norm"]) > 1e-8  # stopped on the decrease, not the gradient
 
 
+def _weighted_f32(x, args):
+    scale, target = args
+    weights = jnp.arange(1.0, 6.0, dtype=jnp.float32)
+    return scale * jnp.sum(weights * (x - target) ** 2)
+
+
+def test_gtol_rel_is_scale_free():
+    # sum_i s w_i (x_i - 1)^2 with w = 1..5, in float32, at scales s = 1e-6 and 1.
+    solve = lambda s, solver: li.optimize(  # noqa: E731
+        _weighted_f32,
+        jnp.zeros(5, jnp.float32),
+        (jnp.float32(s), jnp.ones(5, jnp.float32)),
+        solver=solver,
+        throw=False,
+    )
+    # The absolute default: at s = 1e-6 the initial gradient (1e-5) is already below
+    # gtol = 2.4e-5, so the solve "succeeds" where it started.
+    tiny = solve(1e-6, li.LBFGS())
+    assert int(tiny.stats["num_steps"]) == 0
+    relative = li.LBFGS(gtol_rel=1e-4)
+    for s in (1e-6, 1.0):
+        sol = solve(s, relative)
+        assert sol.result == li.RESULTS.successful
+        # |g0|_inf = 2 s w_max = 10 s, and |x_i - 1| = |g_i| / (2 s w_i) <= 1e-4 * 10 s / 2 s.
+        assert float(sol.stats["grad_norm"]) <= 1e-4 * 10 * s
+        np.testing.assert_allclose(np.asarray(sol.params), 1.0, rtol=0, atol=5e-4 + 1e-6)
+    # Same iterates whatever the scale: L-BFGS and the relative test are scale-invariant.
+    np.testing.assert_allclose(
+        np.asarray(solve(1e-6, relative).params), np.asarray(solve(1.0, relative).params), rtol=1e-4
+    )
+
+
 def test_max_steps_reached_is_reported():
     p = PROBLEMS["rosenbrock"]
     sol = li.optimize(p.fn, p.x0, p.args, solver=li.LBFGS(max_steps=3), throw=False)
