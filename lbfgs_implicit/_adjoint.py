@@ -8,6 +8,7 @@ adjoint is the strategy for the linear solve; the custom VJP around the solve is
 
 import abc
 from collections.abc import Callable
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -59,7 +60,14 @@ def failure_tolerance(dtype) -> float:
 
 
 class AbstractAdjoint(eqx.Module):
-    """How the backward pass solves $H w = v$ at the solution."""
+    """How the backward pass solves $H w = v$ at the solution.
+
+    Subclasses set `exact`: whether the answer is meant to be $H^{-1} v$ (then the
+    backward pass also checks that the Hessian does not change too much between the
+    returned point and the minimiser, see `RESULTS.backward_failed`).
+    """
+
+    exact: eqx.AbstractClassVar[bool]
 
     @abc.abstractmethod
     def solve(
@@ -108,11 +116,19 @@ class ImplicitAdjoint(AbstractAdjoint):
     $\\sqrt{\\varepsilon}$; otherwise the backward pass fails with
     `RESULTS.backward_failed`. Least-squares solvers (`lineax.SVD()`) give the
     least-norm answer for singular Hessians and are accepted when finite.
+
+    It is also rejected at a degenerate minimiser (one where the Hessian vanishes, as
+    for $x^4$), which no residual shows: one more Hessian-vector product, at the Newton
+    estimate $x_k - H_k \\nabla f(x_k)$ of the minimiser, measures how much $H w$
+    changes between the returned point and the minimiser, and more than 10% (see
+    `degenerate_tolerance`) means the implicit function theorem's linearisation does not
+    hold at the returned point.
     """
 
     linear_solver: lx.AbstractLinearSolver | None = None
     precondition: bool = True
     damping: float = 0.0
+    exact: ClassVar[bool] = True
 
     def __check_init__(self):
         # An infinite damping would make every hypergradient zero; NaN fails `>= 0`.
@@ -187,6 +203,7 @@ class QuasiNewtonAdjoint(AbstractAdjoint):
     """
 
     refine_steps: int = 0
+    exact: ClassVar[bool] = False
 
     def __check_init__(self):
         if not isinstance(self.refine_steps, int) or self.refine_steps < 0:
@@ -206,6 +223,39 @@ class QuasiNewtonAdjoint(AbstractAdjoint):
         # Approximate by design: only a non-finite answer is a failure.
         result = RESULTS.where(tree_allfinite(w), RESULTS.successful, RESULTS.backward_failed)
         return w, result, {"num_steps": num_steps}
+
+
+def degenerate_tolerance(dtype) -> float:
+    """Relative Hessian change (see `_hessian_change`) above which the backward fails.
+
+    `0.1` (at least `10 eps^(2/3)` of the dtype, `0.39` in bfloat16, where the products
+    themselves carry a few percent of rounding): the first-order error of the
+    hypergradient is about this fraction, so a larger value means the forward solve
+    stopped where the implicit function theorem's linearisation does not hold yet.
+    """
+    return max(0.1, 10 * eps(dtype) ** (2 / 3))
+
+
+def _hessian_change(fn, theta, x_star, g_star, hvp, inverse_approx, w, v):
+    """How much the Hessian, applied to `w`, changes between `x_star` and the minimiser.
+
+    The implicit function theorem is applied at the returned point $x_k$ as if it were
+    the minimiser $x^*$; the answer $w = H(x_k)^{-1} v$ is off by about
+    $H^{-1}(H(x^*) - H(x_k))\\,w$. The distance to $x^*$ is estimated by the Newton step
+    $\\delta = H_k \\nabla f(x_k)$ with the forward pass's memory (no extra solve), and
+    $\\|(H(x_k - \\delta) - H(x_k))\\,w\\|_2 / \\|H(x_k)\\,w\\|_2$ is returned: one more
+    Hessian-vector product. At a nondegenerate minimum it is of the order of the
+    gradient norm (the Hessian hardly changes over a step that small); at a degenerate
+    one, such as that of $x^4$, the Hessian vanishes at the minimiser and the returned
+    point is never close enough: the Newton step is a fixed fraction of the distance,
+    the Hessian changes by tens of percent over it, and the hypergradient is wrong by
+    as much, whatever `gtol`.
+    """
+    delta = lax.stop_gradient(inverse_approx.mv(g_star))
+    _, vjp_shifted = jax.vjp(lambda x: _grad_x(fn, x, theta), tree_sub(x_star, delta))
+    diff = tree_sub(vjp_shifted(w)[0], hvp(w))
+    norm = tree_norm2(v)
+    return tree_norm2(diff) / jnp.where(norm > 0, norm, 1)
 
 
 def _grad_x(fn: Callable, x: PyTree[Array], theta) -> PyTree[Array]:
@@ -244,7 +294,7 @@ def _backward(
     # symmetric, so the VJP of the gradient is the HVP. Measured as fast as
     # forward-over-reverse (jax.linearize), and unlike it this works when `fn` calls a
     # custom-VJP function, such as another `optimize`.
-    _, vjp_grad = jax.vjp(lambda x: _grad_x(fn, x, theta), x_star)
+    g_star, vjp_grad = jax.vjp(lambda x: _grad_x(fn, x, theta), x_star)
     # The VJP is a pytree whose leaves are the linearisation's residuals, so lineax can
     # carry it without closure conversion. Closure conversion would compare every call
     # with `structure` including shardings, and under an explicit-axes mesh lineax's
@@ -267,14 +317,22 @@ def _backward(
     # same thing whatever the size of the cotangent.
     vscale = tree_norm_inf(v)
     safe = jnp.where(vscale > 0, vscale, 1)
-    w, result, stats = adjoint.solve(hessian, inverse_approx, tree_scale(1 / safe, v))
+    v = tree_scale(1 / safe, v)
+    w, result, stats = adjoint.solve(hessian, inverse_approx, v)
+    if adjoint.exact:
+        change = _hessian_change(fn, theta, x_star, g_star, hvp, inverse_approx, w, v)
+        stats = {**stats, "hessian_change": change}
+        ok = ~(change > degenerate_tolerance(common_dtype(w)))
+        result = RESULTS.where(ok, result, RESULTS.backward_failed)
     w = tree_scale(safe, w)
     failed = result != RESULTS.successful
     if verbose:
         jax.debug.print(
-            "implicit backward: {n} linear-solve steps, relative residual {r:.3e}",
+            "implicit backward: {n} linear-solve steps, relative residual {r:.3e}, "
+            "Hessian change to the Newton point {c:.3e}",
             n=stats["num_steps"],
             r=stats.get("residual", jnp.nan),
+            c=stats.get("hessian_change", jnp.nan),
             ordered=True,
         )
     if throw:

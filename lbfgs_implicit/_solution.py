@@ -122,6 +122,10 @@ class RESULTS(lx.RESULTS, metaclass=_ResultsMeta):  # pyright: ignore[reportGene
     backward_failed = (
         "The linear solve of the implicit backward pass failed: the Hessian at the "
         "solution looks singular or indefinite, or the forward solve did not converge. "
+        "This includes a degenerate minimiser, where the Hessian vanishes (as for "
+        "x**4 at 0): there the Hessian changes by tens of percent between the returned "
+        "point and the minimiser, and the implicit gradient would be wrong by as much "
+        "whatever the tolerance. "
         "Fixes: `ImplicitAdjoint(damping=...)` (solves with H + damping*I), "
         "`linear_solver=lineax.GMRES(...)` for indefinite Hessians, "
         "`linear_solver=lineax.SVD()` for the least-norm answer on small problems, or a "

@@ -141,3 +141,56 @@ def test_saddle_indefinite_solvers(linear_solver):
     adjoint = li.ImplicitAdjoint(linear_solver=linear_solver)
     grad = np.asarray(jax.grad(_outer_saddle)(jnp.asarray(THETA), adjoint))
     np.testing.assert_allclose(grad, _saddle_reference(), rtol=1e-8, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------
+# A degenerate minimiser: f(x, lam) = lam * sum(x**4) has x* = 0 for every lam > 0, so
+# d(sum x*)/d lam = 0. Its Hessian 12 lam x^2 vanishes there: L-BFGS converges only
+# linearly, and at any point it returns, the implicit function theorem applied as if it
+# were x* gives -sum(x_k) / (3 lam), a finite wrong number of the size of x_k.
+
+_X0_QUARTIC = jnp.array([1.0, -0.5, 2.0])
+
+
+def _quartic(x, lam):
+    return lam * jnp.sum(x**4)
+
+
+def _outer_quartic(lam, adjoint, x0=_X0_QUARTIC):
+    return jnp.sum(li.optimize(_quartic, x0, lam, solver=_SOLVER, adjoint=adjoint).params)
+
+
+def test_degenerate_minimiser_raises():
+    # The forward solve meets gtol; the linear solve succeeds (H(x_k) is positive
+    # definite, just tiny); the backward must still refuse to return -sum(x_k) / (3 lam).
+    with pytest.raises(RUNTIME, match=BACKWARD):
+        jax.block_until_ready(jax.grad(_outer_quartic)(2.0, li.ImplicitAdjoint()))
+
+
+def test_degenerate_minimiser_damped():
+    # The documented fix: with damping the answer is -sum(4 lam x^3 / (12 lam x^2 + d)),
+    # within d^-1 * |grad f(x_k)| of the true 0.
+    grad = float(jax.grad(_outer_quartic)(2.0, li.ImplicitAdjoint(damping=1e-2)))
+    assert abs(grad) <= 3 * 1e-12 / 1e-2
+
+
+@pytest.mark.parametrize(
+    "fn, x0",
+    [
+        (_quartic, jnp.zeros(3)),  # Hessian exactly zero
+        (lambda x, lam: lam * (x[0] ** 2 - x[1] ** 2), jnp.zeros(2)),  # a saddle
+    ],
+    ids=["quartic", "saddle"],
+)
+def test_zero_step_success_at_degenerate_point_raises(fn, x0):
+    # The gradient is exactly zero at x0, so the forward solve takes no step and its
+    # memory is empty; the Hessian there is singular or indefinite and the backward
+    # pass must say so.
+    sol = li.optimize(fn, x0, 2.0, solver=_SOLVER)
+    assert int(sol.stats["num_steps"]) == 0 and sol.result == li.RESULTS.successful
+
+    def outer(lam):
+        return jnp.sum(li.optimize(fn, x0, lam, solver=_SOLVER).params)
+
+    with pytest.raises(RUNTIME, match=BACKWARD):
+        jax.block_until_ready(jax.grad(outer)(2.0))
