@@ -94,9 +94,8 @@ def _project(buf: PyTree[Array], v: PyTree[Array], dtype) -> Float[Array, " m"]:
     """`B'v`: the inner product of every slot of `buf` with `v` (one pass over `buf`)."""
     return sum_widest(
         [
-            jnp.tensordot(b, x.astype(b.dtype), axes=x.ndim, preferred_element_type=dtype).astype(
-                dtype
-            )
+            # `preferred_element_type`: bfloat16 buffers accumulate in `dtype` (>= float32).
+            jnp.tensordot(b, x.astype(b.dtype), axes=x.ndim, preferred_element_type=dtype)
             for b, x in zip(jtu.tree_leaves(buf), jtu.tree_leaves(v))
         ]
     )
@@ -107,7 +106,7 @@ def _project2(buf: PyTree[Array], v: PyTree[Array], w: PyTree[Array], dtype):
     both = []
     for b, x, z in zip(jtu.tree_leaves(buf), jtu.tree_leaves(v), jtu.tree_leaves(w)):
         xz = jnp.stack([x.astype(b.dtype), z.astype(b.dtype)], axis=-1)
-        both.append(jnp.tensordot(b, xz, axes=x.ndim).astype(dtype))
+        both.append(jnp.tensordot(b, xz, axes=x.ndim, preferred_element_type=dtype))
     both = sum_widest(both)
     return both[:, 0], both[:, 1]
 
