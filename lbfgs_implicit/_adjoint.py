@@ -323,7 +323,9 @@ def _backward(
     safe = jnp.where(vscale > 0, vscale, 1)
     v = tree_scale(1 / safe, v)
     w, result, stats = adjoint.solve(hessian, inverse_approx, v)
-    if adjoint.exact:
+    # Unbounded solves only: with bounds the gradient's active part is the bounds' force,
+    # not a distance to the minimiser, and the Newton step would need the free set too.
+    if adjoint.exact and free is None:
         change = _hessian_change(fn, theta, x_star, g_star, hvp, inverse_approx, w, v)
         stats = {**stats, "hessian_change": change}
         ok = ~(change > degenerate_tolerance(common_dtype(w)))

@@ -70,7 +70,9 @@ def test_forward_temporaries_within_bound(shape, dtype, history_size):
 
 def test_gradient_adds_a_few_vectors():
     # The backward pass (CG on Hessian-vector products, preconditioned by the memory)
-    # holds a few more parameter-sized vectors, never another copy of the memory.
+    # holds a few more parameter-sized vectors, never another copy of the memory. The
+    # degenerate-minimiser check linearises the gradient at a second point (the Newton
+    # estimate of x*), whose residuals are about one more vector (24.7 measured).
     history_size = 4
     temp, n_bytes = _temp_bytes("mlp", jnp.float64, history_size, gradient=True)
-    assert temp <= (2 * history_size + 16) * n_bytes, temp / n_bytes
+    assert temp <= (2 * history_size + 18) * n_bytes, temp / n_bytes
