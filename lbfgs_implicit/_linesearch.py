@@ -76,6 +76,22 @@ def _evaluate(value_and_grad, x, p, a, dtype):
     return ft, gt, dt, finite
 
 
+def _sufficient_decrease(f: Scalar, ft: Scalar, decrease: Scalar) -> Bool[Array, ""]:
+    """Armijo's `ft <= f + decrease` (with `decrease < 0`), tested on the difference.
+
+    `f + decrease` rounds to `f` when the decrease asked for is below half an ulp of
+    `f`, and then a trial with an unchanged value passed, however far beyond the
+    minimum along the line it lay (a large positive slope). In float32 that sent the
+    zoom the wrong way and ended solves with `linesearch_failed` at gradients well
+    above `gtol`, on whichever trajectories met it: a batched solve rounds its matrix
+    products differently from a single one, so it showed up as lanes of a `vmap`
+    failing where the same problem solved alone did not. `ft - f` is exact when the
+    two are close (Sterbenz), so an unchanged value never counts as a decrease; where
+    values cannot resolve the step, the approximate Wolfe conditions decide.
+    """
+    return ft - f <= decrease
+
+
 def _cubic_minimiser(a, fa, da, b, fb, db):
     """Minimiser of the cubic through `(a, fa, da)` and `(b, fb, db)` (N&W eq. 3.59).
 
@@ -197,7 +213,7 @@ class StrongWolfe(AbstractLineSearch):
             # with the value allowed to exceed f(x) by at most `allow`.
             flat = -self.c1 * a * dg <= allow
             approx = flat & (ft <= f + allow) & (dt <= (2 * self.c1 - 1) * dg)
-            armijo = finite & ((ft <= f + self.c1 * a * dg) | approx)
+            armijo = finite & (_sufficient_decrease(f, ft, self.c1 * a * dg) | approx)
             curvature = jnp.abs(dt) <= -self.c2 * dg
             wolfe = armijo & curvature
             too_long = ~armijo | (~flat & (ft >= c.f_lo))
@@ -334,7 +350,7 @@ class Backtracking(AbstractLineSearch):
 
         def body(c):
             ft, gt, _, finite = _evaluate(value_and_grad, x, p, c.a, dtype)
-            armijo = finite & (ft <= f + self.c1 * c.a * dg)
+            armijo = finite & _sufficient_decrease(f, ft, self.c1 * c.a * dg)
             take = armijo | (finite & (ft < c.f_best))
             return _BacktrackCarry(
                 a=c.a * self.factor,

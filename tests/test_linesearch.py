@@ -111,3 +111,27 @@ def test_no_decrease_possible_reports_failure():
 def test_bad_configuration(kwargs, match):
     with pytest.raises(ValueError, match=match):
         li.StrongWolfe(**kwargs)
+
+
+def _flat_f32(x):
+    # 2 + 50 x^2 in float32 near x = 1e-6, where every change of value is below an ulp
+    # of 2, plus one ulp of value noise on -8.5e-6 < x < -1e-6 (rounding noise of the
+    # kind a sum of many float32 terms carries), which the gradient does not see.
+    noise = jnp.where((x[0] > -8.5e-6) & (x[0] < -1e-6), jnp.spacing(jnp.float32(2.0)), 0.0)
+    return jnp.float32(2.0) + jnp.float32(50.0) * jnp.sum(x**2) + jax.lax.stop_gradient(noise)
+
+
+def test_unchanged_value_is_not_sufficient_decrease():
+    # Along p = -g from x = 1e-6 the minimum is at a = 0.01. The unit step is too long
+    # (slope +99 |g'p|); the zoom then tries a = 0.1, whose value equals f(x) exactly
+    # with a slope of +9 |g'p|: far beyond the minimum. Armijo's `f + c1 a g'p` rounds to
+    # `f` there, and the trial once counted as a decrease and became the bracket's low
+    # end; the next trial, one ulp up from noise, became the high end, and the zoom
+    # closed in on a bracket that excludes the minimum: the search failed.
+    ls = li.StrongWolfe()
+    x = jnp.array([1e-6], jnp.float32)
+    g = jax.grad(_flat_f32)(x)
+    out = _search(ls, _flat_f32, x, -g, jnp.float32(1.0))
+    assert bool(out.success)
+    slope = float(jax.grad(_flat_f32)(x - out.step * g) @ -g)
+    assert abs(slope) <= ls.c2 * float(g @ g)

@@ -163,3 +163,47 @@ def test_vmap_finished_elements_do_not_prolong_line_searches():
     # Both elements pay every batched evaluation: twice the long solve's own, and at
     # most one more batched call for `sol.value` (without the fix: 1803 for own = 53).
     assert calls[0] <= 2 * own + 2, (calls[0], own)
+
+
+def _imaml_tasks():
+    # An iMAML inner problem in float32: a 1-40-40-1 tanh MLP fitted to 10 points of a
+    # sine wave plus 1/2 ||phi - theta||^2. Tasks 81 and 106 of this draw of 128 are ones
+    # whose float32 solves, alone or in a batch, depending on how the batch rounded
+    # its matrix products, ended `linesearch_failed` at |g|_inf up to 9e-5 (the
+    # line-search rounding fixed in `_sufficient_decrease`).
+    f32 = jnp.float32
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    theta = []
+    for k, (m, n) in zip(keys, [(1, 40), (40, 40), (40, 1)]):
+        w = jax.random.normal(k, (m, n), f32) * f32(np.sqrt(1.0 / m))
+        theta.append({"w": w, "b": jnp.zeros(n, f32)})
+    ka, kp, kx = jax.random.split(jax.random.PRNGKey(1), 3)
+    amp = jax.random.uniform(ka, (128, 1), f32, minval=0.1, maxval=5.0)
+    phase = jax.random.uniform(kp, (128, 1), f32, minval=0.0, maxval=jnp.pi)
+    x = jax.random.uniform(kx, (128, 10), f32, minval=-5.0, maxval=5.0)
+    lanes = jnp.array([81, 106])
+    return theta, x[lanes], (amp * jnp.sin(x + phase))[lanes]
+
+
+def _imaml_inner(phi, args):
+    theta, x, y = args
+    h = x[:, None]
+    for layer in phi[:-1]:
+        h = jnp.tanh(h @ layer["w"] + layer["b"][None])
+    fit = jnp.mean(((h @ phi[-1]["w"] + phi[-1]["b"][None])[:, 0] - y) ** 2)
+    prox = sum(jnp.sum((a - b) ** 2) for a, b in zip(jax.tree.leaves(phi), jax.tree.leaves(theta)))
+    return fit + 0.5 * prox
+
+
+def test_float32_batch_and_single_solves_agree():
+    theta, x, y = _imaml_tasks()
+
+    def solve(x, y):
+        sol = li.optimize(_imaml_inner, theta, (theta, x, y), throw=False)
+        return sol.result == li.RESULTS.successful, sol.stats["grad_norm"]
+
+    batch_ok, batch_g = jax.jit(jax.vmap(solve))(x, y)
+    single = jax.jit(solve)
+    for i in range(len(x)):
+        ok, g = single(x[i], y[i])
+        assert bool(ok) and bool(batch_ok[i]), (i, float(g), float(batch_g[i]))
