@@ -350,7 +350,10 @@ class Backtracking(AbstractLineSearch):
 
         def body(c):
             ft, gt, _, finite = _evaluate(value_and_grad, x, p, c.a, dtype)
-            armijo = finite & _sufficient_decrease(f, ft, self.c1 * c.a * dg)
+            # Not `_sufficient_decrease`: without a curvature condition, accepting a
+            # trial whose value rounds to `f` is this search's only way through the
+            # flat last steps of a solve (where the decrease is below an ulp).
+            armijo = finite & (ft <= f + self.c1 * c.a * dg)
             take = armijo | (finite & (ft < c.f_best))
             return _BacktrackCarry(
                 a=c.a * self.factor,
