@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 
-from ._common import block, RESULTS_DIR
+from ._common import block, RESULTS_DIR, write_json
 
 
 SHOTS = 10
@@ -142,8 +142,7 @@ def main(argv=None):
         rows.append(row)
         print(json.dumps(row), flush=True)
     if opts.out:
-        path = RESULTS_DIR / opts.out
-        path.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=1))
+        write_json(RESULTS_DIR / opts.out, {"command": " ".join(sys.argv), "rows": rows})
 
 
 if __name__ == "__main__":

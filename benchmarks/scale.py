@@ -21,11 +21,9 @@ each compiled solve (deterministic), in units of the parameters' bytes.
 """
 
 import argparse
-import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +31,8 @@ import numpy as np
 
 import lbfgs_implicit as li
 
-from ._common import machine, RESULTS_DIR, setup
+from ._common import machine, RESULTS_DIR, setup, write_json
+from .solvers import optax_step
 
 
 def _problem(n, shape, dtype):
@@ -68,14 +67,7 @@ def _optax(fn, x0, args, m, iters):
     def solve(x0, args):
         f = lambda x: fn(x, args)  # noqa: E731
         opt = optax.lbfgs(memory_size=m)
-        value_and_grad = optax.value_and_grad_from_state(f)
-
-        def body(carry):
-            x, state, evals = carry
-            value, grad = value_and_grad(x, state=state)
-            updates, state = opt.update(grad, state, x, value=value, grad=grad, value_fn=f)
-            steps = otu.tree_get(state, "info").num_linesearch_steps
-            return optax.apply_updates(x, updates), state, evals + steps.astype(evals.dtype)
+        body = optax_step(f, opt)
 
         def cond(carry):
             return otu.tree_get(carry[1], "count") < iters
@@ -250,10 +242,8 @@ def main(argv=None):
         "cases": cases,
         "machine": machine(),
     }
-    path = Path(opts.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {path}")
+    write_json(opts.out, out)
+    print(f"wrote {opts.out}")
     return out
 
 

@@ -78,6 +78,27 @@ def scipy_lbfgsb(fn, x0, args, max_steps):
     return compiled, seconds, call
 
 
+def optax_step(f, opt):
+    """One `optax.lbfgs` iteration as a `while_loop` body on `(x, state, evals)`.
+
+    The value and gradient come from the state when its line search left them there;
+    `evals` counts the line search's evaluations.
+    """
+    import optax
+    import optax.tree_utils as otu
+
+    value_and_grad = optax.value_and_grad_from_state(f)
+
+    def body(carry):
+        x, state, evals = carry
+        value, grad = value_and_grad(x, state=state)
+        updates, state = opt.update(grad, state, x, value=value, grad=grad, value_fn=f)
+        steps = otu.tree_get(state, "info").num_linesearch_steps
+        return optax.apply_updates(x, updates), state, evals + steps.astype(evals.dtype)
+
+    return body
+
+
 def optax_lbfgs(fn, x0, args, max_steps):
     import optax
     import optax.tree_utils as otu
@@ -87,14 +108,7 @@ def optax_lbfgs(fn, x0, args, max_steps):
             return fn(x, args)
 
         opt = optax.lbfgs(memory_size=HISTORY)
-        value_and_grad = optax.value_and_grad_from_state(f)
-
-        def body(carry):
-            x, state, evals = carry
-            value, grad = value_and_grad(x, state=state)
-            updates, state = opt.update(grad, state, x, value=value, grad=grad, value_fn=f)
-            steps = otu.tree_get(state, "info").num_linesearch_steps
-            return optax.apply_updates(x, updates), state, evals + steps.astype(evals.dtype)
+        body = optax_step(f, opt)
 
         def cond(carry):
             _, state, _ = carry
