@@ -150,6 +150,63 @@ def _bounds(name):
     }[name]
 
 
+def _dense_cauchy_point(x, g, lo, up, theta, pairs):
+    """BLNZ's Algorithm CP walked segment by segment, with B from the BFGS update formula
+    applied to `theta * I` (the compact form is not used)."""
+    B = theta * np.eye(x.size)
+    for s, y in pairs:
+        Bs = B @ s
+        B = B - np.outer(Bs, Bs) / (s @ Bs) + np.outer(y, y) / (y @ s)
+    t = np.where(g < 0, (x - up) / np.where(g != 0, g, 1), np.where(g > 0, (x - lo) / g, np.inf))
+    t = np.maximum(t, 0)
+    breaks = np.unique(t[(t > 0) & np.isfinite(t)])
+    path = lambda tau: np.clip(x - tau * g, lo, up)  # noqa: E731
+    start, passed = 0.0, 0
+    for end in [*breaks, np.inf]:
+        d = np.where(t > start, -g, 0.0)
+        z = path(start) - x
+        slope, curv = g @ d + z @ B @ d, d @ B @ d
+        if slope >= 0:
+            return path(start), passed
+        if curv > 0 and start - slope / curv < end:
+            return path(start - slope / curv), passed
+        start, passed = end, passed + 1
+    raise AssertionError("the model is unbounded along the path")
+
+
+def test_cauchy_point_matches_a_dense_reference():
+    """The generalized Cauchy point (first segment shortcut and the sorted path) equals
+    a sequential walk with a dense B, with a wrapped-around ring buffer."""
+    from lbfgs_implicit._box import _cauchy_point, _compact
+    from lbfgs_implicit._history import init_history, push_history
+
+    jax.config.update("jax_enable_x64", True)
+    rng = np.random.default_rng(5)
+    n, m = 9, 3
+    cauchy = jax.jit(lambda *a: _cauchy_point(*a[:4], _compact(a[4], jnp.float64))[0])
+    passed_counts = []
+    for case in range(12):
+        lo, up = -rng.random(n), rng.random(n)
+        x = rng.uniform(lo, up)
+        x[:2] = lo[:2]
+        x[2] = up[2]  # some coordinates start at a bound
+        g = rng.normal(size=n) * 10.0 ** rng.uniform(-1, 1)
+        h = init_history(jnp.zeros(n), m, jnp.float64, compact=True)
+        pairs = []
+        for _ in range(m + 2):  # wraps the ring buffer
+            s = rng.normal(size=n)
+            y = s * rng.uniform(0.5, 3.0, n) + 0.1 * rng.normal(size=n)
+            h, _ = push_history(h, jnp.asarray(s), jnp.asarray(y))
+            pairs = (pairs + [(s, y)])[-m:]
+        theta = 1 / float(h.gamma)
+        want, passed = _dense_cauchy_point(x, g, lo, up, theta, pairs)
+        got = cauchy(jnp.asarray(x), jnp.asarray(g), jnp.asarray(lo), jnp.asarray(up), h)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-10, atol=1e-12)
+        passed_counts.append(passed)
+    # Both branches ran: points on the first segment and points past breakpoints.
+    assert min(passed_counts) == 0 and max(passed_counts) >= 2, passed_counts
+
+
 def test_never_evaluates_outside_the_box():
     # NaN for x < 0 (x^1.5), as in jaxopt#590; the start is infeasible and is projected.
     a = jnp.array([1.0, 2.0, 0.5, 1.0, 3.0])
