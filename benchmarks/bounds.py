@@ -188,6 +188,126 @@ def _measure(p, out):
     }
 
 
+# ---------------------------------------------------------------------------------------
+# Hypergradient: NNLS with a ridge weight, against the closed form on the free set
+
+
+def _nnls_ridge(n):
+    rng = np.random.default_rng(10 + n)
+    A = rng.normal(size=(2 * n, n))
+    b = rng.normal(size=2 * n)
+    A_val = rng.normal(size=(n, n))
+    b_val = rng.normal(size=n)
+    return A, b, A_val, b_val
+
+
+def _ridge_objective(x, args):
+    A, b, log_lam = args
+    return 0.5 * jnp.sum((A @ x - b) ** 2) + 0.5 * jnp.exp(log_lam) * jnp.sum(x**2)
+
+
+def _closed_form_hypergradient(A, b, A_val, b_val, log_lam):
+    """The exact d(outer)/d(log lam) from the free set of a tightly solved NNLS ridge.
+
+    The free set comes from SciPy's `nnls` on the stacked system; then
+    x_F = (A_F'A_F + lam I)^-1 A_F'b, dx_F/dlog(lam) = -lam (A_F'A_F + lam I)^-1 x_F.
+    """
+    from scipy.optimize import nnls
+
+    lam = float(np.exp(log_lam))
+    n = A.shape[1]
+    x, _ = nnls(np.vstack([A, np.sqrt(lam) * np.eye(n)]), np.concatenate([b, np.zeros(n)]))
+    free = x > 0
+    H = A[:, free].T @ A[:, free] + lam * np.eye(int(free.sum()))
+    x_free = np.linalg.solve(H, A[:, free].T @ b)
+    full = np.zeros(n)
+    full[free] = x_free
+    grad_outer = A_val.T @ (A_val @ full - b_val)
+    return float(grad_outer[free] @ (-lam * np.linalg.solve(H, x_free))), int(free.sum())
+
+
+def hypergradient_rows(sizes):
+    """Our hypergradient and jaxopt's implicit differentiation of `LBFGSB`, against the
+    closed form, timed interleaved (value and gradient of the outer loss, jitted)."""
+    import jaxopt
+
+    rows = []
+    log_lam = 0.0
+    for n in sizes:
+        A, b, A_val, b_val = _nnls_ridge(n)
+        want, n_free = _closed_form_hypergradient(A, b, A_val, b_val, log_lam)
+        data = tuple(map(jnp.asarray, (A, b, A_val, b_val)))
+        x0, lower, upper = jnp.zeros(n), jnp.zeros(n), jnp.full(n, jnp.inf)
+        solver = li.LBFGS(history_size=HISTORY, max_steps=MAX_STEPS)  # default gtol 1e-10
+        jsolver = jaxopt.LBFGSB(
+            fun=_ridge_objective,
+            maxiter=MAX_STEPS,
+            tol=1e-10,
+            history_size=HISTORY,
+            implicit_diff=True,
+        )
+
+        def outer(x, A_val, b_val):
+            return 0.5 * jnp.sum((A_val @ x - b_val) ** 2)
+
+        def ours(log_lam, data):
+            A, b, A_val, b_val = data
+            sol = li.optimize(
+                _ridge_objective, x0, (A, b, log_lam), solver=solver, bounds=(lower, upper)
+            )
+            return outer(sol.params, A_val, b_val)
+
+        def theirs(log_lam, data):
+            A, b, A_val, b_val = data
+            x, _ = jsolver.run(x0, bounds=(lower, upper), args=(A, b, log_lam))
+            return outer(x, A_val, b_val)
+
+        prepared = []
+        for name, f in (("lbfgs_implicit", ours), ("jaxopt", theirs)):
+            compiled, compile_s = compile_jit(jax.value_and_grad(f), jnp.asarray(log_lam), data)
+            call = lambda c=compiled: c(jnp.asarray(log_lam), data)  # noqa: E731
+            first_s, _ = wall(call)
+            prepared.append((name, compile_s, call, first_s))
+        medians, _, outs = time_interleaved(
+            [c for _, _, c, _ in prepared], [t for *_, t in prepared], 5, 0.3
+        )
+        for (name, compile_s, _, _), run_s, (_, grad) in zip(prepared, medians, outs):
+            rows.append(
+                {
+                    "n": n,
+                    "free": n_free,
+                    "solver": name,
+                    "rel_error": abs(float(grad) - want) / abs(want),
+                    "run_s": run_s,
+                    "compile_s": compile_s,
+                }
+            )
+            print(
+                f"hypergradient nnls-ridge-{n:<6d} {name:15s} rel.err={rows[-1]['rel_error']:.1e}"
+                f" run={run_s * 1e3:9.2f} ms compile={compile_s:.1f} s",
+                flush=True,
+            )
+    return rows
+
+
+def hypergradient_lines(rows):
+    """The Markdown table of the hypergradient comparison (also used by `benchmarks.report`)."""
+    by = {}
+    for r in rows:
+        by.setdefault(r["n"], {})[r["solver"]] = r
+    lines = [
+        "| n | free coordinates | ours: relative error | jaxopt: relative error | time / jaxopt |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for n, s in by.items():
+        o, j = s["lbfgs_implicit"], s["jaxopt"]
+        lines.append(
+            f"| {n} | {o['free']} | {o['rel_error']:.1e} | {j['rel_error']:.1e} | "
+            f"{o['run_s'] / j['run_s']:.2f} |"
+        )
+    return lines
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--mode", choices=("full", "quick"), default="quick")
@@ -225,6 +345,7 @@ def main(argv=None):
                 f"compile={row['compile_s']:.1f} s",
                 flush=True,
             )
+    hyper = hypergradient_rows([50] if opts.mode == "quick" else [100, 1000])
     payload = {
         "mode": opts.mode,
         "command": f"python -m benchmarks.bounds --mode {opts.mode}",
@@ -232,9 +353,10 @@ def main(argv=None):
         "machine": machine(),
         "seconds": time.perf_counter() - t0,
         "rows": rows,
+        "hypergradient": hyper,
     }
     write_json(out_path, payload)
-    _report(rows)
+    _report(rows, hyper)
 
 
 def table_lines(rows):
@@ -270,8 +392,8 @@ def table_lines(rows):
     return lines
 
 
-def _report(rows):
-    print("\n".join([""] + table_lines(rows)))
+def _report(rows, hyper=()):
+    print("\n".join(["", *table_lines(rows), "", *hypergradient_lines(hyper)]))
 
 
 if __name__ == "__main__":

@@ -505,7 +505,7 @@ def sweep_block(sweep, lines):
 
 def bounds_section(mode, lines):
     """Bound-constrained solves (`python -m benchmarks.bounds`), if a result file exists."""
-    from .bounds import table_lines
+    from .bounds import hypergradient_lines, table_lines
 
     data, path = _load("bounds", mode)
     if not data:
@@ -523,6 +523,16 @@ def bounds_section(mode, lines):
         *table_lines(data["rows"]),
         "",
     ]
+    if data.get("hypergradient"):
+        lines += [
+            "Hypergradient of a validation loss with respect to the log ridge weight of a "
+            "nonnegative least-squares problem (same run): ours (`bounds`, default tolerances) "
+            "and `jaxopt.LBFGSB(implicit_diff=True, tol=1e-10)`, each against the closed form "
+            "on the free set; time of the jitted value and gradient, interleaved.",
+            "",
+            *hypergradient_lines(data["hypergradient"]),
+            "",
+        ]
 
 
 def scale_section(scale, path, by_shape, shape_path, lines):

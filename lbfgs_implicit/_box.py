@@ -273,10 +273,10 @@ def _cauchy_point(x, g, lo, up, b: _Compact):
     $f''_j = \\theta q_j - p_j^\\top M p_j$, and the point is on the first segment that
     contains a minimiser.
 
-    Once the active set has settled, that is nearly always the first segment (in the
-    bounds benchmark, 76-100% of iterations pass no breakpoint), which needs only the
-    smallest breakpoint: the sort is skipped then (`lax.cond`; under `vmap` both
-    branches run). Otherwise all segments are evaluated at once from cumulative sums
+    Once the active set has settled, that is usually the first segment (most iterations
+    of the bounds benchmark's problems pass no breakpoint), which needs only the smallest
+    breakpoint: the sort is skipped then (`lax.cond`; under `vmap` both branches run).
+    Otherwise all segments are evaluated at once from cumulative sums
     over the sorted breakpoints (`O(n m^2)`, no sequential loop).
 
     Returns $x^c$, the breakpoints and the step $t^*$.
