@@ -7,6 +7,13 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum |
 
 .PHONY: demo test test-latest lint docs docs-build bench bench-quick clean
 
+# pytest-xdist workers for `make test` and `make test-latest` (0 runs in one process).
+# Two on CI's 2 cores: one process keeps only about one core busy (tracing and most of
+# XLA's compile are single-threaded). Whole files go to one worker (`loadfile`), so the
+# module-scoped fixtures that share compiled solves are built once.
+PYTEST_WORKERS ?= 2
+PYTEST_ARGS := -q -n $(PYTEST_WORKERS) --dist loadfile
+
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
@@ -23,7 +30,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest $(PYTEST_ARGS)
 	$(VENV)/bin/mkdocs build --strict --quiet -f docs/mkdocs.yml -d ../site
 
 # The second CI leg: the newest jax, numpy and scipy (no constraints.txt) on the oldest
@@ -45,7 +52,7 @@ test-latest:
 	$(LATEST_PY) -m pip install --quiet --disable-pip-version-check --upgrade \
 		--upgrade-strategy eager -e ".[dev,examples,bench]"; \
 	$(LATEST_PY) -c "import sys, jax, numpy, scipy, equinox, lineax; print('test-latest: Python', sys.version.split()[0], 'jax', jax.__version__, 'numpy', numpy.__version__, 'scipy', scipy.__version__, 'equinox', equinox.__version__, 'lineax', lineax.__version__)"; \
-	$(LATEST_PY) -m pytest -q -p no:cacheprovider
+	$(LATEST_PY) -m pytest $(PYTEST_ARGS) -p no:cacheprovider
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
