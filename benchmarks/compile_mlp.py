@@ -1,0 +1,188 @@
+"""Compile time of a hypergradient through an MLP inner problem, against the peers.
+
+The iMAML inner problem of `benchmarks.batching` (a 1-40-40-1 MLP, six leaves: the
+support loss plus `lam/2 ||phi - w_meta||^2`), and `jax.value_and_grad` of the mean
+query loss with respect to `w_meta`, for one task and for `vmap` over 16 tasks. Solvers:
+ours (`ImplicitAdjoint`), `jaxopt.LBFGS(implicit_diff=True)`, optimistix's `LBFGS` with
+`ImplicitAdjoint(CG)`, and the baseline every user can write: 100 steps of gradient
+descent unrolled by `lax.fori_loop` and differentiated through.
+
+Each compile wraps the objective in a new function object, so nothing is served from
+JAX's caches; the solvers take turns within each of `--rounds` rounds, and the median
+and minimum are reported, as wall seconds (trace + lower + compile) and as the process's
+CPU seconds (less sensitive to a shared machine's load, but counting XLA's threads).
+
+    python -m benchmarks.compile_mlp [--rounds 3] [--tasks 16] [--out FILE]
+"""
+
+import argparse
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+
+from ._common import machine, RESULTS_DIR, setup, write_json
+from .batching import _inner, _mlp, _mlp_init, _tasks
+
+
+SOLVERS = ("lbfgs_implicit", "jaxopt", "optimistix", "unrolled_gd")
+GD_STEPS = 100
+GD_RATE = 0.05
+MAX_STEPS = 1000
+
+
+def _solve(name, fn):
+    """`solve(w_meta, xs, ys, lam) -> phi*`, differentiable by the solver's own method."""
+    if name == "lbfgs_implicit":
+        import lbfgs_implicit as li
+
+        solver = li.LBFGS(max_steps=MAX_STEPS)
+        return lambda w, xs, ys, lam: (
+            li.optimize(fn, w, (w, xs, ys, lam), solver=solver, throw=False).params
+        )
+    if name == "jaxopt":
+        import jaxopt
+
+        solver = jaxopt.LBFGS(fun=fn, tol=1e-10, maxiter=MAX_STEPS, implicit_diff=True)
+        return lambda w, xs, ys, lam: solver.run(w, (w, xs, ys, lam)).params
+    if name == "optimistix":
+        import lineax as lx
+        import optimistix as optx
+
+        solver = optx.LBFGS(rtol=1e-10, atol=1e-10)
+        adjoint = optx.ImplicitAdjoint(lx.CG(rtol=1e-10, atol=1e-10))
+        tags = frozenset({lx.symmetric_tag, lx.positive_semidefinite_tag})
+
+        def solve(w, xs, ys, lam):
+            args = (w, xs, ys, lam)
+            return optx.minimise(
+                fn, solver, w, args, max_steps=MAX_STEPS, adjoint=adjoint, throw=False, tags=tags
+            ).value
+
+        return solve
+    if name == "unrolled_gd":
+
+        def solve(w, xs, ys, lam):
+            grad = jax.grad(fn)
+
+            def step(_, phi):
+                g = grad(phi, (w, xs, ys, lam))
+                return jax.tree.map(lambda p, d: p - GD_RATE * d, phi, g)
+
+            return jax.lax.fori_loop(0, GD_STEPS, step, w)
+
+        return solve
+    raise ValueError(f"unknown solver {name!r}")
+
+
+def _loss(name, tasks):
+    def fn(phi, args):  # a new function object per compile: no cache hits
+        return _inner(phi, args)
+
+    solve = _solve(name, fn)
+    if tasks == 1:
+
+        def loss(w, xs, ys, xq, yq, lam):
+            phi = solve(w, xs[0], ys[0], lam)
+            return jnp.mean((_mlp(phi, xq[0]) - yq[0]) ** 2)
+
+    else:
+
+        def loss(w, xs, ys, xq, yq, lam):
+            phis = jax.vmap(solve, in_axes=(None, 0, 0, None))(w, xs, ys, lam)
+            return jnp.mean((jax.vmap(_mlp)(phis, xq) - yq) ** 2)
+
+    return jax.value_and_grad(loss)
+
+
+def compile_seconds(name, tasks, w_meta, data, lam):
+    """(wall, CPU) seconds of trace + lower + compile of the loss's value_and_grad."""
+    f = _loss(name, tasks)
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    jax.jit(f).lower(w_meta, *data, lam).compile()
+    return time.perf_counter() - wall0, time.process_time() - cpu0
+
+
+def run(rounds, batch, solvers=SOLVERS):
+    setup()
+    dtype = jnp.float64
+    lam = jnp.asarray(1.0, dtype)
+    w_meta = _mlp_init(jr.PRNGKey(0), (1, 40, 40, 1), dtype)
+    data = _tasks(jr.PRNGKey(1), batch, dtype)
+    cases = [(1, data), (batch, data)]
+    for name in solvers:  # one-off start-up (imports, first traces) out of the numbers
+        compile_seconds(name, 1, w_meta, data, lam)
+    samples = {(name, t): [] for t, _ in cases for name in solvers}
+    errors = {}
+    for _ in range(rounds):
+        for tasks, d in cases:
+            for name in solvers:
+                if (name, tasks) in errors:
+                    continue
+                try:
+                    wall, cpu = compile_seconds(name, tasks, w_meta, d, lam)
+                except Exception as e:  # a peer failing is a result
+                    errors[(name, tasks)] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                    print(f"tasks={tasks:3d} {name:15s} failed: {errors[(name, tasks)]}")
+                    continue
+                samples[(name, tasks)].append((wall, cpu))
+                line = f"tasks={tasks:3d} {name:15s} wall {wall:6.2f} s cpu {cpu:6.2f} s"
+                print(line, flush=True)
+    rows = [{"solver": n, "tasks": t, "error": e} for (n, t), e in errors.items()]
+    for (name, tasks), s in samples.items():
+        if not s:
+            continue
+        walls, cpus = [w for w, _ in s], [c for _, c in s]
+        rows.append(
+            {
+                "solver": name,
+                "tasks": tasks,
+                "wall_median_s": statistics.median(walls),
+                "wall_min_s": min(walls),
+                "cpu_median_s": statistics.median(cpus),
+                "cpu_min_s": min(cpus),
+            }
+        )
+    return {"rounds": rounds, "rows": rows, "machine": machine(), "gd_steps": GD_STEPS}
+
+
+def table_lines(data):
+    """The Markdown table (also used by `benchmarks.report`): medians, ratios to ours."""
+    by = {(r["solver"], r["tasks"]): r for r in data["rows"] if "error" not in r}
+    tasks = sorted({r["tasks"] for r in data["rows"]})
+    solvers = [s for s in SOLVERS if any(r["solver"] == s for r in data["rows"])]
+    lines = [
+        "| tasks | " + " | ".join(f"{s} (s)" for s in solvers) + " | ours / best peer | "
+        "ours / unrolled GD |",
+        "| ---: | " + " | ".join("---:" for _ in solvers) + " | ---: | ---: |",
+    ]
+    for t in tasks:
+        med = {s: by[(s, t)]["wall_median_s"] for s in solvers if (s, t) in by}
+        peers = [med[s] for s in ("jaxopt", "optimistix") if s in med]
+        ours = med.get("lbfgs_implicit")
+        best = f"{ours / min(peers):.2f}" if ours and peers else "-"
+        gd = f"{ours / med['unrolled_gd']:.2f}" if ours and "unrolled_gd" in med else "-"
+        cells = " | ".join(f"{med[s]:.1f}" if s in med else "failed" for s in solvers)
+        lines.append(f"| {t} | {cells} | {best} | {gd} |")
+    return lines
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tasks", type=int, default=16)
+    parser.add_argument("--solvers", default=",".join(SOLVERS))
+    parser.add_argument("--out", default=str(RESULTS_DIR / "compile_mlp.json"))
+    opts = parser.parse_args(argv)
+    out = run(opts.rounds, opts.tasks, tuple(opts.solvers.split(",")))
+    out["command"] = "python -m benchmarks.compile_mlp " + " ".join(argv or sys.argv[1:])
+    print("\n".join(table_lines(out)))
+    write_json(opts.out, out)
+    return out
+
+
+if __name__ == "__main__":
+    main()
