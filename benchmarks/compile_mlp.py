@@ -3,7 +3,8 @@
 The iMAML inner problem of `benchmarks.batching` (a 1-40-40-1 MLP, six leaves: the
 support loss plus `lam/2 ||phi - w_meta||^2`), and `jax.value_and_grad` of the mean
 query loss with respect to `w_meta`, for one task and for `vmap` over 16 tasks. Solvers:
-ours (`ImplicitAdjoint`), `jaxopt.LBFGS(implicit_diff=True)`, optimistix's `LBFGS` with
+ours (`ImplicitAdjoint`; and with the parameters raveled into one vector by the
+caller, `lbfgs_implicit_flat`), `jaxopt.LBFGS(implicit_diff=True)`, optimistix's `LBFGS` with
 `ImplicitAdjoint(CG)`, and the baseline every user can write: 100 steps of gradient
 descent unrolled by `lax.fori_loop` and differentiated through.
 
@@ -28,7 +29,7 @@ from ._common import machine, RESULTS_DIR, setup, write_json
 from .batching import _inner, _mlp, _mlp_init, _tasks
 
 
-SOLVERS = ("lbfgs_implicit", "jaxopt", "optimistix", "unrolled_gd")
+SOLVERS = ("lbfgs_implicit", "lbfgs_implicit_flat", "jaxopt", "optimistix", "unrolled_gd")
 GD_STEPS = 100
 GD_RATE = 0.05
 MAX_STEPS = 1000
@@ -43,6 +44,28 @@ def _solve(name, fn):
         return lambda w, xs, ys, lam: (
             li.optimize(fn, w, (w, xs, ys, lam), solver=solver, throw=False).params
         )
+    if name == "lbfgs_implicit_flat":
+        # The parameters raveled into one vector by the caller: every per-leaf operation
+        # of the solver and its backward pass then appears once in the program, not six
+        # times. What flattening inside `optimize` would save, measured from outside.
+        from jax.flatten_util import ravel_pytree
+
+        import lbfgs_implicit as li
+
+        solver = li.LBFGS(max_steps=MAX_STEPS)
+
+        def solve(w, xs, ys, lam):
+            flat, unravel = ravel_pytree(w)
+            sol = li.optimize(
+                lambda v, args: fn(unravel(v), args),
+                flat,
+                (w, xs, ys, lam),
+                solver=solver,
+                throw=False,
+            )
+            return unravel(sol.params)
+
+        return solve
     if name == "jaxopt":
         import jaxopt
 
