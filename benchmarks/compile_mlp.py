@@ -173,22 +173,25 @@ def run(rounds, batch, solvers=SOLVERS):
 
 
 def table_lines(data):
-    """The Markdown table (also used by `benchmarks.report`): medians, ratios to ours."""
+    """The Markdown table (also used by `benchmarks.report`): median CPU seconds (wall
+    seconds in brackets), ratios of CPU medians, which a shared machine's load moves less."""
     by = {(r["solver"], r["tasks"]): r for r in data["rows"] if "error" not in r}
     tasks = sorted({r["tasks"] for r in data["rows"]})
     solvers = [s for s in SOLVERS if any(r["solver"] == s for r in data["rows"])]
     lines = [
-        "| tasks | " + " | ".join(f"{s} (s)" for s in solvers) + " | ours / best peer | "
-        "ours / unrolled GD |",
+        "| tasks | " + " | ".join(solvers) + " | ours / best peer | ours / unrolled GD |",
         "| ---: | " + " | ".join("---:" for _ in solvers) + " | ---: | ---: |",
     ]
     for t in tasks:
-        med = {s: by[(s, t)]["wall_median_s"] for s in solvers if (s, t) in by}
-        peers = [med[s] for s in ("jaxopt", "optimistix") if s in med]
-        ours = med.get("lbfgs_implicit")
+        cpu = {s: by[(s, t)]["cpu_median_s"] for s in solvers if (s, t) in by}
+        peers = [cpu[s] for s in ("jaxopt", "optimistix") if s in cpu]
+        ours = cpu.get("lbfgs_implicit")
         best = f"{ours / min(peers):.2f}" if ours and peers else "-"
-        gd = f"{ours / med['unrolled_gd']:.2f}" if ours and "unrolled_gd" in med else "-"
-        cells = " | ".join(f"{med[s]:.1f}" if s in med else "failed" for s in solvers)
+        gd = f"{ours / cpu['unrolled_gd']:.2f}" if ours and "unrolled_gd" in cpu else "-"
+        cells = " | ".join(
+            f"{cpu[s]:.1f} ({by[(s, t)]['wall_median_s']:.1f})" if s in cpu else "failed"
+            for s in solvers
+        )
         lines.append(f"| {t} | {cells} | {best} | {gd} |")
     return lines
 

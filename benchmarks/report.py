@@ -535,6 +535,32 @@ def bounds_section(mode, lines):
         ]
 
 
+def compile_mlp_section(lines):
+    """Compile time of an MLP hypergradient (`python -m benchmarks.compile_mlp`)."""
+    from .compile_mlp import table_lines
+
+    path = RESULTS_DIR / "compile_mlp.json"
+    if not path.exists():
+        return
+    data = json.loads(path.read_text())
+    lines += [
+        "## Compile time: a hypergradient through an MLP inner problem",
+        "",
+        f"From `{data['command'].strip()}` (`benchmarks/results/{path.name}`): "
+        "`jax.value_and_grad` of the iMAML query loss (1-40-40-1 MLP, six parameter "
+        "leaves) through each solver, for one task and for `vmap` over 16, traced, lowered "
+        f"and compiled afresh {data['rounds']} times with the solvers taking turns. Median "
+        "CPU seconds of the process (wall seconds in brackets; the machine was shared), "
+        "ratios of the CPU medians. `lbfgs_implicit_flat` is the same solve with the "
+        "parameters raveled into one vector by the caller; `unrolled_gd` is "
+        f"{data['gd_steps']} steps of gradient descent differentiated through. A failed "
+        "peer did not compile (the script prints why).",
+        "",
+        *table_lines(data),
+        "",
+    ]
+
+
 def scale_section(scale, path, by_shape, shape_path, lines):
     """Memory and time per iteration at large n against the peers."""
     lines += [
@@ -652,6 +678,7 @@ def main(argv=None):
                 hyp["sweep"]["rows"], img / "bench_sweep_time.png", img / "bench_sweep_memory.png"
             )
     bounds_section(opts.mode, lines)
+    compile_mlp_section(lines)
     scale_path = Path(opts.scale) if opts.scale else RESULTS_DIR / "scale.json"
     shape_path = RESULTS_DIR / "memory_by_shape.json"
     if scale_path.exists():
