@@ -368,28 +368,32 @@ def _masked(operator: lx.AbstractLinearOperator, free: PyTree[Array]):
 
 
 @eqx.filter_custom_vjp
-def implicit_solve(theta, x0, solver, adjoint, throw):
+def implicit_solve(theta, x0, solver, adjoint, throw, warm_start=None):
     """`x*(theta)` and the final solver state, with the implicit backward pass.
 
-    `theta = (closed_fn, args, box)`, `box` a normalised `Box` or `None`.
+    `theta = (closed_fn, args, box)`, `box` a normalised `Box` or `None`. `warm_start`
+    (a `History` or `None`) seeds the solver's memory; like `x0` it is not
+    differentiated (the minimiser does not depend on it).
     """
     fn, args, box = theta
-    return iterate(solver, fn, args, x0, box)
+    return iterate(solver, fn, args, x0, box, warm_start)
 
 
 @implicit_solve.def_fwd
-def _implicit_solve_fwd(perturbed, theta, x0, solver, adjoint, throw):
+def _implicit_solve_fwd(perturbed, theta, x0, solver, adjoint, throw, warm_start=None):
     del perturbed
     # Calling the custom-VJP function itself (not `iterate`) keeps the residuals behind
     # the custom rule, so differentiating the backward pass again (reverse-over-reverse)
     # sees the implicit derivative of x* instead of an unrolled while loop.
-    out = implicit_solve(theta, x0, solver, adjoint, throw)
+    out = implicit_solve(theta, x0, solver, adjoint, throw, warm_start)
     return out, out
 
 
 @implicit_solve.def_bwd
-def _implicit_solve_bwd(residuals, grad_obj, perturbed, theta, x0, solver, adjoint, throw):
-    del perturbed, x0
+def _implicit_solve_bwd(
+    residuals, grad_obj, perturbed, theta, x0, solver, adjoint, throw, warm_start=None
+):
+    del perturbed, x0, warm_start
     x_star, state = residuals
     v_star, _ = grad_obj
     v = jtu.tree_map(

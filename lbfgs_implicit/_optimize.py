@@ -12,8 +12,10 @@ from jaxtyping import ArrayLike, PyTree
 
 from ._adjoint import AbstractAdjoint, implicit_solve, ImplicitAdjoint
 from ._box import check_bounds, normalise_bounds
+from ._history import COMPACT_MIN_SIZE, History, init_history
+from ._misc import accumulation_dtype, common_dtype
 from ._solution import check_can_raise, RESULTS, Solution, SolveError, traced_messages
-from ._solver import AbstractMinimiser, LBFGS
+from ._solver import _LBFGSState, AbstractMinimiser, LBFGS
 
 
 def _numbers_as_container(node) -> bool:
@@ -148,9 +150,63 @@ def _check_output(fn: Callable, x0, args, has_aux: bool) -> None:
         )
 
 
+def _shapes(tree) -> list[tuple[str, tuple[int, ...], Any]]:
+    return [
+        (jtu.keystr(path), tuple(leaf.shape), jnp.result_type(leaf))
+        for path, leaf in jtu.tree_flatten_with_path(tree)[0]
+    ]
+
+
+def _warm_history(warm_start: Solution, x0, solver: AbstractMinimiser, bounded: bool) -> History:
+    """The memory of `warm_start`, checked against what this solve would build."""
+    fix = (
+        "pass the Solution of a solve with the same `x0` structure, shapes and dtypes and "
+        "the same `LBFGS(history_size=...)`, or `warm_start=None` for a cold start"
+    )
+    if not isinstance(solver, LBFGS):
+        raise TypeError(f"`warm_start` needs an li.LBFGS solver, got {solver!r}.")
+    state = warm_start.state
+    if not isinstance(state, _LBFGSState):
+        raise TypeError(f"`warm_start` holds no L-BFGS state (got {type(state).__name__}); {fix}.")
+    history = state.history
+    dtype = accumulation_dtype(common_dtype(x0))
+    # The same choice as `LBFGS.init`: bounded solves always keep the compact form.
+    compact = True if bounded else None
+    expected = jax.eval_shape(lambda: init_history(x0, solver.history_size, dtype, compact))
+    if jtu.tree_structure(history.s) != jtu.tree_structure(expected.s):
+        raise ValueError(
+            f"`warm_start` comes from parameters of structure "
+            f"{jtu.tree_structure(history.s)}, but `x0` has structure "
+            f"{jtu.tree_structure(expected.s)}; {fix}."
+        )
+    if history.size != expected.size:
+        raise ValueError(
+            f"`warm_start` has a memory of {history.size} pairs but the solver's "
+            f"history_size is {expected.size}; {fix}."
+        )
+    got = _shapes((history.s, history.y, history.sy, history.yy, history.gamma))
+    want = _shapes((expected.s, expected.y, expected.sy, expected.yy, expected.gamma))
+    for (where, shape, dtype), (_, shape_w, dtype_w) in zip(got, want):
+        if shape != shape_w or dtype != dtype_w:
+            raise ValueError(
+                f"`warm_start` memory leaf {where} has shape {shape} and dtype {dtype}, "
+                f"but this solve needs shape {shape_w} and dtype {dtype_w}; {fix}."
+            )
+    if history.compact != expected.compact:
+        raise ValueError(
+            f"`warm_start` memory is in the {'compact' if history.compact else 'two-loop'} "
+            f"form but this solve uses the other (below {COMPACT_MIN_SIZE} parameters, "
+            "solves with `bounds` use the compact form and solves without use the "
+            f"two-loop one); {fix}."
+        )
+    # Like `x0`, the memory only changes where the solve starts, not the minimiser.
+    return lax.stop_gradient(history)
+
+
 @eqx.filter_jit
-def _optimize(fn, x0, args, bounds, solver, adjoint, has_aux, throw):
+def _optimize(fn, x0, args, bounds, solver, adjoint, has_aux, throw, warm_start):
     _check_output(fn, x0, args, has_aux)
+    warm = None if warm_start is None else _warm_history(warm_start, x0, solver, bounds is not None)
     fn = _normalise_fn(fn, has_aux)
     # Closure conversion turns the arrays `fn` closes over into leaves of `closed_fn`,
     # so they are differentiated like `args` instead of getting a silent zero.
@@ -159,7 +215,7 @@ def _optimize(fn, x0, args, bounds, solver, adjoint, has_aux, throw):
     # A Python branch: without bounds the compiled program is the unconstrained one.
     box = None if bounds is None else normalise_bounds(bounds, x0)
     # `throw` here is the backward pass's; the forward outcome is checked by `optimize`.
-    params, state = implicit_solve((closed_fn, args, box), x0, solver, adjoint, throw)
+    params, state = implicit_solve((closed_fn, args, box), x0, solver, adjoint, throw, warm)
     state = lax.stop_gradient(state)
     value, aux = closed_fn(params, args)
     _, stats = solver.postprocess(state)
@@ -197,6 +253,7 @@ def optimize(
     solver: AbstractMinimiser = LBFGS(),
     adjoint: AbstractAdjoint = ImplicitAdjoint(),
     bounds: tuple[Any, Any] | None = None,
+    warm_start: Solution | None = None,
     has_aux: bool = False,
     throw: bool = True,
 ) -> Solution:
@@ -227,6 +284,15 @@ def optimize(
       through the coordinates held at them). `lower > upper` is a `ValueError` when the
       bounds are concrete and `RESULTS.infeasible_bounds` when they are traced. See the
       Bounds page of the docs.
+    - `warm_start`: a [`lbfgs_implicit.Solution`][] of an earlier solve with the same
+      structure (parameters of the same shapes and dtypes, the same `history_size`),
+      or a batch of them under `jax.vmap`. The solve starts with its L-BFGS memory
+      instead of an empty one; `x0` is still the starting point (`x0=prev.params` is
+      the usual call). For the sequence of nearby problems of an outer loop, this saves
+      most of the inner iterations; see "Warm starts" in the quick start.
+      `sol.stats["warm_pairs"]` says how many pairs the solve started with and
+      `sol.stats["num_resets"]` how often the memory was discarded (it is, when
+      pairs from too different a problem mislead the line search). Default `None`.
     - `has_aux`: whether `fn` returns `(value, aux)`.
     - `throw`: what a failed solve does. Called eagerly (also under an eager
       `jax.grad`), `optimize` raises [`lbfgs_implicit.SolveError`][] at the call, an
@@ -243,9 +309,10 @@ def optimize(
 
     A [`lbfgs_implicit.Solution`][].
 
-    The gradient with respect to `x0` is zero: the minimiser does not depend on where
-    the solve started. Forward-mode differentiation (`jax.jvp`, `jax.jacfwd`,
-    `jax.hessian`) is not supported; use `jax.jacrev` (reverse-over-reverse works).
+    The gradients with respect to `x0` and to `warm_start` are zero: the minimiser does
+    not depend on where the solve started or with which memory. Forward-mode
+    differentiation (`jax.jvp`, `jax.jacfwd`, `jax.hessian`) is not supported; use
+    `jax.jacrev` (reverse-over-reverse works).
 
     `optimize` is compiled once per `fn` object, pytree structure, shapes, dtypes and
     configuration, and cached. Pass hyperparameters through `args` (or jit the outer
@@ -279,8 +346,13 @@ def optimize(
     x0 = _check_x0(x0)
     if bounds is not None:
         check_bounds(bounds, x0)
+    if warm_start is not None and not isinstance(warm_start, Solution):
+        raise TypeError(
+            f"`warm_start` must be the li.Solution of an earlier solve (e.g. "
+            f"`warm_start=prev`, with `x0=prev.params`), got {type(warm_start).__name__}."
+        )
     throw = bool(throw)
-    sol = _optimize(fn, x0, args, bounds, solver, adjoint, bool(has_aux), throw)
+    sol = _optimize(fn, x0, args, bounds, solver, adjoint, bool(has_aux), throw, warm_start)
     if not throw:
         return sol
     try:
@@ -289,7 +361,7 @@ def optimize(
     except jax.errors.ConcretizationTypeError:
         # Inside jax.jit or jax.vmap the outcome is only known when the program runs,
         # so the check has to be part of the program.
-        return _check_in_program(sol, (x0, args, bounds, fn))
+        return _check_in_program(sol, (x0, args, bounds, fn, warm_start))
     # Called eagerly: the program has finished, so check the outcome here and raise an
     # ordinary Python exception at the caller's line. No host callback runs inside the
     # program, so a failure cannot stall devices waiting in a collective.

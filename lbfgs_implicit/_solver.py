@@ -13,6 +13,7 @@ from jaxtyping import Array, Bool, Int, PyTree, Scalar
 
 from ._box import Box, box_search, infeasible, project, projected_gradient, solve_info
 from ._history import (
+    _project,
     apply_inverse_hessian,
     History,
     init_history,
@@ -37,6 +38,10 @@ from ._solution import RESULTS
 
 _State = TypeVar("_State")
 
+# A warm-started memory is dropped (all but the first new pair) when the first step's
+# curvature scale s'y / y'y differs from the memory's by more than this factor.
+WARM_GAMMA_RATIO = 10.0
+
 
 class AbstractMinimiser(eqx.Module, Generic[_State]):
     """The protocol the driver in `optimize` runs: `init`, then `step` until `terminate`."""
@@ -45,10 +50,18 @@ class AbstractMinimiser(eqx.Module, Generic[_State]):
 
     @abc.abstractmethod
     def init(
-        self, value_and_grad: ValueAndGrad, x0: PyTree[Array], box: Box | None = None
+        self,
+        value_and_grad: ValueAndGrad,
+        x0: PyTree[Array],
+        box: Box | None = None,
+        warm_start: History | None = None,
     ) -> _State:
-        """Evaluate the objective at `x0` and build the initial state; `box` holds
-        normalised bounds, or is `None` for an unconstrained solve."""
+        """Evaluate the objective at `x0` and build the initial state.
+
+        `box` holds normalised bounds, or is `None` for an unconstrained solve.
+        `warm_start`, if given, is the curvature memory of an earlier solve of the same
+        structure (checked by `optimize`); the solve starts with it instead of an empty one.
+        """
 
     @abc.abstractmethod
     def step(self, value_and_grad: ValueAndGrad, state: _State) -> _State:
@@ -123,6 +136,10 @@ class _LBFGSState(eqx.Module):
     # counters and outcome; updated every iteration
     num_steps: Int[Array, ""]
     num_fun_evals: Int[Array, ""]
+    # pairs the memory started with (warm start), and how often a non-empty memory was
+    # discarded (not a descent direction, or a failed line search)
+    warm_pairs: Int[Array, ""]
+    num_resets: Int[Array, ""]
     terminate: Bool[Array, ""]
     result: RESULTS
     # the bounds (data, fixed for the solve); None when unconstrained
@@ -272,7 +289,7 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
             ok = ok | ((f - f_new) <= self.ftol * scale)
         return ok
 
-    def init(self, value_and_grad, x0, box=None):
+    def init(self, value_and_grad, x0, box=None, warm_start=None):
         # Tolerances follow the parameters' precision; values, slopes and the memory's
         # small matrices are kept in at least float32 (bfloat16 scalars would round
         # the Armijo test's decrease away).
@@ -292,20 +309,34 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
             bad = infeasible(box)
             result = RESULTS.where(bad, RESULTS.infeasible_bounds, result)
             stop = stop | bad
-        # L-BFGS-B needs the compact form (S'Y) whatever the size.
-        history = init_history(
-            x0, self.history_size, dtype, compact=True if box is not None else None
-        )
-        k = self.history_size if history.compact else 0  # the two-loop form keeps no proj
+        if warm_start is None:
+            # L-BFGS-B needs the compact form (S'Y) whatever the size.
+            history = init_history(
+                x0, self.history_size, dtype, compact=True if box is not None else None
+            )
+            k = self.history_size if history.compact else 0  # the two-loop form keeps no proj
+            proj = (jnp.zeros(k, dtype), jnp.zeros(k, dtype))
+        else:
+            # Pairs of an earlier solve: curvature of a nearby function. They are kept as
+            # they are (each passed the curvature gate when stored, so H_k stays positive
+            # definite); if they mislead, the descent test and the line-search retry
+            # reset the memory, counted in `num_resets`.
+            history = warm_start
+            if history.compact:
+                proj = (_project(history.s, g, dtype), _project(history.y, g, dtype))
+            else:
+                proj = (jnp.zeros(0, dtype), jnp.zeros(0, dtype))
         return _LBFGSState(
             x=x0,
             f=f,
             g=g,
             history=history,
-            proj=(jnp.zeros(k, dtype), jnp.zeros(k, dtype)),
+            proj=proj,
             grad_tol=grad_tol,
             num_steps=jnp.zeros((), jnp.int32),
             num_fun_evals=jnp.ones((), jnp.int32),
+            warm_pairs=history.count,
+            num_resets=jnp.zeros((), jnp.int32),
             terminate=stop,
             result=result,
             box=box,
@@ -369,7 +400,25 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
         g = tree_where(ls.success, ls.g, state.g)
         history, proj = push_history(h, s, y, ls.success, grad=g, proj=state.proj)
         history = reset_history(history, ~ls.success)
+        # Re-validate a warm-started memory with the first pair of this function: a
+        # newest-pair scaling (s'y / y'y) more than WARM_GAMMA_RATIO away from the
+        # memory's says the old pairs describe a different function; keep only the new
+        # pair. Scalars only, so the check costs nothing per iteration.
+        ratio = history.gamma / jnp.where(h.gamma > 0, h.gamma, 1)
+        stale = (
+            (state.num_steps == 0)
+            & (state.warm_pairs > 0)
+            & (h.count > 0)
+            & (history.head != h.head)
+            & ((ratio > WARM_GAMMA_RATIO) | (ratio < 1 / WARM_GAMMA_RATIO))
+        )
+        history = eqx.tree_at(lambda t: t.count, history, jnp.where(stale, 1, history.count))
         failed = ~ls.success & (h.count == 0)
+        resets = (
+            ((h.count == 0) & (state.history.count > 0)).astype(jnp.int32)
+            + (~ls.success & (h.count > 0)).astype(jnp.int32)
+            + stale.astype(jnp.int32)
+        )
         converged = ls.success & self._converged(
             state.f, f, _stationarity(x, g, state.box), state.grad_tol
         )
@@ -396,6 +445,8 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
             grad_tol=state.grad_tol,
             num_steps=num_steps,
             num_fun_evals=num_fun_evals,
+            warm_pairs=state.warm_pairs,
+            num_resets=state.num_resets + resets,
             terminate=converged | failed,
             result=result,
             box=state.box,
@@ -410,6 +461,8 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
             "num_fun_evals": state.num_fun_evals,
             "grad_norm": tree_norm_inf(state.g),
             "grad_norm_l2": tree_norm2(state.g),
+            "warm_pairs": state.warm_pairs,
+            "num_resets": state.num_resets,
         }
         if state.box is not None:
             stats.update(solve_info(state.x, state.g, state.box))
@@ -421,8 +474,17 @@ def _stationarity(x, g, box: Box | None) -> PyTree[Array]:
     return g if box is None else projected_gradient(x, g, box)
 
 
-def iterate(solver: AbstractMinimiser, fn, args, x0, box: Box | None = None):
+def iterate(
+    solver: AbstractMinimiser,
+    fn,
+    args,
+    x0,
+    box: Box | None = None,
+    warm_start: History | None = None,
+):
     """Run `solver` on `fn(x, args)` from `x0` (within `box`) in one `lax.while_loop`.
+
+    `warm_start` is passed to `solver.init` (the memory to start with, or `None`).
 
     Returns the final point and state; the state's `result` says why the loop ended
     (`max_steps_reached` is decided here, once).
@@ -431,7 +493,7 @@ def iterate(solver: AbstractMinimiser, fn, args, x0, box: Box | None = None):
     def value_and_grad(x):
         return jax.value_and_grad(lambda y: fn(y, args)[0])(x)
 
-    state = solver.init(value_and_grad, x0, box)
+    state = solver.init(value_and_grad, x0, box, warm_start)
 
     def cond(carry):
         state, k = carry
