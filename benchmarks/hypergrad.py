@@ -288,7 +288,7 @@ def cg_iterations(inner, sol, v, precondition):
     """
     hessian, inverse = backward_operators(inner, sol.params, sol.args, sol.history)
     adjoint = li.ImplicitAdjoint(precondition=precondition)
-    _, result, stats = adjoint.solve(hessian, inverse, v / jnp.max(jnp.abs(v)))
+    _, result, stats = adjoint.solve(hessian, inverse, v / jnp.max(jnp.abs(v)), sol.history)
     return int(stats["num_steps"]), bool(result == li.RESULTS.successful)
 
 

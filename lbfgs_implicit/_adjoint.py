@@ -91,9 +91,11 @@ class ImplicitAdjoint(AbstractAdjoint):
 
     Solves $(H + \\lambda I) w = v$ with Hessian-vector products (reverse-over-reverse,
     linearised once at the solution, so `fn` may itself call `optimize` or other
-    custom-VJP functions). By default with [`lbfgs_implicit.CG`][]
-    preconditioned by the forward pass's L-BFGS inverse Hessian $H_k$ and started from
-    $H_k v$, so the curvature the forward solve learned is reused.
+    custom-VJP functions). By default with [`lbfgs_implicit.CG`][] started from
+    $H_k v$, where $H_k$ is the forward pass's L-BFGS inverse-Hessian approximation; CG
+    itself is not preconditioned by $H_k$ unless `memory_preconditioner=True`, because
+    where Hessian-vector products are cheap a product with $H_k$ per step costs more
+    than the steps it saves (see "What the L-BFGS memory saves" on the adjoints page).
 
     **Arguments:**
 
@@ -102,11 +104,14 @@ class ImplicitAdjoint(AbstractAdjoint):
       `2.4e-5` in float32) and at most `min(10 n, 10000)` steps. Dense solvers
       (`lineax.Cholesky()`, `lineax.LU()`) materialise $H$ (fine for small n);
       `lineax.GMRES` handles indefinite Hessians.
-    - `precondition`: use $H_k$ as preconditioner and $H_k v$ as initial guess (for CG,
-      GMRES and BiCGStab). Default `True`. The memory describes $H$ in at most
-      `history_size` directions, so the saving is a few CG steps; on Hessians with a
-      few eigenvalues far above the rest it can cost steps instead, and `False` is
-      faster there (see the benchmarks page, "What the L-BFGS preconditioner buys").
+    - `precondition`: start from $H_k v$ (for CG, GMRES and BiCGStab), one product
+      with $H_k$. Default `True`; `False` is plain CG from zero.
+    - `memory_preconditioner`: also precondition every CG step by the L-BFGS inverse
+      Hessian $H_k$. Default `False`: each step then costs a product with $H_k$ (about
+      $4mn$ multiply-adds) and the ten pairs describe $H$ in at most ten directions,
+      which saves fewer steps than it costs wherever Hessian-vector products are
+      cheap, and on Hessians with a few outlying eigenvalues it costs steps (see
+      "What the L-BFGS memory saves in the backward pass" on the adjoints page).
     - `damping`: $\\lambda \\ge 0$ added to the Hessian's diagonal, for singular
       Hessians (it changes the gradient: it is then that of a proximal-regularised
       problem). Default `0.0`.
@@ -127,6 +132,7 @@ class ImplicitAdjoint(AbstractAdjoint):
 
     linear_solver: lx.AbstractLinearSolver | None = None
     precondition: bool = True
+    memory_preconditioner: bool = False
     damping: float = 0.0
     exact: ClassVar[bool] = True
 
@@ -161,8 +167,9 @@ class ImplicitAdjoint(AbstractAdjoint):
         if self.precondition and isinstance(solver, _ITERATIVE):
             # lineax does not differentiate `options`; the answer does not depend on
             # the initial guess, so no gradient is lost.
-            y0 = lax.stop_gradient(inverse_approx.mv(v))
-            options = {"preconditioner": inverse_approx, "y0": y0}
+            options["y0"] = lax.stop_gradient(inverse_approx.mv(v))
+            if self.memory_preconditioner:
+                options["preconditioner"] = inverse_approx
         sol = lx.linear_solve(hessian, v, solver, options=options, throw=False)
         w = sol.value
         vnorm = tree_norm2(v)

@@ -144,9 +144,14 @@ class Solution(eqx.Module):
     - `aux`: the auxiliary output of `fn` at the minimiser (`None` unless `has_aux`).
     - `result`: a [`lbfgs_implicit.RESULTS`][] member.
     - `stats`: a dict with `num_steps`, `num_fun_evals` (value-and-gradient evaluations,
-      line search included), `grad_norm` (infinity norm of the final gradient) and
-      `grad_norm_l2`. Not differentiable.
-    - `state`: the final solver state, including the L-BFGS history.
+      line search included), `grad_norm` (infinity norm of the final gradient),
+      `grad_norm_l2`, `warm_pairs` (curvature pairs the solve started with: zero unless
+      `warm_start` was given) and `num_resets` (how often the memory was discarded: by
+      the line-search retry, or because a warm-started memory did not fit the new
+      problem). Not differentiable.
+    - `state`: the final solver state, including the L-BFGS history. Pass the whole
+      Solution as `warm_start=` to the next solve of a nearby problem; a Solution is a
+      valid carry of `lax.scan` and `lax.fori_loop`.
 
     `params`, `value` and `aux` are differentiable with respect to `args` and to every
     array that `fn` closes over.

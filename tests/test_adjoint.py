@@ -39,6 +39,7 @@ def _rel(a, b):
 ADJOINTS = {
     "default": li.ImplicitAdjoint(),
     "no-precondition": li.ImplicitAdjoint(precondition=False),
+    "memory-preconditioner": li.ImplicitAdjoint(memory_preconditioner=True),
     "cholesky": li.ImplicitAdjoint(linear_solver=lx.Cholesky()),
     "lu": li.ImplicitAdjoint(linear_solver=lx.LU()),
     "gmres": li.ImplicitAdjoint(linear_solver=lx.GMRES(rtol=1e-12, atol=1e-12)),

@@ -1,0 +1,244 @@
+"""What the L-BFGS memory buys in the backward pass, in time: the jitted pullback.
+
+    python -m benchmarks.preconditioner [--quick] [--out PATH]
+
+For each problem the inner solve runs once (float64, gtol 1e-10); then the pullback of
+`jax.vjp` through `li.optimize` (the backward pass alone: Hessian linearisation, the
+linear solve, one VJP in theta) is compiled for every way of using the memory and timed
+in interleaved rounds, so load on the machine hits all variants alike. Reported: the
+median over rounds of each variant's time divided by `precondition=False` (plain CG from
+zero) in the same round, and the CG steps.
+
+Variants:
+
+- `default`: `li.ImplicitAdjoint()`, plain CG started from $H_k v$.
+- `plain`: `li.ImplicitAdjoint(precondition=False)`, CG from zero.
+- `pcg_from_Hv`: `li.ImplicitAdjoint(memory_preconditioner=True)`, CG preconditioned
+  by $H_k$ and started from $H_k v$ (the library's default before issue 15).
+
+Problems: the four of the hypergradient benchmark's preconditioner table, ridge with
+`lam I` + rank 8 (8 rows, n = 2000: ten pairs span the Hessian's low-rank part), and
+the iMAML inner problem of `examples/meta_learning.py` (an MLP with 1153 parameters,
+10 support points, proximal weight 1), cold and warm-started (the memory of a solve at
+nearby hyperparameters, then the solve at the new ones from the old solution).
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import jax.tree_util as jtu
+import numpy as np
+
+import lbfgs_implicit as li
+
+from ._common import machine, RESULTS_DIR, setup, write_json
+from .hypergrad import (
+    factor_ridge_problem,
+    logistic_problem,
+    ridge_inner,
+    ridge_outer,
+    ridge_problem,
+    smoothing_problem,
+)
+
+
+VARIANTS = {
+    "default": li.ImplicitAdjoint(),
+    "plain": li.ImplicitAdjoint(precondition=False),
+    "pcg_from_Hv": li.ImplicitAdjoint(memory_preconditioner=True),
+}
+
+
+def lowrank_ridge_problem(n=2000, rows=8, seed=0):
+    """Ridge with `rows` training rows: the Hessian is lam I plus a rank-`rows` term."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(rows, n))
+    w_true = rng.normal(size=n) / np.sqrt(n)
+    y = X @ w_true + 0.1 * rng.normal(size=rows)
+    Xv = rng.normal(size=(50, n))
+    yv = Xv @ w_true
+    data = tuple(jnp.asarray(a) for a in (X, y, Xv, yv))
+    return ridge_inner, ridge_outer, jnp.zeros(n), data
+
+
+def imaml_problem(seed=0, lam=1.0, shots=10):
+    """The iMAML inner problem: support MSE of a 1-32-32-1 tanh MLP + lam/2 ||phi - theta||^2."""
+    k_init, k_task = jr.split(jr.PRNGKey(seed))
+    sizes = (1, 32, 32, 1)
+    theta = []
+    for k, (m, n) in zip(jr.split(k_init, 3), zip(sizes[:-1], sizes[1:])):
+        theta.append({"w": jr.normal(k, (m, n)) * np.sqrt(1.0 / m), "b": jnp.zeros(n)})
+    ka, kp, kx = jr.split(k_task, 3)
+    amp = jr.uniform(ka, (), minval=0.1, maxval=5.0)
+    phase = jr.uniform(kp, (), minval=0.0, maxval=jnp.pi)
+    x = jr.uniform(kx, (2 * shots,), minval=-5.0, maxval=5.0)
+    y = amp * jnp.sin(x + phase)
+    data = (x[:shots], y[:shots], x[shots:], y[shots:])
+
+    def mlp(params, x):
+        h = x[:, None]
+        for layer in params[:-1]:
+            h = jnp.tanh(h @ layer["w"] + layer["b"])
+        return (h @ params[-1]["w"] + params[-1]["b"])[:, 0]
+
+    def inner(phi, args):
+        theta, (xs, ys, _, _) = args
+        sq = sum(
+            jnp.sum((a - b) ** 2) for a, b in zip(jtu.tree_leaves(phi), jtu.tree_leaves(theta))
+        )
+        return jnp.mean((mlp(phi, xs) - ys) ** 2) + 0.5 * lam * sq
+
+    def outer(phi, data):
+        _, _, xq, yq = data
+        return jnp.mean((mlp(phi, xq) - yq) ** 2)
+
+    return inner, outer, theta, data
+
+
+def _problems(quick):
+    n_r, n_s = (200, 1000) if quick else (2000, 10_000)
+    log = jnp.asarray
+    rows = [
+        ("ridge, isotropic features", *ridge_problem(n_r, 2 * n_r, 2 * n_r)[:4], log(np.log(0.1))),
+        ("ridge, 5 common factors", *factor_ridge_problem(n_r, 2 * n_r, 5), log(np.log(0.1))),
+        ("smoothing", *smoothing_problem(n_s)[:4], log(np.log(10.0))),
+    ]
+    inner, outer, x0, data = logistic_problem()
+    rows.append(("per-feature L2 logistic", inner, outer, x0, data, jnp.full(30, np.log(1e-2))))
+    rows.append(("ridge, lam I + rank 8", *lowrank_ridge_problem(n_r), log(np.log(0.1))))
+    inner, outer, theta, data = imaml_problem()
+    rows.append(("iMAML inner problem", inner, outer, theta, data, theta))
+    return rows
+
+
+def _case(name, inner, outer, x0, data, theta, warm, rounds, variants):
+    solver = li.LBFGS(max_steps=5000, gtol=1e-10)
+    prev = None
+    if warm:
+        # The memory of a solve at hyperparameters 5% away (relative), the new solve
+        # started from its solution: an outer step of a hyperparameter search.
+        theta_prev = jtu.tree_map(lambda t: t * 1.05 + 0.01, theta)
+        prev = li.optimize(inner, x0, (theta_prev, data), solver=solver)
+        x0 = prev.params
+
+    pulls, steps, grads = {}, {}, {}
+    for key in variants:
+        adjoint = VARIANTS[key]
+
+        def loss(theta, adjoint=adjoint):
+            sol = li.optimize(
+                inner, x0, (theta, data), solver=solver, adjoint=adjoint, warm_start=prev
+            )
+            return outer(sol.params, data)
+
+        value, pullback = jax.jit(lambda t, loss=loss: jax.vjp(loss, t))(theta)
+        pull = jax.jit(lambda p, ct: p(ct)).lower(pullback, jnp.ones_like(value)).compile()
+        pulls[key] = (pull, pullback, jnp.ones_like(value))
+        (grads[key],) = jax.block_until_ready(pull(pullback, jnp.ones_like(value)))
+        steps[key] = _cg_steps(inner, outer, x0, data, theta, solver, adjoint, prev)
+
+    ref = grads["plain"]
+    for key, g in grads.items():
+        err = _rel(g, ref)
+        assert err < 1e-6, (name, key, err)
+
+    times = {key: [] for key in variants}
+    for _ in range(rounds):
+        for key, (pull, pb, ct) in pulls.items():
+            reps = 1
+            t0 = time.perf_counter()
+            jax.block_until_ready(pull(pb, ct))
+            once = time.perf_counter() - t0
+            # Short pullbacks are repeated so one timing covers at least ~20 ms.
+            reps = max(1, min(200, int(0.02 / max(once, 1e-6))))
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                out = pull(pb, ct)
+            jax.block_until_ready(out)
+            times[key].append((time.perf_counter() - t0) / reps)
+    ratios = {
+        key: statistics.median(t / p for t, p in zip(times[key], times["plain"]))
+        for key in variants
+    }
+    return {
+        "problem": name + (", warm-started" if warm else ""),
+        "n": sum(leaf.size for leaf in jtu.tree_leaves(x0)),
+        "plain_s": statistics.median(times["plain"]),
+        "ratio_to_plain": ratios,
+        "cg_steps": steps,
+    }
+
+
+def _rel(a, b):
+    a, b = jtu.tree_leaves(a), jtu.tree_leaves(b)
+    num = sum(float(jnp.sum((x - y) ** 2)) for x, y in zip(a, b))
+    den = sum(float(jnp.sum(y**2)) for y in b)
+    return (num / max(den, 1e-300)) ** 0.5
+
+
+def _cg_steps(inner, outer, x0, data, theta, solver, adjoint, prev):
+    """The backward CG steps of this variant, read from a verbose run."""
+    import contextlib
+    import io
+    import re
+
+    out = io.StringIO()
+    verbose = eqx.tree_at(lambda s: s.verbose, solver, True)
+    with contextlib.redirect_stdout(out):
+        jax.grad(
+            lambda t: outer(
+                li.optimize(
+                    inner, x0, (t, data), solver=verbose, adjoint=adjoint, warm_start=prev
+                ).params,
+                data,
+            )
+        )(theta)
+        jax.effects_barrier()
+    found = re.findall(r"implicit backward: (\d+) linear-solve steps", out.getvalue())
+    return int(found[-1])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--only", default=None, help="substring of the problem names to run")
+    parser.add_argument("--starts", default="cold,warm", help="cold, warm or both")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    opts = parser.parse_args(argv)
+    setup()
+    rows = []
+    for problem in _problems(opts.quick):
+        if opts.only and opts.only not in problem[0]:
+            continue
+        for warm in [s == "warm" for s in opts.starts.split(",")]:
+            variants = opts.variants.split(",")
+            row = _case(
+                *problem, warm=warm, rounds=3 if opts.quick else opts.rounds, variants=variants
+            )
+            rows.append(row)
+            ratios = " ".join(f"{k}={v:.2f}" for k, v in row["ratio_to_plain"].items())
+            print(
+                f"{row['problem']:40s} n={row['n']:6d} plain {1e3 * row['plain_s']:8.3f} ms  "
+                f"{ratios}  CG {row['cg_steps']}",
+                flush=True,
+            )
+    payload = {
+        "command": "python -m benchmarks.preconditioner" + (" --quick" if opts.quick else ""),
+        "machine": machine(),
+        "rows": rows,
+    }
+    if not opts.quick or opts.out:
+        write_json(opts.out or RESULTS_DIR / "preconditioner.json", payload)
+    print(json.dumps({"rows": len(rows)}))
+
+
+if __name__ == "__main__":
+    main()

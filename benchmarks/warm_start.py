@@ -1,0 +1,254 @@
+"""Warm starts in an outer loop: what `optimize(..., warm_start=prev)` saves.
+
+    python -m benchmarks.warm_start [--quick] [--only NAME] [--out PATH]
+
+Two hyperparameter searches with Adam on hypergradients, one L2 weight per feature:
+
+- `quickstart`: logistic regression on scikit-learn's breast-cancer data, the loop of
+  `examples/quickstart.py` (30 log-weights, Adam 0.1, 60 outer steps, float64, gtol and
+  gtol_l2 1e-10).
+- `digits`: multinomial logistic regression on scikit-learn's bundled digits (8x8
+  images, 10 classes, 650 parameters, 64 log-weights, Adam 0.05, 120 outer steps), in
+  float64 at gtol 1e-10 and in float32 at its default gtol (2.4e-5).
+
+The outer trajectory is driven by the cold hypergradients; at every outer step each
+start is solved at the same hyperparameters, from its own previous solution:
+
+- `cold`: `x0` = zeros, empty memory (every solve from scratch);
+- `x0`: `x0` = the previous solution, empty memory;
+- `warm`: `x0` = the previous solution, `warm_start` = the previous Solution;
+- `predict`: `warm` from the first-order predictor
+  $x_{prev} - H_k\\,(\\partial_\\theta \\nabla_x f)\\,\\Delta\\theta$, the previous
+  memory $H_k$ standing in for $H^{-1}$ in $dx^*/d\\theta$; it costs one Jacobian-vector
+  product of the inner gradient per outer step (counted as one evaluation below).
+
+Reported per start: inner value-and-gradient evaluations summed over the outer steps
+after the first (the first solve is cold for all), backward CG steps, wall time of the
+jitted value-and-hypergradient (interleaved with the other starts, median ratio to
+cold), and the largest relative difference of the hypergradient from the cold one.
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+import optax
+
+import lbfgs_implicit as li
+from lbfgs_implicit._history import apply_inverse_hessian
+
+from ._common import machine, RESULTS_DIR, setup, write_json
+
+
+START_KINDS = ("cold", "x0", "warm", "predict")
+
+
+class _Counting(li.AbstractAdjoint):
+    """`ImplicitAdjoint()` that reports its CG steps to the host (benchmark only)."""
+
+    inner: li.ImplicitAdjoint
+    sink: list = eqx.field(static=True)
+
+    def solve(self, hessian, inverse_approx, v, history=None):
+        w, result, stats = self.inner.solve(hessian, inverse_approx, v, history)
+        jax.debug.callback(lambda k: self.sink.append(int(k)), stats["num_steps"])
+        return w, result, stats
+
+    def __hash__(self):
+        return id(self.sink)
+
+    def __eq__(self, other):
+        return self is other
+
+
+def quickstart_problem():
+    from sklearn.datasets import load_breast_cancer
+
+    X, y = load_breast_cancer(return_X_y=True)
+    perm = np.random.default_rng(0).permutation(len(y))
+    tr, va = perm[: len(y) // 2], perm[len(y) // 2 :]
+    mean, std = X[tr].mean(0), X[tr].std(0)
+    X = (X - mean) / std
+    data = tuple(jnp.asarray(a, float) for a in (X[tr], y[tr], X[va], y[va]))
+
+    def loss(params, X, y):
+        z = X @ params["w"] + params["b"]
+        return jnp.mean(jnp.logaddexp(0.0, z) - y * z)
+
+    def inner(params, args):
+        rho, (Xt, yt, _, _) = args
+        return loss(params, Xt, yt) + 0.5 * jnp.sum(jnp.exp(rho) * params["w"] ** 2)
+
+    def outer(params, data):
+        return loss(params, data[2], data[3])
+
+    x0 = {"w": jnp.zeros(X.shape[1]), "b": jnp.zeros(())}
+    return inner, outer, x0, data, jnp.zeros(X.shape[1]), 0.1
+
+
+def digits_problem(dtype):
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    perm = np.random.default_rng(0).permutation(len(y))
+    tr, va = perm[: len(y) // 2], perm[len(y) // 2 :]
+    X = X / 16.0
+    mean, std = X[tr].mean(0), X[tr].std(0) + 0.1
+    X = (X - mean) / std
+    Y = np.eye(10)[y]
+    data = tuple(jnp.asarray(a, dtype) for a in (X[tr], Y[tr], X[va], Y[va]))
+
+    def loss(params, X, Y):
+        z = X @ params["W"] + params["b"]
+        return jnp.mean(jax.nn.logsumexp(z, axis=1) - jnp.sum(Y * z, axis=1))
+
+    def inner(params, args):
+        rho, (Xt, Yt, _, _) = args
+        penalty = jnp.sum(jnp.exp(rho)[:, None] * params["W"] ** 2)
+        return loss(params, Xt, Yt) + 0.5 * penalty
+
+    def outer(params, data):
+        return loss(params, data[2], data[3])
+
+    x0 = {"W": jnp.zeros((64, 10), dtype), "b": jnp.zeros(10, dtype)}
+    return inner, outer, x0, data, jnp.full(64, np.log(1e-2), dtype), 0.05
+
+
+def _step_fns(inner, outer, x0, data, solver, sink):
+    adjoint = _Counting(li.ImplicitAdjoint(), sink)
+
+    def run(kind, rho, prev, rho_prev):
+        warm = None
+        if kind == "cold":
+            start = x0
+        else:
+            start = prev.params
+        if kind in ("warm", "predict"):
+            warm = prev
+        if kind == "predict":
+            # dx*/dtheta dtheta = -H^{-1} (d/dtheta grad_x f) dtheta, with the previous
+            # memory standing in for H^{-1}.
+            _, u = jax.jvp(
+                lambda r: jax.grad(inner)(prev.params, (r, data)), (rho_prev,), (rho - rho_prev,)
+            )
+            step = apply_inverse_hessian(prev.state.history, u)
+            start = jtu.tree_map(lambda x, d: x - d, prev.params, step)
+
+        def loss(rho):
+            sol = li.optimize(
+                inner,
+                start,
+                (rho, data),
+                solver=solver,
+                adjoint=adjoint,
+                warm_start=warm,
+                throw=False,
+            )
+            return outer(sol.params, data), sol
+
+        (value, sol), grad = jax.value_and_grad(loss, has_aux=True)(rho)
+        return value, grad, sol
+
+    return {kind: jax.jit(lambda r, p, rp, kind=kind: run(kind, r, p, rp)) for kind in START_KINDS}
+
+
+def loop(name, problem, solver, outer_steps):
+    inner, outer, x0, data, rho, lr = problem
+    sink: list = []
+    fns = _step_fns(inner, outer, x0, data, solver, sink)
+    first = jax.jit(lambda r: li.optimize(inner, x0, (r, data), solver=solver))(rho)
+    prev = {kind: first for kind in START_KINDS}
+    rho_prev = rho
+    evals = {kind: 0 for kind in START_KINDS}
+    cg = {kind: 0 for kind in START_KINDS}
+    times = {kind: [] for kind in START_KINDS}
+    max_diff = {kind: 0.0 for kind in START_KINDS}
+    resets = {kind: 0 for kind in START_KINDS}
+    failures = {kind: [] for kind in START_KINDS}
+    for kind, fn in fns.items():  # compile outside the timings
+        jax.block_until_ready(fn(rho, prev[kind], rho_prev))
+    sink.clear()
+    optimiser = optax.adam(lr)
+    opt_state = optimiser.init(rho)
+    losses = []
+    for step in range(outer_steps):
+        grads = {}
+        for kind, fn in fns.items():
+            t0 = time.perf_counter()
+            value, grad, sol = jax.block_until_ready(fn(rho, prev[kind], rho_prev))
+            times[kind].append(time.perf_counter() - t0)
+            jax.effects_barrier()
+            cg[kind] += sink.pop()
+            assert not sink
+            if sol.result != li.RESULTS.successful:
+                failures[kind].append((step, li.RESULTS[sol.result], float(sol.stats["grad_norm"])))
+            evals[kind] += int(sol.stats["num_fun_evals"]) + (kind == "predict")
+            resets[kind] += int(sol.stats["num_resets"])
+            grads[kind] = grad
+            prev[kind] = sol
+            if kind == "cold":
+                losses.append(float(value))
+        ref = grads["cold"]
+        for kind, g in grads.items():
+            diff = float(jnp.linalg.norm(g - ref) / jnp.linalg.norm(ref))
+            max_diff[kind] = max(max_diff[kind], diff)
+        updates, opt_state = optimiser.update(ref, opt_state)
+        rho_prev, rho = rho, optax.apply_updates(rho, updates)
+    ratio_t = {
+        kind: statistics.median(t / c for t, c in zip(times[kind], times["cold"]))
+        for kind in START_KINDS
+    }
+    return {
+        "problem": name,
+        "dtype": str(jtu.tree_leaves(x0)[0].dtype),
+        "gtol": solver._gtol(jtu.tree_leaves(x0)[0].dtype),
+        "outer_steps": outer_steps,
+        "validation_loss": [losses[0], losses[-1]],
+        "evals": evals,
+        "evals_ratio": {k: evals[k] / evals["cold"] for k in START_KINDS},
+        "cg_steps": cg,
+        "time_s": {k: sum(times[k]) for k in START_KINDS},
+        "time_ratio_median": ratio_t,
+        "max_hypergrad_rel_diff": max_diff,
+        "num_resets": resets,
+        "failures": failures,
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", default=None)
+    parser.add_argument("--out", default=None)
+    opts = parser.parse_args(argv)
+    setup()
+    f64 = li.LBFGS(gtol=1e-10, max_steps=5000)
+    cases = [
+        ("quickstart", quickstart_problem, li.LBFGS(gtol=1e-10, gtol_l2=1e-10), 60),
+        ("digits float64", lambda: digits_problem(jnp.float64), f64, 120),
+        ("digits float32", lambda: digits_problem(jnp.float32), li.LBFGS(max_steps=5000), 120),
+    ]
+    rows = []
+    for name, make, solver, steps in cases:
+        if opts.only and opts.only not in name:
+            continue
+        row = loop(name, make(), solver, 6 if opts.quick else steps)
+        rows.append(row)
+        print(json.dumps(row, indent=1), flush=True)
+    payload = {
+        "command": "python -m benchmarks.warm_start" + (" --quick" if opts.quick else ""),
+        "machine": machine(),
+        "rows": rows,
+    }
+    if not opts.quick or opts.out:
+        write_json(opts.out or RESULTS_DIR / "warm_start.json", payload)
+
+
+if __name__ == "__main__":
+    main()
