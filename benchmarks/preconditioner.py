@@ -131,13 +131,17 @@ def _case(name, inner, outer, x0, data, theta, warm, rounds, variants):
     for key in variants:
         adjoint = VARIANTS[key]
 
-        def loss(theta, adjoint=adjoint):
+        def loss(theta, data, x0, prev, adjoint=adjoint):
             sol = li.optimize(
                 inner, x0, (theta, data), solver=solver, adjoint=adjoint, warm_start=prev
             )
             return outer(sol.params, data)
 
-        value, pullback = jax.jit(lambda t, loss=loss: jax.vjp(loss, t))(theta)
+        # Data, start and memory are arguments, not constants: XLA would constant-fold
+        # products with closed-over matrices at compile time.
+        value, pullback = jax.jit(
+            lambda t, d, x, p, loss=loss: jax.vjp(lambda t: loss(t, d, x, p), t)
+        )(theta, data, x0, prev)
         pull = jax.jit(lambda p, ct: p(ct)).lower(pullback, jnp.ones_like(value)).compile()
         pulls[key] = (pull, pullback, jnp.ones_like(value))
         (grads[key],) = jax.block_until_ready(pull(pullback, jnp.ones_like(value)))
