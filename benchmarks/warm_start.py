@@ -226,6 +226,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", default=None)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--steps", type=int, default=None, help="outer steps of every case")
     opts = parser.parse_args(argv)
     setup()
     f64 = li.LBFGS(gtol=1e-10, max_steps=5000)
@@ -238,11 +239,15 @@ def main(argv=None):
     for name, make, solver, steps in cases:
         if opts.only and opts.only not in name:
             continue
-        row = loop(name, make(), solver, 6 if opts.quick else steps)
+        steps = opts.steps or (6 if opts.quick else steps)
+        row = loop(name, make(), solver, steps)
         rows.append(row)
         print(json.dumps(row, indent=1), flush=True)
     payload = {
-        "command": "python -m benchmarks.warm_start" + (" --quick" if opts.quick else ""),
+        "command": "python -m benchmarks.warm_start"
+        + (" --quick" if opts.quick else "")
+        + (f" --only {opts.only!r}" if opts.only else "")
+        + (f" --steps {opts.steps}" if opts.steps else ""),
         "machine": machine(),
         "rows": rows,
     }
