@@ -24,7 +24,12 @@ jax.config.update("jax_enable_x64", True)
 
 def _cg_steps(fn, lam, c, history_size, precondition):
     solver = li.LBFGS(verbose=True, history_size=history_size, max_steps=20_000)
-    adjoint = li.ImplicitAdjoint(precondition=precondition)
+    # "Preconditioned" is CG preconditioned by H_k from H_k v; "plain" is CG from zero.
+    adjoint = (
+        li.ImplicitAdjoint(memory_preconditioner=True)
+        if precondition
+        else li.ImplicitAdjoint(precondition=False)
+    )
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         grad = jax.grad(
