@@ -184,13 +184,16 @@ def _warm_history(warm_start: Solution, x0, solver: AbstractMinimiser, bounded: 
             f"`warm_start` has a memory of {history.size} pairs but the solver's "
             f"history_size is {expected.size}; {fix}."
         )
-    got = _shapes((history.s, history.y, history.sy, history.yy, history.gamma))
-    want = _shapes((expected.s, expected.y, expected.sy, expected.yy, expected.gamma))
-    for (where, shape, dtype), (_, shape_w, dtype_w) in zip(got, want):
+    # The parameters first (a different problem), then the form, then the memory's small
+    # matrices.
+    for (where, shape, dtype), (_, shape_w, dtype_w) in zip(
+        _shapes(history.s), _shapes(expected.s)
+    ):
         if shape != shape_w or dtype != dtype_w:
             raise ValueError(
-                f"`warm_start` memory leaf {where} has shape {shape} and dtype {dtype}, "
-                f"but this solve needs shape {shape_w} and dtype {dtype_w}; {fix}."
+                f"`warm_start` comes from parameters{where or ''} of shape {shape[1:]} and "
+                f"dtype {dtype}, but `x0`{where or ''} has shape {shape_w[1:]} and dtype "
+                f"{dtype_w}; {fix}."
             )
     if history.compact != expected.compact:
         raise ValueError(
@@ -199,6 +202,14 @@ def _warm_history(warm_start: Solution, x0, solver: AbstractMinimiser, bounded: 
             "solves with `bounds` use the compact form and solves without use the "
             f"two-loop one); {fix}."
         )
+    got = _shapes((history.y, history.sy, history.yy, history.gamma))
+    want = _shapes((expected.y, expected.sy, expected.yy, expected.gamma))
+    for (where, shape, dtype), (_, shape_w, dtype_w) in zip(got, want):
+        if shape != shape_w or dtype != dtype_w:
+            raise ValueError(
+                f"`warm_start` memory part {where} has shape {shape} and dtype {dtype}, "
+                f"but this solve needs shape {shape_w} and dtype {dtype_w}; {fix}."
+            )
     # Like `x0`, the memory only changes where the solve starts, not the minimiser.
     return lax.stop_gradient(history)
 

@@ -38,9 +38,9 @@ from ._solution import RESULTS
 
 _State = TypeVar("_State")
 
-# A warm-started memory is dropped (all but the first new pair) when the first step's
-# curvature scale s'y / y'y differs from the memory's by more than this factor.
-WARM_GAMMA_RATIO = 10.0
+# A warm-started memory is dropped (all but the first new pair) when the curvature the
+# first step showed differs from the memory's prediction by more than this factor.
+WARM_CURVATURE_RATIO = 10.0
 
 
 class AbstractMinimiser(eqx.Module, Generic[_State]):
@@ -137,7 +137,8 @@ class _LBFGSState(eqx.Module):
     num_steps: Int[Array, ""]
     num_fun_evals: Int[Array, ""]
     # pairs the memory started with (warm start), and how often a non-empty memory was
-    # discarded (not a descent direction, or a failed line search)
+    # discarded (not a descent direction, a failed line search, or a warm-started memory
+    # that the first step showed to fit another function)
     warm_pairs: Int[Array, ""]
     num_resets: Int[Array, ""]
     terminate: Bool[Array, ""]
@@ -373,12 +374,41 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
         ls = self.linesearch(
             value_and_grad, state.x, state.f, state.g, p, dg, step0, active=~state.terminate
         )
-        return h, ls
+        return h, ls, dg
+
+    def _stale_warm_memory(self, state, h, history, ls, s, y, dg) -> Bool[Array, ""]:
+        """Whether the first step of a warm-started solve showed the memory to describe
+        a different function (then all but the new pair are dropped).
+
+        The memory's model predicted the curvature $s^\\top B_k s$ along the step; with
+        $s = \\alpha p$ and $p = -H_k g$ that is $-\\alpha^2 g^\\top p$, so the test
+        costs one inner product. The function showed $s^\\top y$. A ratio beyond
+        `WARM_CURVATURE_RATIO` either way means the old pairs would mislead the next
+        iterations too. Unconstrained solves only: the bounded direction is not
+        $-H_k g$, and there the descent test and the line-search retry are the guard.
+        """
+        if dg is None:
+            return jnp.zeros((), bool)
+        dtype = dg.dtype
+        model = -(ls.step.astype(dtype) ** 2) * dg
+        actual = tree_dot(s, y).astype(dtype)
+        ratio = actual / jnp.where(model > 0, model, 1)
+        # `model > 0` holds unless rounding hid the slope; then there is nothing to judge.
+        fits = (ratio <= WARM_CURVATURE_RATIO) & (ratio >= 1 / WARM_CURVATURE_RATIO)
+        return (
+            (state.num_steps == 0)
+            & (state.warm_pairs > 0)
+            & (h.count > 0)
+            & (history.head != h.head)  # the new pair was stored
+            & (model > 0)
+            & ~fits
+        )
 
     def step(self, value_and_grad, state):
         if state.box is None:
-            h, ls = self._search(value_and_grad, state)
+            h, ls, dg = self._search(value_and_grad, state)
         else:
+            dg = None
             h, ls = box_search(
                 self.linesearch,
                 value_and_grad,
@@ -400,18 +430,7 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
         g = tree_where(ls.success, ls.g, state.g)
         history, proj = push_history(h, s, y, ls.success, grad=g, proj=state.proj)
         history = reset_history(history, ~ls.success)
-        # Re-validate a warm-started memory with the first pair of this function: a
-        # newest-pair scaling (s'y / y'y) more than WARM_GAMMA_RATIO away from the
-        # memory's says the old pairs describe a different function; keep only the new
-        # pair. Scalars only, so the check costs nothing per iteration.
-        ratio = history.gamma / jnp.where(h.gamma > 0, h.gamma, 1)
-        stale = (
-            (state.num_steps == 0)
-            & (state.warm_pairs > 0)
-            & (h.count > 0)
-            & (history.head != h.head)
-            & ((ratio > WARM_GAMMA_RATIO) | (ratio < 1 / WARM_GAMMA_RATIO))
-        )
+        stale = self._stale_warm_memory(state, h, history, ls, s, y, dg)
         history = eqx.tree_at(lambda t: t.count, history, jnp.where(stale, 1, history.count))
         failed = ~ls.success & (h.count == 0)
         resets = (
