@@ -263,7 +263,8 @@ def main(argv=None):
         "command": "python -m benchmarks.warm_start"
         + (" --quick" if opts.quick else "")
         + (f" --only {opts.only!r}" if opts.only else "")
-        + (f" --steps {opts.steps}" if opts.steps else ""),
+        + (f" --steps {opts.steps}" if opts.steps else "")
+        + (f" --out {opts.out}" if opts.out else ""),
         "machine": machine(),
         "rows": rows,
     }

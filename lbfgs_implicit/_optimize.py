@@ -296,14 +296,17 @@ def optimize(
       bounds are concrete and `RESULTS.infeasible_bounds` when they are traced. See the
       Bounds page of the docs.
     - `warm_start`: a [`lbfgs_implicit.Solution`][] of an earlier solve with the same
-      structure (parameters of the same shapes and dtypes, the same `history_size`),
-      or a batch of them under `jax.vmap`. The solve starts with its L-BFGS memory
-      instead of an empty one; `x0` is still the starting point (`x0=prev.params` is
-      the usual call). For the sequence of nearby problems of an outer loop, this saves
-      most of the inner iterations; see "Warm starts" in the quick start.
-      `sol.stats["warm_pairs"]` says how many pairs the solve started with and
-      `sol.stats["num_resets"]` how often the memory was discarded (it is, when
-      pairs from too different a problem mislead the line search). Default `None`.
+      structure (parameters of the same shapes and dtypes, the same `history_size`, and
+      below 32 parameters bounds on both or neither), or a batch of them under
+      `jax.vmap`. The solve starts with its L-BFGS memory instead of an empty one; `x0`
+      is still the starting point (`x0=prev.params` is the usual call). Not
+      differentiated, like `x0`. For the nearby problems of an outer loop it saves
+      iterations: most at loose tolerances, little at tight ones, where the start
+      matters more than the memory (measured in the quick start, "Warm starts in an
+      outer loop"). If the first step shows the memory's curvature more than ten times
+      off, the old pairs are dropped. `sol.stats["warm_pairs"]` says how many pairs the
+      solve started with and `sol.stats["num_resets"]` how often the memory was
+      discarded. Default `None`.
     - `has_aux`: whether `fn` returns `(value, aux)`.
     - `throw`: what a failed solve does. Called eagerly (also under an eager
       `jax.grad`), `optimize` raises [`lbfgs_implicit.SolveError`][] at the call, an
