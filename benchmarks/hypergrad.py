@@ -285,10 +285,17 @@ def backward_operators(inner, x_star, args, history):
 def cg_iterations(inner, sol, v, precondition):
     """Steps of the backward linear solve, run by `ImplicitAdjoint.solve` itself on the
     Hessian at the solution and the forward pass's L-BFGS memory, as the backward pass does.
+
+    `precondition=True` is CG preconditioned by $H_k$ from $H_k v$
+    (`memory_preconditioner=True`), `False` plain CG from zero.
     """
     hessian, inverse = backward_operators(inner, sol.params, sol.args, sol.history)
-    adjoint = li.ImplicitAdjoint(precondition=precondition)
-    _, result, stats = adjoint.solve(hessian, inverse, v / jnp.max(jnp.abs(v)), sol.history)
+    adjoint = (
+        li.ImplicitAdjoint(memory_preconditioner=True)
+        if precondition
+        else li.ImplicitAdjoint(precondition=False)
+    )
+    _, result, stats = adjoint.solve(hessian, inverse, v / jnp.max(jnp.abs(v)))
     return int(stats["num_steps"]), bool(result == li.RESULTS.successful)
 
 
@@ -393,7 +400,7 @@ def factor_ridge_problem(n, m, factors, seed=0):
 
 def cg_steps_by_start(inner, x_star, args, history, v):
     """CG steps to the default tolerance on $H w = v$ at `x_star`, for each use of $H_k$:
-    preconditioner and start $H_k v$ (the default), neither, the start only, the
+    preconditioner and start $H_k v$, neither, the start only (the default), the
     preconditioner only."""
     import lineax as lx
 

@@ -394,11 +394,12 @@ def preconditioner_block(pre, lines):
         "### What the L-BFGS preconditioner buys",
         "",
         "Backward CG steps to the default tolerance on $H w = v$ at the solution, with "
-        "the forward pass's $H_k$ used as preconditioner and start (the default), as "
-        f"neither, or as one of the two. Command: `{pre['command']}`.",
+        "the forward pass's $H_k$ used as preconditioner and start, as neither, or as one "
+        "of the two (the default since issue 15: the start only). Command: "
+        f"`{pre['command']}`.",
         "",
-        "| problem | n | forward steps | default ($H_k$ both) | plain from 0 | "
-        "plain from $H_k v$ | $H_k$ from 0 |",
+        "| problem | n | forward steps | $H_k$ both | plain from 0 | "
+        "plain from $H_k v$ (default) | $H_k$ from 0 |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in pre["rows"]:
@@ -413,7 +414,9 @@ def preconditioner_block(pre, lines):
         "steps than that (a spread spectrum), they save a few steps at most; where a "
         "few eigenvalues stand far above the rest, the last pairs of a long forward "
         "solve describe the bulk, not those directions, and preconditioning by $H_k$ "
-        "can cost steps: there `ImplicitAdjoint(precondition=False)` is faster.",
+        "can cost steps. Hence the default starts from $H_k v$ without preconditioning "
+        "(`ImplicitAdjoint(memory_preconditioner=True)` gives both); "
+        "`python -m benchmarks.preconditioner` times the choices.",
         "",
     ]
 
