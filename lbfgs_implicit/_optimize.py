@@ -214,6 +214,12 @@ def _warm_history(warm_start: Solution, x0, solver: AbstractMinimiser, bounded: 
     return lax.stop_gradient(history)
 
 
+def _exact_round_trip(value_dtype, loop_dtype) -> bool:
+    """Whether a value of `value_dtype` survives the loop's cast to `loop_dtype` exactly."""
+    value_bits, loop_bits = jnp.finfo(value_dtype).bits, jnp.finfo(loop_dtype).bits
+    return value_dtype == loop_dtype or (loop_bits >= 32 and value_bits < loop_bits)
+
+
 @eqx.filter_jit
 def _optimize(fn, x0, args, bounds, solver, adjoint, has_aux, throw, warm_start):
     _check_output(fn, x0, args, has_aux)
@@ -226,10 +232,21 @@ def _optimize(fn, x0, args, bounds, solver, adjoint, has_aux, throw, warm_start)
     # A Python branch: without bounds the compiled program is the unconstrained one.
     box = None if bounds is None else normalise_bounds(bounds, x0)
     # `throw` here is the backward pass's; the forward outcome is checked by `optimize`.
-    params, state = implicit_solve((closed_fn, args, box), x0, solver, adjoint, throw, warm)
+    params, loop_value, state = implicit_solve(
+        (closed_fn, args, box), x0=x0, solver=solver, adjoint=adjoint, throw=throw, warm_start=warm
+    )
     state = lax.stop_gradient(state)
-    value, aux = closed_fn(params, args)
     _, stats = solver.postprocess(state)
+    value_dtype = eqx.filter_eval_shape(closed_fn, params, args)[0].dtype
+    if has_aux or not _exact_round_trip(value_dtype, loop_value.dtype):
+        # The loop carries neither `aux` nor a value wider than its own dtype: one more
+        # call of `fn` at the solution, counted like every other, gives them (and their
+        # derivatives, by ordinary autodiff through `fn`).
+        value, aux = closed_fn(params, args)
+        stats = {**stats, "num_fun_evals": stats["num_fun_evals"] + 1}
+    else:
+        # The loop's own value at the solution; its derivatives come from the rule.
+        value, aux = loop_value.astype(value_dtype), None
     return Solution(
         params=params, value=value, aux=aux, result=state.result, stats=stats, state=state
     )
@@ -270,10 +287,14 @@ def optimize(
 ) -> Solution:
     """Minimise `fn(x, args)` over `x`, differentiably.
 
-    The solve runs as one compiled `lax.while_loop`. Gradients of anything computed from
-    `sol.params`, `sol.value` or `sol.aux` with respect to `args`, and to every JAX
-    array `fn` closes over, come from the implicit function theorem at the solution
-    (see [`lbfgs_implicit.ImplicitAdjoint`][]); the iterations are never unrolled.
+    The solve runs as one compiled `lax.while_loop`. Derivatives of anything computed
+    from `sol.params`, `sol.value` or `sol.aux` with respect to `args`, to every JAX
+    array `fn` closes over, and to the bounds, come from the implicit function theorem
+    at the solution (see [`lbfgs_implicit.ImplicitAdjoint`][]); the iterations are never
+    unrolled. Every autodiff mode works: reverse (`jax.grad`, `jax.vjp`, `jax.jacrev`),
+    forward (`jax.jvp`, `jax.linearize`, `jax.jacfwd`) and their compositions
+    (`jax.hessian`, reverse over reverse), each derivative direction costing one linear
+    solve with the Hessian at the solution.
 
     **Arguments:**
 
@@ -324,9 +345,15 @@ def optimize(
     A [`lbfgs_implicit.Solution`][].
 
     The gradients with respect to `x0` and to `warm_start` are zero: the minimiser does
-    not depend on where the solve started or with which memory. Forward-mode
-    differentiation (`jax.jvp`, `jax.jacfwd`, `jax.hessian`) is not supported; use
-    `jax.jacrev` (reverse-over-reverse works).
+    not depend on where the solve started or with which memory. Prefer reverse mode for
+    few outputs (a scalar outer loss) and forward mode for few inputs; `jax.hessian` of
+    an outer loss in a few hyperparameters is cheap (see the FAQ).
+
+    `fn` is called once per value-and-gradient evaluation of the solve, all counted in
+    `sol.stats["num_fun_evals"]`. `sol.value` is the loop's own value at the solution;
+    with `has_aux=True` (or when `fn` returns a wider float than the parameters, whose
+    value the loop keeps in their precision) one more counted call of `fn` at the
+    solution gives `sol.value` and `sol.aux`.
 
     `optimize` is compiled once per `fn` object, pytree structure, shapes, dtypes and
     configuration, and cached. Pass hyperparameters through `args` (or jit the outer

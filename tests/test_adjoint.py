@@ -190,20 +190,6 @@ def test_reverse_over_reverse_matches_closed_form_and_finite_differences():
     np.testing.assert_allclose(second, fd, rtol=1e-5)
 
 
-def test_forward_mode_raises():
-    def params(log_lam):
-        return li.optimize(ridge, jnp.zeros(D), log_lam).params
-
-    with pytest.raises(TypeError, match="forward-mode"):
-        jax.jvp(params, (-1.0,), (1.0,))
-    with pytest.raises(TypeError, match="forward-mode"):
-        jax.jacfwd(params)(-1.0)
-    # The documented alternative works and matches the closed form.
-    np.testing.assert_allclose(
-        jax.jacrev(params)(-1.0), jax.jacrev(ridge_closed_form)(-1.0), rtol=1e-8
-    )
-
-
 def test_float32_hypergradient_is_finite_and_close():
     X32, Y32 = X.astype(jnp.float32), Y.astype(jnp.float32)
 

@@ -121,7 +121,7 @@ def test_filter_jit_with_module_hyperparameters():
 def test_gradient_through_nested_optimize():
     # The outer argmin depends on `shift` through an outer solve whose objective itself
     # solves the inner ridge: differentiating it needs Hessian-vector products of an
-    # objective that contains a custom VJP (reverse-over-reverse in the backward pass).
+    # objective that contains the inner solve's custom rule (reverse-over-reverse).
     def outer_objective(log_lam, shift):
         w = li.optimize(ridge, jnp.zeros(D), jnp.exp(log_lam[0])).params
         return 0.5 * jnp.mean((X[:10] @ w - Y[:10] + shift) ** 2) + 0.01 * log_lam[0] ** 2
