@@ -13,7 +13,14 @@ import pytest
 
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-SCRIPTS = ["quickstart", "meta_learning", "optimisation_layer", "bilevel", "spectral_unmixing"]
+SCRIPTS = [
+    "quickstart",
+    "meta_learning",
+    "optimisation_layer",
+    "bilevel",
+    "spectral_unmixing",
+    "newton_hyperparameters",
+]
 
 
 def test_every_example_is_tested():
