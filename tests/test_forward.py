@@ -112,14 +112,14 @@ def test_logistic_hessian_against_differences_of_the_gradient():
 
 
 def test_vmap_of_jvp(jac_reverse):
+    # A batch of problems (primals batched too) against the closed form; the first
+    # element is THETA, for a check against reverse mode.
     tangents = jnp.asarray(RNG.normal(size=(3, 3)))
-    batched = jax.jit(jax.vmap(lambda t: jax.jvp(params, (THETA,), (t,))[1]))(tangents)
-    assert _rel(batched, np.asarray(tangents) @ jac_reverse.T) <= 1e-10
-    # A batch of problems (primals batched too) against the closed form.
-    thetas = THETA[None, :] + 0.3 * jnp.asarray(RNG.normal(size=(2, 3)))
-    out = jax.jit(jax.vmap(lambda th, t: jax.jvp(params, (th,), (t,))[1]))(thetas, tangents[:2])
-    ref = jax.vmap(lambda th, t: jax.jvp(closed_form, (th,), (t,))[1])(thetas, tangents[:2])
+    thetas = THETA[None, :] + 0.3 * jnp.asarray(RNG.normal(size=(3, 3))).at[0].set(0.0)
+    out = jax.jit(jax.vmap(lambda th, t: jax.jvp(params, (th,), (t,))[1]))(thetas, tangents)
+    ref = jax.vmap(lambda th, t: jax.jvp(closed_form, (th,), (t,))[1])(thetas, tangents)
     assert _rel(out, ref) <= 1e-8
+    assert _rel(out[0], jac_reverse @ np.asarray(tangents[0])) <= 1e-10
 
 
 def test_float32_jvp_is_finite_and_close():
@@ -139,20 +139,6 @@ def test_float32_jvp_is_finite_and_close():
     # float32 rounding (~1e-7) amplified by the conditioning, plus the forward gtol of
     # 2.4e-5: a few 1e-4 relative, as for reverse mode in test_adjoint.py.
     assert _rel(tangent, reference) <= 1e-3
-
-
-def test_closed_over_arrays_get_tangents():
-    # Closed-over data: d x*/d Y along a direction, against the closed form.
-    def data_solve(y):
-        fn = lambda w, _: 0.5 * jnp.mean((X @ w - y) ** 2) + 0.05 * jnp.sum(w**2)  # noqa: E731
-        return li.optimize(fn, jnp.zeros(D), None).params
-
-    def data_closed(y):
-        return jnp.linalg.solve(X.T @ X / N + 0.1 * jnp.eye(D), X.T @ y / N)
-
-    u = jnp.asarray(RNG.normal(size=N))
-    got = jax.jvp(data_solve, (Y,), (u,))[1]
-    assert _rel(got, jax.jvp(data_closed, (Y,), (u,))[1]) <= 1e-8
 
 
 def test_value_and_aux_tangents():
@@ -181,25 +167,18 @@ def test_value_and_aux_tangents():
     np.testing.assert_allclose(tv2, rtv, rtol=1e-8)
     np.testing.assert_allclose(taux["pred"], rtaux["pred"], rtol=1e-8)
     np.testing.assert_allclose(taux["scale"], rtaux["scale"], rtol=1e-12)
-    # Second derivative of the value (the envelope theorem makes the first one
-    # independent of x*, the second is not), reverse over forward.
-    h_ours = jax.jit(jax.jacrev(jax.jacfwd(value)))(THETA)
-    h_ref = jax.hessian(lambda th: reference(th)[0])(THETA)
-    assert _rel(h_ours, h_ref) <= 1e-7
 
 
-def test_quasi_newton_adjoint_forward_mode():
+def test_quasi_newton_adjoint_forward_mode_through_a_closure():
     # Isotropic Hessian 5 I: gamma = 1/5 makes H_k the exact inverse (as in
-    # test_adjoint.py), so the approximate adjoint's tangent is exact: x* = theta.
-    def fn(w, theta):
-        return 2.5 * jnp.sum((w - theta) ** 2)
+    # test_adjoint.py), so the approximate adjoint's tangent is exact: x* = theta. theta
+    # is closed over, not passed as args: closure conversion makes it differentiable.
+    def solve(theta):
+        fn = lambda w, _: 2.5 * jnp.sum((w - theta) ** 2)  # noqa: E731
+        return li.optimize(fn, jnp.zeros(3), None, adjoint=li.QuasiNewtonAdjoint()).params
 
     t = jnp.array([1.0, -1.0, 3.0])
-    _, tangent = jax.jvp(
-        lambda th: li.optimize(fn, jnp.zeros(3), th, adjoint=li.QuasiNewtonAdjoint()).params,
-        (jnp.array([1.0, -2.0, 0.5]),),
-        (t,),
-    )
+    _, tangent = jax.jvp(solve, (jnp.array([1.0, -2.0, 0.5]),), (t,))
     np.testing.assert_allclose(tangent, t, rtol=1e-9)
 
 
@@ -210,15 +189,13 @@ def test_forward_mode_raises_on_a_singular_hessian():
         # Hessian A'A of rank 3; bounded below while c is in the range of A'.
         return 0.5 * jnp.sum((A @ x - 1.0) ** 2) + c @ x
 
-    def solve(c, throw=True):
-        return li.optimize(fn, jnp.zeros(6), c, throw=throw).params
+    def solve(c):
+        return li.optimize(fn, jnp.zeros(6), c).params
 
     c0 = A.T @ jnp.array([1.0, 2.0, 3.0])
     t = jnp.arange(1.0, 7.0)  # H x_dot = -t has a component in the null space of A'A
     with pytest.raises(eqx.EquinoxRuntimeError, match="damping"):
         jax.block_until_ready(jax.jvp(solve, (c0,), (t,)))
-    _, tangent = jax.jvp(lambda c: solve(c, throw=False), (c0,), (t,))
-    assert np.all(np.isnan(tangent))
 
 
 @pytest.mark.parametrize("has_aux", [False, True])
@@ -298,22 +275,14 @@ def _box_closed(b, lam, up, act):
     return jnp.linalg.solve(M, rhs) + xa
 
 
-def test_bounds_tangent_and_hessian_match_closed_form():
-    lam = jnp.asarray(0.5)
-    x = np.asarray(_box_solve(BOX_B, lam, BOX_UP))
-    act = jnp.asarray(np.isclose(x, np.asarray(BOX_UP), rtol=0, atol=1e-12))
-    assert 0 < int(act.sum()) < 6
-    np.testing.assert_allclose(x, _box_closed(BOX_B, lam, BOX_UP, act), rtol=1e-9, atol=1e-12)
-    primals = (BOX_B, lam, BOX_UP)
+def test_bounds_tangent_matches_closed_form():
+    primals = (BOX_B, jnp.asarray(0.5), BOX_UP)
     tangents = (jnp.asarray(RNG.normal(size=6)), jnp.asarray(0.7), jnp.asarray(RNG.normal(size=6)))
-    _, got = jax.jit(lambda t: jax.jvp(_box_solve, primals, t))(tangents)
+    x, got = jax.jit(lambda t: jax.jvp(_box_solve, primals, t))(tangents)
+    act = jnp.asarray(np.isclose(np.asarray(x), np.asarray(BOX_UP), rtol=0, atol=1e-12))
+    assert 0 < int(act.sum()) < 6
+    np.testing.assert_allclose(x, _box_closed(*primals, act), rtol=1e-9, atol=1e-12)
     _, ref = jax.jvp(lambda *p: _box_closed(*p, act), primals, tangents)
     assert _rel(got, ref) <= 1e-8
     # Active coordinates follow their bound's tangent exactly.
     np.testing.assert_allclose(np.asarray(got)[act], np.asarray(tangents[2])[act], rtol=1e-12)
-    # Second order through the bounded solve: Hessian of c'x* in (b, lam).
-    c = jnp.asarray(RNG.normal(size=6))
-    hess = jax.jit(jax.hessian(lambda p: c @ _box_solve(p[:6], p[6], BOX_UP)))
-    p0 = jnp.concatenate([BOX_B, lam[None]])
-    ref_h = jax.hessian(lambda p: c @ _box_closed(p[:6], p[6], BOX_UP, act))(p0)
-    assert _rel(hess(p0), ref_h) <= 1e-7
