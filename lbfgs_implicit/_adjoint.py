@@ -497,6 +497,14 @@ def _implicit_solve_jvp(primals, tangents, *, x0, solver, adjoint, throw, warm_s
             t_bound = _active_tangent(t_box, at_lower, at_upper, x_star)
             rhs = jtu.tree_map(jnp.add, rhs, hvp(t_bound))
         rhs = _keep(free, rhs)
+    # Reverse mode transposes the solve, and JAX's transpose of custom_linear_solve needs
+    # every leaf of its right-hand side to be linear in the tangents; a leaf that theta
+    # does not reach (zero whatever the tangent) would be a constant. Adding a zero that
+    # is linear in the tangents keeps each leaf in the linear part.
+    t_leaves = jtu.tree_leaves((t_diff, t_box))
+    if t_leaves:
+        zero = sum(jnp.sum(leaf * 0).astype(jnp.float32) for leaf in t_leaves)
+        rhs = jtu.tree_map(lambda r: r + zero.astype(r.dtype), rhs)
     w = solve_hessian(hvp, rhs, state.history, adjoint, throw, solver.verbose, free, check)
     t_x = tree_neg(w)
     if free is not None:

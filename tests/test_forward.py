@@ -286,3 +286,27 @@ def test_bounds_tangent_matches_closed_form():
     assert _rel(got, ref) <= 1e-8
     # Active coordinates follow their bound's tangent exactly.
     np.testing.assert_allclose(np.asarray(got)[act], np.asarray(tangents[2])[act], rtol=1e-12)
+
+
+def test_pytree_params_with_a_leaf_theta_does_not_reach():
+    # The penalty acts on "w" only, so the tangent equation's right-hand side is zero on
+    # "b" whatever the tangent: reverse mode must still transpose the solve.
+    def fn(p, lam):
+        return 0.5 * jnp.mean((X @ p["w"] + p["b"] - Y) ** 2) + 0.5 * lam * jnp.sum(p["w"] ** 2)
+
+    def solve(lam):
+        return li.optimize(fn, {"w": jnp.zeros(D), "b": jnp.zeros(())}, lam).params
+
+    def closed(lam):
+        A = jnp.concatenate([X, jnp.ones((N, 1))], axis=1)
+        K = A.T @ A / N + lam * jnp.diag((jnp.arange(D + 1) < D).astype(float))
+        z = jnp.linalg.solve(K, A.T @ Y / N)
+        return {"w": z[:D], "b": z[D]}
+
+    lam = jnp.asarray(0.3)
+    rev = jax.jit(jax.jacrev(solve))(lam)
+    _, fwd = jax.jit(lambda t: jax.jvp(solve, (lam,), (t,)))(jnp.asarray(1.0))
+    ref = jax.jacfwd(closed)(lam)
+    for got in (rev, fwd):
+        assert _rel(got["w"], ref["w"]) <= 1e-8
+        np.testing.assert_allclose(got["b"], ref["b"], rtol=1e-8, atol=1e-12)
