@@ -328,7 +328,7 @@ def solve_hessian(
     transpose, which (H being symmetric) is the same solve on the cotangent. It is a
     `jax.lax.custom_linear_solve`, so JAX sees a linear map of `b` that it transposes
     and differentiates (with respect to the operator too, for higher derivatives)
-    without differentiating the solver: the preconditioner $H_k$, the start $H_k b$,
+    without differentiating the solver: the start $H_k b$, the preconditioner if any,
     the right-hand-side scaling and the checks below belong to the solve and so are
     kept in both directions.
 
