@@ -81,7 +81,6 @@ def test_jacfwd_equals_jacrev(jac_reverse):
 
 def test_hessian_of_ridge_validation_loss_matches_closed_form():
     reference = jax.hessian(lambda t: validation(closed_form(t)))(THETA)
-    # (jacrev(jacfwd) is checked on the value in test_value_and_aux_tangents.)
     got = jax.jit(jax.hessian(outer))(THETA)
     assert _rel(got, reference) <= 1e-7
     np.testing.assert_allclose(got, got.T, rtol=1e-9)
