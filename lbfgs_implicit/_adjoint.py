@@ -23,7 +23,7 @@ from jaxtyping import Array, PyTree
 
 from ._box import active_masks
 from ._cg import CG
-from ._history import History, inverse_hessian_operator
+from ._history import inverse_hessian_operator
 from ._misc import (
     common_dtype,
     eps,
@@ -315,7 +315,7 @@ def _masked(operator: lx.AbstractLinearOperator, free: PyTree[Array]):
 def solve_hessian(
     hvp: jtu.Partial,
     b: PyTree[Array],
-    history: History,
+    inverse_approx: lx.AbstractLinearOperator,
     adjoint: AbstractAdjoint,
     throw: bool,
     verbose: bool,
@@ -323,6 +323,8 @@ def solve_hessian(
     check: Callable | None = None,
 ) -> PyTree[Array]:
     """$w = H^{-1} b$ at the solution: the one linear solve of every derivative.
+
+    `inverse_approx` is the forward pass's L-BFGS inverse Hessian $H_k$ (stop-gradiented).
 
     Forward mode calls it on the tangent's right-hand side; reverse mode runs its
     transpose, which (H being symmetric) is the same solve on the cotangent. It is a
@@ -333,7 +335,7 @@ def solve_hessian(
     kept in both directions.
 
     With bounds, `free` masks the free coordinates and the operator is
-    $P_F H P_F + P_A$ (preconditioned by $P_F H_k P_F + P_A$): on the free set this
+    $P_F H P_F + P_A$ (its memory $P_F H_k P_F + P_A$): on the free set this
     solves $H_{FF} w_F = b_F$, on the active set it returns $b_A$. `check(w, b)`, for
     unbounded exact adjoints, is the degenerate-minimiser test (`_hessian_change`).
     """
@@ -348,7 +350,6 @@ def solve_hessian(
         tags=(lx.symmetric_tag, lx.positive_semidefinite_tag),
         closure_convert=False,
     )
-    inverse_approx = inverse_hessian_operator(history, structure)
     if free is not None:
         hessian = _masked(hessian, free)
         inverse_approx = _masked(inverse_approx, free)
@@ -505,7 +506,7 @@ def _implicit_solve_jvp(primals, tangents, *, x0, solver, adjoint, throw, warm_s
     if t_leaves:
         zero = sum(jnp.sum(leaf * 0).astype(jnp.float32) for leaf in t_leaves)
         rhs = jtu.tree_map(lambda r: r + zero.astype(r.dtype), rhs)
-    w = solve_hessian(hvp, rhs, state.history, adjoint, throw, solver.verbose, free, check)
+    w = solve_hessian(hvp, rhs, inverse_approx, adjoint, throw, solver.verbose, free, check)
     t_x = tree_neg(w)
     if free is not None:
         # Masking after the solve too: transposed, this masks the cotangent before it,
