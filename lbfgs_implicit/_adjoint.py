@@ -35,7 +35,7 @@ from ._misc import (
     tree_scale,
     tree_sub,
 )
-from ._solution import check_can_raise, RESULTS, traced_messages
+from ._solution import check_can_raise, raise_in_program, RESULTS
 from ._solver import iterate
 
 
@@ -386,9 +386,7 @@ def solve_hessian(
             if throw:
                 # A scalar through the error check, as in `optimize`: passing `w` itself
                 # would gather a sharded `w` onto one device.
-                failed = eqx.branched_error_if(
-                    failed, failed, result._value, traced_messages("backward")
-                )
+                failed = raise_in_program(failed, result._value, "backward")
             return jtu.tree_map(lambda leaf: jnp.where(failed, jnp.nan, leaf), w)
 
         return solve

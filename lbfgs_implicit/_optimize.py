@@ -14,7 +14,7 @@ from ._adjoint import AbstractAdjoint, implicit_solve, ImplicitAdjoint
 from ._box import check_bounds, normalise_bounds
 from ._history import COMPACT_MIN_SIZE, History, init_history
 from ._misc import accumulation_dtype, common_dtype
-from ._solution import check_can_raise, RESULTS, Solution, SolveError, traced_messages
+from ._solution import check_can_raise, raise_in_program, RESULTS, Solution, SolveError
 from ._solver import _LBFGSState, AbstractMinimiser, LBFGS
 
 
@@ -254,17 +254,16 @@ def _optimize(fn, x0, args, bounds, solver, adjoint, has_aux, throw, warm_start)
 
 def _check_in_program(sol: Solution, inputs) -> Solution:
     check_can_raise((inputs, sol.params), "solve's outcome")
-    # Check a scalar and tie the outputs to it elementwise. Passing the Solution itself
-    # through `error_if` routes it through a single-device host callback, which
-    # gathers sharded parameters; an optimisation barrier would be dead-code
-    # eliminated when only `params` is used.
+    # Check the outcome alone and tie the outputs to the check elementwise. Passing the
+    # Solution itself to a host callback would gather sharded parameters onto one
+    # device; an optimisation barrier would be dead-code eliminated when only `params`
+    # is used.
     result = sol.result
-    failed = result != RESULTS.successful
-    ok = eqx.branched_error_if(~failed, failed, result._value, traced_messages("optimize"))
+    failed = raise_in_program(result != RESULTS.successful, result._value, "optimize")
 
     def tie(leaf):
         if eqx.is_inexact_array(leaf):
-            return jnp.where(ok, leaf, jnp.array(jnp.nan, leaf.dtype))
+            return jnp.where(failed, jnp.array(jnp.nan, leaf.dtype), leaf)
         return leaf
 
     params, value, aux = jtu.tree_map(tie, (sol.params, sol.value, sol.aux))
@@ -332,9 +331,10 @@ def optimize(
     - `throw`: what a failed solve does. Called eagerly (also under an eager
       `jax.grad`), `optimize` raises [`lbfgs_implicit.SolveError`][] at the call, an
       ordinary exception holding the `Solution`. Inside `jax.jit` or `jax.vmap` the
-      check runs in the compiled program and JAX raises a runtime error (under `vmap`
-      if any element fails); the backward pass raises the same way if its linear solve
-      fails. In a program on several devices an in-program error would stall the
+      check runs in the compiled program and JAX raises `jax.errors.JaxRuntimeError`
+      where the compiled function is called (under `vmap` if any element fails); its
+      message ends with the outcome and the line of this call. The backward pass
+      raises the same way if its linear solve fails. In a program on several devices an in-program error would stall the
       other devices until XLA aborts the process, so `throw=True` is refused there
       with a `ValueError` when traced. With `throw=False` check `sol.result`; a failed
       backward solve then gives NaN gradients. An outer loop that should survive a

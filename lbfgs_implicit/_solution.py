@@ -1,7 +1,12 @@
+import importlib.util
+import logging
+import os
+import traceback
 from typing import Any
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import lineax as lx
 import numpy as np
 from equinox._enum import EnumerationItem
@@ -205,21 +210,80 @@ def check_can_raise(tree: Any, where: str) -> None:
         )
 
 
-def traced_messages(where: str) -> list[str]:
-    """The messages of a check inside a traced program, one per `RESULTS` member."""
-    prefix = {
-        "optimize": "lbfgs_implicit.optimize did not succeed, inside a traced function "
-        "(jax.jit, jax.vmap or jax.grad), so the check ran in the compiled program.",
-        "backward": "The backward pass of lbfgs_implicit.optimize (the implicit gradient) failed.",
+def _library_paths() -> tuple[str, ...]:
+    # Frames of these are never the user's line: JAX's tracing machinery, the libraries
+    # it calls through, runtime type checkers that wrap functions, and the standard
+    # library (contextlib, functools).
+    paths = [os.path.dirname(os.__file__)]
+    for name in ("jax", "jaxlib", "equinox", "lineax", "numpy", "jaxtyping", "beartype"):
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.submodule_search_locations:
+            paths.extend(spec.submodule_search_locations)
+    return tuple(os.path.join(path, "") for path in paths)
+
+
+_HERE = os.path.join(os.path.dirname(__file__), "")
+_LIBRARIES = _library_paths()
+
+
+def _call_site() -> str:
+    """`file:line` of the user's call into this package that is being traced: the
+    innermost user frame outside the outermost frame of this package."""
+    stack = traceback.extract_stack()
+    ours = [i for i, frame in enumerate(stack) if frame.filename.startswith(_HERE)]
+    for frame in reversed(stack[: ours[0] if ours else len(stack)]):
+        name = frame.filename
+        if not name.startswith(_LIBRARIES) and not name.startswith("<"):
+            return f"{name}:{frame.lineno}"
+    return "(unknown)"
+
+
+def _failure_message(where: str, site: str, codes: np.ndarray) -> str:
+    names, messages = RESULTS._index_to_name, RESULTS._index_to_message
+    found = np.bincount(codes.ravel(), minlength=len(names))
+    failures = [(i, int(n)) for i, n in enumerate(found) if n and i != 0]
+    what = {
+        "optimize": "lbfgs_implicit.optimize did not succeed",
+        "backward": "the implicit gradient (backward pass) of lbfgs_implicit.optimize failed",
     }[where]
-    advice = (
-        "To handle failures yourself (an outer loop that should go on), pass "
-        "`throw=False` and check `sol.result` (see the FAQ, 'Failed solves in a loop')."
+    if codes.size > 1:
+        tally = ", ".join(f"{names[i]} ({n})" for i, n in failures)
+        head = f"{what} in {sum(n for _, n in failures)} of {codes.size} batched solves: {tally}."
+    else:
+        head = f"{what}: {names[failures[0][0]]}."
+    details = " ".join(messages[i] for i, _ in failures)
+    return (
+        f"{head} {details}\nTraced at {site}, inside a traced function (jax.jit, jax.vmap "
+        "or jax.grad), so the check ran in the compiled program and JAX reports it as "
+        "a runtime error. To handle failures yourself (an outer loop that should go on), "
+        "pass `throw=False` and check `sol.result` (see the FAQ, 'Failed solves in a loop')."
     )
-    return [
-        f"{prefix} {RESULTS._index_to_name[i]}: {message} {advice}"
-        for i, message in enumerate(RESULTS._index_to_message)
-    ]
+
+
+def raise_in_program(failed: Array, result: Array, where: str) -> Array:
+    """Raise when the compiled program runs and any element of `failed` is true.
+
+    Returns `failed` itself, computed by the check, so that tying outputs to it keeps
+    the check in the program (an unused callback would be removed). The exception is a
+    [`lbfgs_implicit.SolveError`][] raised in a host callback; JAX wraps it in its own
+    runtime error (`jax.errors.JaxRuntimeError`), whose message ends with ours.
+    """
+    site = _call_site()
+
+    def check(failed, codes):
+        failed = np.asarray(failed)
+        if failed.any():
+            codes = np.broadcast_to(np.asarray(codes), failed.shape)
+            raise SolveError(_failure_message(where, site, np.where(failed, codes, 0)))
+        return failed
+
+    return jax.pure_callback(
+        check,
+        jax.ShapeDtypeStruct(jnp.shape(failed), jnp.bool_),
+        failed,
+        result,
+        vmap_method="broadcast_all",
+    )
 
 
 def _number(x) -> str:
@@ -245,13 +309,21 @@ class SolveError(RuntimeError):
     - `result`: `solution.result`, a [`lbfgs_implicit.RESULTS`][] member.
 
     Inside a traced function (`jax.jit`, `jax.vmap`, `jax.grad`) the outcome is only
-    known when the compiled program runs, and `throw=True` raises there instead, as a
-    JAX runtime error (`equinox.EquinoxRuntimeError` under `equinox.filter_jit`,
-    `jax.errors.JaxRuntimeError` under `jax.jit`). A loop that must survive failures
-    should pass `throw=False` and check `sol.result`.
+    known when the compiled program runs, and `throw=True` raises there instead: JAX
+    wraps this error in its own `jax.errors.JaxRuntimeError` (also under
+    `equinox.filter_jit`), raised where the compiled function is called. Its message
+    ends with this one, naming the outcome (a tally for a batch under `vmap`) and the
+    line of the `optimize` call that was traced. Catch `jax.errors.JaxRuntimeError`
+    there; a loop that must survive failures without exceptions should pass
+    `throw=False` and check `sol.result`.
     """
 
-    def __init__(self, solution: "Solution"):
+    def __init__(self, solution: "Solution | str"):
+        if isinstance(solution, str):
+            # Raised by the check inside a compiled program, where no Solution exists.
+            super().__init__(solution)
+            self.solution = self.result = None
+            return
         self.solution = solution
         self.result = solution.result
         stats = solution.stats
@@ -268,3 +340,17 @@ class SolveError(RuntimeError):
 
 # Shown as `lbfgs_implicit.SolveError` in tracebacks, the name users catch.
 SolveError.__module__ = "lbfgs_implicit"
+
+
+class _OmitSolveErrorLogs(logging.Filter):
+    """JAX logs an exception raised in a host callback, with its traceback, before it
+    raises it again wrapped in its runtime error. For a `SolveError` that log only
+    repeats the message the caller receives, so it is left out; other callbacks'
+    errors are logged as before."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        info = record.exc_info
+        return not (info and isinstance(info[1], SolveError))
+
+
+logging.getLogger("jax._src.callback").addFilter(_OmitSolveErrorLogs())

@@ -5,7 +5,6 @@ reverse mode and central differences; under `jit` and `vmap`; with closures, val
 and the count of `fn` calls.
 """
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -193,7 +192,7 @@ def test_forward_mode_raises_on_a_singular_hessian():
 
     c0 = A.T @ jnp.array([1.0, 2.0, 3.0])
     t = jnp.arange(1.0, 7.0)  # H x_dot = -t has a component in the null space of A'A
-    with pytest.raises(eqx.EquinoxRuntimeError, match="damping"):
+    with pytest.raises(jax.errors.JaxRuntimeError, match="damping"):
         jax.block_until_ready(jax.jvp(solve, (c0,), (t,)))
 
 

@@ -2,6 +2,7 @@
 can be tallied, and a failed solve that raises one ordinary exception at its call."""
 
 import traceback
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -77,3 +78,36 @@ def test_failed_solve_under_eager_grad_raises_solve_error():
 
     with pytest.raises(li.SolveError, match=r"RESULTS\.max_steps_reached after 2 steps"):
         jax.grad(loss)(AWAY)
+
+
+def test_failure_inside_jit_names_itself_once_and_its_call(caplog):
+    # Inside `jax.jit` the outcome is known only when the program runs: JAX wraps the
+    # error of the in-program check in its own runtime error. That error must still be
+    # ordinary to catch, name the failure once, point to the `optimize` call that was
+    # traced, and carry no other library's banner; nothing else may be logged.
+    @jax.jit
+    def solve(batch):
+        def one(a):
+            return li.optimize(_quartic, X0, a, solver=CAP).params  # the call that fails
+
+        return jax.vmap(one)(batch)
+
+    line = next(
+        i + 1
+        for i, text in enumerate(Path(__file__).read_text().splitlines())
+        if text.strip().endswith("# the call that fails")
+    )
+    jax.block_until_ready(solve(jnp.stack([AT_START, AT_START])))
+    with pytest.raises(jax.errors.JaxRuntimeError) as info:
+        jax.block_until_ready(solve(jnp.stack([AT_START, AWAY, AWAY])))
+    message = str(info.value)
+    assert message.count("maximum number of solver steps was reached") == 1
+    assert "SolveError: lbfgs_implicit.optimize did not succeed in 2 of 3 batched solves: " in (
+        message
+    )
+    assert "max_steps_reached (2)" in message
+    assert f"Traced at {__file__}:{line}," in message
+    assert "throw=False" in message
+    for noise in ("equinox", "filter_jit", "stack inside of JIT"):
+        assert noise not in message
+    assert not [r for r in caplog.records if "callback failed" in r.getMessage()]
