@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
 SCRIPTS = [
     "quickstart",
     "meta_learning",
@@ -31,6 +32,9 @@ def test_every_example_is_tested():
 def test_example_quick(name, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["MPLBACKEND"] = "Agg"
+    # The package of this checkout, not whichever one the environment installed (a
+    # worktree or a copy tested with another checkout's virtualenv).
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run(
         [sys.executable, str(EXAMPLES / f"{name}.py"), "--quick", f"--plot-dir={tmp_path}"],
         env=env,
