@@ -334,11 +334,12 @@ def optimize(
       check runs in the compiled program and JAX raises `jax.errors.JaxRuntimeError`
       where the compiled function is called (under `vmap` if any element fails); its
       message ends with the outcome and the line of this call. The backward pass
-      raises the same way if its linear solve fails. In a program on several devices an in-program error would stall the
-      other devices until XLA aborts the process, so `throw=True` is refused there
-      with a `ValueError` when traced. With `throw=False` check `sol.result`; a failed
-      backward solve then gives NaN gradients. An outer loop that should survive a
-      failure passes `throw=False` (see the FAQ, "Failed solves in a loop").
+      raises the same way if its linear solve fails. In a program on several devices
+      an in-program error would stall the other devices until XLA aborts the process,
+      so `throw=True` is refused there with a `ValueError` when traced. With
+      `throw=False` check `sol.result`; a failed backward solve then gives NaN
+      gradients. An outer loop that should survive a failure passes `throw=False`
+      (see the FAQ, "Failed solves in a loop").
 
     **Returns:**
 
