@@ -255,7 +255,7 @@ def degenerate_tolerance(dtype) -> float:
     return max(0.1, 10 * eps(dtype) ** (2 / 3))
 
 
-def _hessian_change(theta, x_star, g_star, hvp, inverse_approx, w, v):
+def _hessian_change(theta, x_star, g_star, hvp, inverse_approx, free, w, v):
     """How much the Hessian, applied to `w`, changes between `x_star` and the minimiser.
 
     The implicit function theorem is applied at the returned point $x_k$ as if it were
@@ -269,10 +269,20 @@ def _hessian_change(theta, x_star, g_star, hvp, inverse_approx, w, v):
     point is never close enough: the Newton step is a fixed fraction of the distance,
     the Hessian changes by tens of percent over it, and the hypergradient is wrong by
     as much, whatever `gtol`.
+
+    With bounds (`free` not None) the same holds on the free coordinates, where the
+    implicit function theorem is applied: the step and the change are taken there, and
+    active coordinates stay on their bounds.
     """
-    delta = lax.stop_gradient(inverse_approx.mv(g_star))
+    if free is None:
+        delta = inverse_approx.mv(g_star)
+    else:
+        delta = _keep(free, inverse_approx.mv(_keep(free, g_star)))
+    delta = lax.stop_gradient(delta)
     _, vjp_shifted = jax.vjp(lambda x: _grad_x(x, theta), tree_sub(x_star, delta))
     diff = tree_sub(vjp_shifted(w)[0], hvp(w))
+    if free is not None:
+        diff = _keep(free, diff)
     norm = tree_norm2(v)
     return tree_norm2(diff) / jnp.where(norm > 0, norm, 1)
 
@@ -337,7 +347,7 @@ def solve_hessian(
     With bounds, `free` masks the free coordinates and the operator is
     $P_F H P_F + P_A$ (its memory $P_F H_k P_F + P_A$): on the free set this
     solves $H_{FF} w_F = b_F$, on the active set it returns $b_A$. `check(w, b)`, for
-    unbounded exact adjoints, is the degenerate-minimiser test (`_hessian_change`).
+    exact adjoints, is the degenerate-minimiser test (`_hessian_change`).
     """
     structure = jax.eval_shape(lambda: b)
     # A pytree function whose leaves are the linearisation's residuals, so lineax can
@@ -477,18 +487,12 @@ def _implicit_solve_jvp(primals, tangents, *, x0, solver, adjoint, throw, warm_s
     inverse_approx = inverse_hessian_operator(state.history, jax.eval_shape(lambda: x_star))
     if box is None:
         free = None
-        # Unbounded solves only: with bounds the gradient's active part is the bounds'
-        # force, not a distance to the minimiser.
-        check = None
-        if adjoint.exact:
-            check = ft.partial(_hessian_change, theta, x_star, g_x, hvp, inverse_approx)
     else:
         # On the active set x* equals the bound, so its tangent is the bound's; the free
         # coordinates solve H_FF x_dot_F = -(d/dtheta grad_F f) theta_dot - H_FA x_dot_A.
         # Transposed, the cotangent flows to the bound through (v - H w)_A.
         at_lower, at_upper = active_masks(x_star, state.g, box)
         free = jtu.tree_map(lambda a, b: ~(a | b), at_lower, at_upper)
-        check = None
         t_bound = None
         if t_box is not None and any(
             leaf is not None for leaf in jtu.tree_leaves(t_box, is_leaf=_is_none)
@@ -504,6 +508,9 @@ def _implicit_solve_jvp(primals, tangents, *, x0, solver, adjoint, throw, warm_s
     if t_leaves:
         zero = sum(jnp.sum(leaf * 0).astype(jnp.float32) for leaf in t_leaves)
         rhs = jtu.tree_map(lambda r: r + zero.astype(r.dtype), rhs)
+    check = None
+    if adjoint.exact:
+        check = ft.partial(_hessian_change, theta, x_star, g_x, hvp, inverse_approx, free)
     w = solve_hessian(hvp, rhs, inverse_approx, adjoint, throw, solver.verbose, free, check)
     t_x = tree_neg(w)
     if free is not None:

@@ -173,6 +173,22 @@ def test_degenerate_minimiser_damped():
     assert abs(grad) <= 3 * 1e-12 / 1e-2
 
 
+def test_degenerate_minimiser_inside_bounds_raises():
+    # The same quartic inside a box, centred so that one coordinate ends on its bound
+    # (active, nondegenerate: its tangent is the bound's) and two are free at the
+    # degenerate minimiser, where the implicit function theorem cannot be applied.
+    c = jnp.array([0.5, -0.2, 0.3])
+
+    def outer(lam):
+        sol = li.optimize(
+            lambda x, lam: lam * jnp.sum((x - c) ** 4), _X0_QUARTIC, lam, bounds=(0.0, 1.0)
+        )
+        return jnp.sum(sol.params)
+
+    with pytest.raises(RUNTIME, match=BACKWARD):
+        jax.block_until_ready(jax.grad(outer)(2.0))
+
+
 @pytest.mark.parametrize(
     "fn, x0",
     [
