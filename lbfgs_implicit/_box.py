@@ -385,7 +385,8 @@ def box_direction(h: History, x: PyTree[Array], g: PyTree[Array], box: Box) -> P
 
 
 def max_step(x: PyTree[Array], d: PyTree[Array], box: Box) -> Scalar:
-    """The largest `a` with `x + a d` in the box, capped at `1e10` (SciPy's `stpmx`)."""
+    """The largest `a` with `x + a d` in the box, capped at `1e10` (SciPy's `stpmx`),
+    or at the largest finite number of a dtype too narrow for it (float16)."""
 
     def one(xi, di, lo, up):
         safe = jnp.where(di != 0, di, 1)
@@ -394,7 +395,8 @@ def max_step(x: PyTree[Array], d: PyTree[Array], box: Box) -> Scalar:
 
     leaves = jtu.tree_leaves(jtu.tree_map(one, x, d, *_b(box)))
     dtype = jnp.result_type(*leaves)
-    return jnp.minimum(jnp.min(jnp.stack([v.astype(dtype) for v in leaves])), 1e10)
+    cap = jnp.asarray(min(1e10, float(jnp.finfo(dtype).max)), dtype)
+    return jnp.minimum(jnp.min(jnp.stack([v.astype(dtype) for v in leaves])), cap)
 
 
 def box_search(

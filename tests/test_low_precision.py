@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.optimize
 
 import lbfgs_implicit as li
 from lbfgs_implicit._solver import default_gtol
@@ -55,5 +56,40 @@ def test_low_precision_solve_and_hypergradient(dtype, n):
     # cond(A) = 4 times that in relative error, and the Hessian-vector products in
     # `dtype` add about cond(A) * eps more.
     reference = np.linalg.solve(a, c)
+    rel = np.linalg.norm(np.asarray(grad, np.float64) - reference) / np.linalg.norm(reference)
+    assert rel <= 4 * (eps ** (2 / 3) + eps)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bfloat16", "float16"])
+def test_low_precision_bounded_solve_and_hypergradient(dtype):
+    # x >= 0 on the same quadratic. With n = 8 the solution has 4 free coordinates, the
+    # smallest at 0.148, and 4 on the bound, with multipliers of at least 0.168: both
+    # margins are above bfloat16's gtol (3.9e-2), so the active set is found exactly.
+    n = 8
+    a, b, c = _problem(n)
+    a_lo, b_lo, c_lo = (jnp.asarray(v, dtype) for v in (a, b, c))
+
+    def outer(b):
+        sol = li.optimize(_quadratic, jnp.ones(n, dtype), (a_lo, b), bounds=(0.0, None))
+        return c_lo @ sol.params, sol
+
+    (_, sol), grad = jax.value_and_grad(outer, has_aux=True)(b_lo)
+    assert sol.result == li.RESULTS.successful
+    assert sol.params.dtype == dtype and grad.dtype == dtype
+    eps = float(jnp.finfo(dtype).eps)
+    gtol = default_gtol(dtype)
+    # The reference: nonnegative least squares with R'R = A, R x ~ R^-T b.
+    r = np.linalg.cholesky(a).T
+    x_star, _ = scipy.optimize.nnls(r, np.linalg.solve(r.T, b))
+    free = x_star > 0
+    assert free.sum() == 4
+    params = np.asarray(sol.params, np.float64)
+    np.testing.assert_array_equal(params[~free], 0.0)
+    # As above on the free block, whose eigenvalues also lie in [1, 4] (interlacing).
+    err = np.linalg.norm(params - x_star)
+    assert err <= np.sqrt(n) * gtol + eps * np.linalg.norm(x_star)
+    # d(c'x*)/db = A_FF^-1 c_F on the free set and 0 on the active one.
+    reference = np.zeros(n)
+    reference[free] = np.linalg.solve(a[np.ix_(free, free)], c[free])
     rel = np.linalg.norm(np.asarray(grad, np.float64) - reference) / np.linalg.norm(reference)
     assert rel <= 4 * (eps ** (2 / 3) + eps)
