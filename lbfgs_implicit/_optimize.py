@@ -12,6 +12,7 @@ from jaxtyping import ArrayLike, PyTree
 
 from ._adjoint import AbstractAdjoint, implicit_solve, ImplicitAdjoint
 from ._box import check_bounds, normalise_bounds
+from ._flat import FlatFn, flat_box, flat_history, flattener, ravel, unflatten_state
 from ._history import COMPACT_MIN_SIZE, History, init_history
 from ._misc import accumulation_dtype, common_dtype
 from ._solution import check_can_raise, raise_in_program, RESULTS, Solution, SolveError
@@ -220,6 +221,11 @@ def _exact_round_trip(value_dtype, loop_dtype) -> bool:
     return value_dtype == loop_dtype or (loop_bits >= 32 and value_bits < loop_bits)
 
 
+# Whether multi-leaf solves run on one flat vector where that is safe (read when
+# `_optimize` is traced; `benchmarks.compile_mlp` turns it off to measure what it saves).
+_FLATTEN = True
+
+
 @eqx.filter_jit
 def _optimize(fn, x0, args, bounds, solver, adjoint, has_aux, throw, warm_start):
     _check_output(fn, x0, args, has_aux)
@@ -231,11 +237,19 @@ def _optimize(fn, x0, args, bounds, solver, adjoint, has_aux, throw, warm_start)
     x0 = lax.stop_gradient(x0)
     # A Python branch: without bounds the compiled program is the unconstrained one.
     box = None if bounds is None else normalise_bounds(bounds, x0)
+    unravel = flattener(x0, args, closed_fn, box) if _FLATTEN else None
+    theta, start = (closed_fn, args, box), x0
+    if unravel is not None:
+        # Several leaves of one dtype on one device: solve over one vector (_flat.py).
+        theta = (FlatFn(closed_fn, unravel), args, flat_box(box))
+        start, warm = ravel(x0), flat_history(warm)
     # `throw` here is the backward pass's; the forward outcome is checked by `optimize`.
     params, loop_value, state = implicit_solve(
-        (closed_fn, args, box), x0=x0, solver=solver, adjoint=adjoint, throw=throw, warm_start=warm
+        theta, x0=start, solver=solver, adjoint=adjoint, throw=throw, warm_start=warm
     )
     state = lax.stop_gradient(state)
+    if unravel is not None:
+        params, state = unravel(params), unflatten_state(state, unravel)
     _, stats = solver.postprocess(state)
     value_dtype = eqx.filter_eval_shape(closed_fn, params, args)[0].dtype
     if has_aux or not _exact_round_trip(value_dtype, loop_value.dtype):
