@@ -117,4 +117,3 @@ def unflatten_state(state, unravel: Unravel):
         box = Box(unravel(state.box.lower), unravel(state.box.upper))
         state = eqx.tree_at(lambda s: s.box, state, box)
     return state
-

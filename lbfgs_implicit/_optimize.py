@@ -12,7 +12,7 @@ from jaxtyping import ArrayLike, PyTree
 
 from ._adjoint import AbstractAdjoint, implicit_solve, ImplicitAdjoint
 from ._box import check_bounds, normalise_bounds
-from ._flat import FlatFn, flat_box, flat_history, flattener, ravel, unflatten_state
+from ._flat import flat_box, flat_history, FlatFn, flattener, ravel, unflatten_state
 from ._history import COMPACT_MIN_SIZE, History, init_history
 from ._misc import accumulation_dtype, common_dtype
 from ._solution import check_can_raise, raise_in_program, RESULTS, Solution, SolveError
