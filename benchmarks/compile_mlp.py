@@ -3,8 +3,10 @@
 The iMAML inner problem of `benchmarks.batching` (a 1-40-40-1 MLP, six leaves: the
 support loss plus `lam/2 ||phi - w_meta||^2`), and `jax.value_and_grad` of the mean
 query loss with respect to `w_meta`, for one task and for `vmap` over 16 tasks. Solvers:
-ours (`ImplicitAdjoint`; and with the parameters raveled into one vector by the
-caller, `lbfgs_implicit_flat`), `jaxopt.LBFGS(implicit_diff=True)`, optimistix's `LBFGS` with
+ours (`ImplicitAdjoint`, the leaves solved as one vector; `lbfgs_implicit_leafwise`, the
+per-leaf program that `optimize` builds with `_optimize._FLATTEN` off; and on request
+`lbfgs_implicit_flat`, the parameters raveled by the caller),
+`jaxopt.LBFGS(implicit_diff=True)`, optimistix's `LBFGS` with
 `ImplicitAdjoint(CG)`, and the baseline every user can write: 100 steps of gradient
 descent unrolled by `lax.fori_loop` and differentiated through.
 
@@ -47,9 +49,8 @@ def _solve(name, fn):
             li.optimize(fn, w, (w, xs, ys, lam), solver=solver, throw=False).params
         )
     if name == "lbfgs_implicit_flat":
-        # The parameters raveled into one vector by the caller: every per-leaf operation
-        # of the solver and its backward pass then appears once in the program, not six
-        # times. What flattening inside `optimize` would save, measured from outside.
+        # The parameters raveled into one vector by the caller, which `optimize` now
+        # does itself: this should compile like `lbfgs_implicit`.
         from jax.flatten_util import ravel_pytree
 
         import lbfgs_implicit as li

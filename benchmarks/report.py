@@ -554,8 +554,10 @@ def compile_mlp_section(lines):
         "leaves) through each solver, for one task and for `vmap` over 16, traced, lowered "
         f"and compiled afresh {data['rounds']} times with the solvers taking turns. Median "
         "CPU seconds of the process (wall seconds in brackets; the machine was shared), "
-        "ratios of the CPU medians. `lbfgs_implicit_flat` is the same solve with the "
-        "parameters raveled into one vector by the caller; `unrolled_gd` is "
+        "ratios of the CPU medians. `lbfgs_implicit` solves the six leaves as one "
+        "vector (what `optimize` does for several leaves of one dtype on one device); "
+        "`lbfgs_implicit_leafwise` is the same solve traced per leaf, as `optimize` did "
+        "before, and as it still does for mixed dtypes or sharded leaves; `unrolled_gd` is "
         f"{data['gd_steps']} steps of gradient descent differentiated through. A failed "
         "peer did not compile (the script prints why).",
         "",
