@@ -314,10 +314,11 @@ def optimize(
     - `fn`: the objective, `fn(x, args) -> scalar` (or `-> (scalar, aux)` with
       `has_aux=True`). It must be smooth, and twice differentiable for gradients.
     - `x0`: initial parameters, any pytree of floating-point arrays. Several leaves of
-      one dtype in a program on one device are concatenated and solved as one vector
-      (the compiled program then holds each of the solver's operations once, not once
-      per leaf); `sol.params`, `sol.state` and warm starts keep the leaves' structure.
-      Leaves of mixed dtypes, and sharded leaves, are solved leaf by leaf.
+      one dtype, up to 131072 parameters in all, in a program on one device are
+      concatenated and solved as one vector (the compiled program then holds each of
+      the solver's operations once, not once per leaf); `sol.params`, `sol.state` and
+      warm starts keep the leaves' structure. Larger parameters, leaves of mixed
+      dtypes, and sharded leaves are solved leaf by leaf.
     - `args`: any pytree; its floating-point arrays are differentiable.
     - `solver`: an [`lbfgs_implicit.LBFGS`][] configuration.
     - `adjoint`: how gradients are computed: [`lbfgs_implicit.ImplicitAdjoint`][]

@@ -211,6 +211,15 @@ def test_program_does_not_grow_with_leaves():
     assert flat < 0.85 * per_leaf, (flat, per_leaf)
 
 
+def test_large_parameters_stay_per_leaf():
+    # Beyond FLAT_MAX_SIZE the concatenation costs more per evaluation than it saves.
+    from lbfgs_implicit._flat import FLAT_MAX_SIZE, flattener
+
+    half = jnp.zeros(FLAT_MAX_SIZE // 2, jnp.float32)
+    assert flattener({"a": half, "b": half}) is not None
+    assert flattener({"a": half, "b": half, "c": jnp.zeros(1, jnp.float32)}) is None
+
+
 def test_mixed_dtypes_stay_per_leaf():
     # A concatenation would promote a float32 leaf to float64: such pytrees keep the
     # per-leaf solve and their dtypes.
