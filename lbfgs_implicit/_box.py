@@ -33,7 +33,6 @@ import numpy as np
 from jaxtyping import Array, Bool, PyTree, Scalar
 
 from ._history import History, reset_history
-from ._linesearch import AbstractLineSearch, LineSearchResult, ValueAndGrad
 from ._misc import eps as _eps, tree_dot, tree_norm_inf
 
 
@@ -179,7 +178,7 @@ def num_active(x: PyTree[Array], g: PyTree[Array], box: Box):
     return sum(counts[1:], counts[0])
 
 
-def _snap(x, d, xt, box: Box):
+def snap(x, d, xt, box: Box):
     """`xt = x + a d` projected, with coordinates within rounding of the bound they move
     towards set exactly on it, so the iterate lands on the bound the step aimed at (the
     line search's step to the box's edge, or the projected subspace point)."""
@@ -399,22 +398,13 @@ def max_step(x: PyTree[Array], d: PyTree[Array], box: Box) -> Scalar:
     return jnp.minimum(jnp.min(jnp.stack([v.astype(dtype) for v in leaves])), cap)
 
 
-def box_search(
-    linesearch: AbstractLineSearch,
-    value_and_grad: ValueAndGrad,
-    box: Box,
-    x: PyTree[Array],
-    f: Scalar,
-    g: PyTree[Array],
-    h: History,
-    num_steps,
-    active=None,
-) -> tuple[History, LineSearchResult]:
-    """One L-BFGS-B search: direction, capped line search, iterate snapped into the box.
+def box_step_setup(box: Box, x: PyTree[Array], f: Scalar, g: PyTree[Array], h: History, num_steps):
+    """One L-BFGS-B direction: `(h, d, dg, step0, cap)` for a line search along `d`.
 
     If the direction is not one of descent (rounding, or a non-finite model), the memory
-    is reset and the search runs along the projected steepest descent $P(x - g) - x$.
-    `active` is passed to the line search (False for finished elements of a batch).
+    is reset (the returned `h`) and the search runs along the projected steepest descent
+    $P(x - g) - x$. `cap` is the largest step the search may take; trials are evaluated
+    at `snap(x, d, x + a d, box)`.
     """
     dtype = f.dtype
     d = box_direction(h, x, g, box)
@@ -440,13 +430,7 @@ def box_search(
     dnorm = jnp.sqrt(tree_dot(d, d).astype(dtype))
     unit = 1 / jnp.where(dnorm > 0, dnorm, 1)
     step0 = jnp.minimum(jnp.where(first & ~boxed, unit, 1), cap).astype(dtype)
-
-    def inside(xt):
-        return value_and_grad(_snap(x, d, xt, box))
-
-    ls = linesearch(inside, x, f, g, d, dg, step0, max_step=cap, active=active)
-    ls = eqx.tree_at(lambda r: r.x, ls, _snap(x, d, ls.x, box))
-    return h, ls
+    return h, d, dg, step0, cap
 
 
 def solve_info(x, g, box: Box) -> dict[str, Array]:

@@ -118,7 +118,8 @@ def push_history(
     enabled=True,
     grad: PyTree[Array] | None = None,
     proj: tuple[Array, Array] | None = None,
-) -> tuple[History, tuple[Array, Array] | None]:
+    defer: bool = False,
+):
     """Store `(s, y)` if `enabled` and it passes the curvature gate `s'y > eps * y'y`.
 
     The gate keeps $H_k$ positive definite; a rejected pair leaves the history as it was.
@@ -132,6 +133,10 @@ def push_history(
     [`apply_inverse_hessian`][]. One pass over each buffer in all (`S'grad`, and
     `Y's` with `Y'grad`), instead of five. Without `grad`, `S'y`, `Y's` and `Y'y` are
     computed directly and `None` is returned.
+
+    With `defer`, the buffers are returned unchanged and the write as a third output, a
+    `Pair` for `write_pair` (a batch solved by turns writes outside the branch that
+    computes it, so the buffers are not copied into and out of the branch).
     """
     dtype = h.sy.dtype
     sy = tree_dot(s, y).astype(dtype)
@@ -168,12 +173,11 @@ def push_history(
             y_y = new_proj[1] - proj[1]
         accept = accept & jnp.isfinite(jnp.sum(y_s) + jnp.sum(s_y) + jnp.sum(y_y))
 
-    def write(buf, new):
-        old = lax.dynamic_index_in_dim(buf, idx, keepdims=False)
-        return buf.at[idx].set(jnp.where(accept, new.astype(buf.dtype), old))
-
-    s_buf = jtu.tree_map(write, h.s, s)
-    y_buf = jtu.tree_map(write, h.y, y)
+    pair = Pair(s=s, y=y, slot=idx, accept=accept)
+    if defer:
+        s_buf, y_buf = h.s, h.y
+    else:
+        s_buf, y_buf = write_pair(h.s, h.y, pair)
     if h.compact:
         # Row `idx` of S'Y is s'Y and its column S'y; the new slot's own entries are
         # the directly computed s'y and y'y. Masks rather than scatters: one fused
@@ -196,7 +200,28 @@ def push_history(
         count=jnp.where(accept, jnp.minimum(h.count + 1, m), h.count),
         compact=h.compact,
     )
+    if defer:
+        return new, new_proj, pair
     return new, new_proj
+
+
+class Pair(eqx.Module):
+    """A pair for the buffers' slot `slot`, written if `accept` (see `push_history`)."""
+
+    s: PyTree[Array]
+    y: PyTree[Array]
+    slot: Int[Array, ""]
+    accept: Array
+
+
+def write_pair(s_buf: PyTree[Array], y_buf: PyTree[Array], pair: Pair):
+    """The buffers with `pair` written to its slot if accepted (else rewritten as is)."""
+
+    def write(buf, new):
+        old = lax.dynamic_index_in_dim(buf, pair.slot, keepdims=False)
+        return buf.at[pair.slot].set(jnp.where(pair.accept, new.astype(buf.dtype), old))
+
+    return jtu.tree_map(write, s_buf, pair.s), jtu.tree_map(write, y_buf, pair.y)
 
 
 def apply_inverse_hessian(

@@ -167,17 +167,26 @@ class StrongWolfe(AbstractLineSearch):
         if self.approx_tol is not None and not self.approx_tol >= 0:
             raise ValueError(f"StrongWolfe needs approx_tol >= 0, got {self.approx_tol}.")
 
-    def __call__(self, value_and_grad, x, f, g, p, dg, step0, max_step=None, active=None):
+    # The search in pieces, so that a batch of searches can also be run one trial per
+    # turn of the solver's loop (`_batching.py`): `start`, then `next_trial` and
+    # `update` until `done`, then `finish`. `__call__` runs them in a loop of its own.
+
+    def _x_eps(self, x) -> float:
+        # The precision of the trial points (and of `fn`'s value) is that of `x`; `f`
+        # and the steps may be carried wider (bfloat16 parameters give float32 scalars).
+        return eps(common_dtype(x))
+
+    def _allow(self, x, f) -> Scalar:
+        rel = self._x_eps(x) ** (2 / 3) if self.approx_tol is None else self.approx_tol
+        return rel * jnp.abs(f)
+
+    def start(self, f, g, dg, step0, max_step=None) -> _WolfeCarry:
+        """The search's state before its first trial (at `step0`, capped at `max_step`)."""
         dtype = f.dtype
         zero = jnp.zeros((), dtype)
         if max_step is not None:
             step0 = jnp.minimum(step0, max_step)
-        # The precision of the trial points (and of `fn`'s value) is that of `x`; `f` and
-        # the steps may be carried wider (bfloat16 parameters give float32 scalars).
-        x_eps = eps(common_dtype(x))
-        rel = x_eps ** (2 / 3) if self.approx_tol is None else self.approx_tol
-        allow = rel * jnp.abs(f)
-        init = _WolfeCarry(
+        return _WolfeCarry(
             a_lo=zero,
             f_lo=f,
             d_lo=dg,
@@ -194,98 +203,94 @@ class StrongWolfe(AbstractLineSearch):
             done=jnp.array(False),
         )
 
-        def trial_step(c: _WolfeCarry):
-            # Given while bracketing, interpolated while zooming.
-            lo, hi = jnp.minimum(c.a_lo, c.a_hi), jnp.maximum(c.a_lo, c.a_hi)
-            width = hi - lo
-            cubic = _cubic_minimiser(c.a_lo, c.f_lo, c.d_lo, c.a_hi, c.f_hi, c.d_hi)
-            bisect = 0.5 * (c.a_lo + c.a_hi)
-            cubic = jnp.where(jnp.isfinite(cubic), cubic, bisect)
-            interp = jnp.clip(cubic, lo + 0.1 * width, hi - 0.1 * width)
-            return jnp.where(c.zoom, interp, c.a_next)
+    @staticmethod
+    def next_trial(c: _WolfeCarry) -> Scalar:
+        """The next trial step: given while bracketing, interpolated while zooming."""
+        lo, hi = jnp.minimum(c.a_lo, c.a_hi), jnp.maximum(c.a_lo, c.a_hi)
+        width = hi - lo
+        cubic = _cubic_minimiser(c.a_lo, c.f_lo, c.d_lo, c.a_hi, c.f_hi, c.d_hi)
+        bisect = 0.5 * (c.a_lo + c.a_hi)
+        cubic = jnp.where(jnp.isfinite(cubic), cubic, bisect)
+        interp = jnp.clip(cubic, lo + 0.1 * width, hi - 0.1 * width)
+        return jnp.where(c.zoom, interp, c.a_next)
 
-        def update(c: _WolfeCarry, a):
-            ft, gt, dt, finite = _evaluate(value_and_grad, x, p, a, dtype)
-            # Where the decrease Armijo asks for is below `allow`, values cannot rank the
-            # trials (rounding in `f`, which for sums that cancel can far exceed
-            # eps |f|). Then use Hager & Zhang's approximate Wolfe conditions: the
-            # derivative form of sufficient decrease, phi'(a) <= (2 c1 - 1) phi'(0),
-            # with the value allowed to exceed f(x) by at most `allow`.
-            flat = -self.c1 * a * dg <= allow
-            approx = flat & (ft <= f + allow) & (dt <= (2 * self.c1 - 1) * dg)
-            armijo = finite & (_sufficient_decrease(f, ft, self.c1 * a * dg) | approx)
-            curvature = jnp.abs(dt) <= -self.c2 * dg
-            wolfe = armijo & curvature
-            too_long = ~armijo | (~flat & (ft >= c.f_lo))
+    def update(self, c: _WolfeCarry, a, trial, x, f, dg, max_step=None) -> _WolfeCarry:
+        """The search's state after the trial at `a`, `trial = _evaluate(...)` there."""
+        ft, gt, dt, finite = trial
+        x_eps = self._x_eps(x)
+        # Where the decrease Armijo asks for is below `allow`, values cannot rank the
+        # trials (rounding in `f`, which for sums that cancel can far exceed
+        # eps |f|). Then use Hager & Zhang's approximate Wolfe conditions: the
+        # derivative form of sufficient decrease, phi'(a) <= (2 c1 - 1) phi'(0),
+        # with the value allowed to exceed f(x) by at most `allow`.
+        allow = self._allow(x, f)
+        flat = -self.c1 * a * dg <= allow
+        approx = flat & (ft <= f + allow) & (dt <= (2 * self.c1 - 1) * dg)
+        armijo = finite & (_sufficient_decrease(f, ft, self.c1 * a * dg) | approx)
+        curvature = jnp.abs(dt) <= -self.c2 * dg
+        wolfe = armijo & curvature
+        too_long = ~armijo | (~flat & (ft >= c.f_lo))
 
-            if max_step is None:
-                capped = jnp.array(False)
-            else:
-                # Sufficient decrease and still descending at the largest allowed step:
-                # bracketing cannot extrapolate, so accept it (MINPACK-2's `stpmax` exit).
-                capped = ~c.zoom & ~too_long & ~(dt >= 0) & (a >= max_step)
-            better = finite & (ft < c.f_best)
-            take = wolfe | better | capped
-            a_best = jnp.where(take, a, c.a_best)
-            f_best = jnp.where(take, ft, c.f_best)
-            g_best = tree_where(take, gt, c.g_best)
+        if max_step is None:
+            capped = jnp.array(False)
+        else:
+            # Sufficient decrease and still descending at the largest allowed step:
+            # bracketing cannot extrapolate, so accept it (MINPACK-2's `stpmax` exit).
+            capped = ~c.zoom & ~too_long & ~(dt >= 0) & (a >= max_step)
+        better = finite & (ft < c.f_best)
+        take = wolfe | better | capped
+        a_best = jnp.where(take, a, c.a_best)
+        f_best = jnp.where(take, ft, c.f_best)
+        g_best = tree_where(take, gt, c.g_best)
 
-            # While bracketing, `lo` is the previous trial; a trial that is too long, or
-            # whose slope turned non-negative, closes the bracket and starts the zoom.
-            # While zooming, N&W Algorithm 3.6: replace `hi` by a trial that is too
-            # long, otherwise the trial becomes `lo` (and the old `lo` becomes `hi` if
-            # the slope says the minimum lies on its side).
-            slope_flip = dt * (c.a_hi - c.a_lo) >= 0
-            bracket_flip = dt >= 0
-            flip = jnp.where(c.zoom, slope_flip, bracket_flip)
-            new_lo = ~too_long
-            new_hi = too_long | flip
-            # (`hi` takes the trial if too long, else the old `lo` on a flip.)
-            a_hi = jnp.where(too_long, a, jnp.where(flip, c.a_lo, c.a_hi))
-            f_hi = jnp.where(too_long, ft, jnp.where(flip, c.f_lo, c.f_hi))
-            d_hi = jnp.where(too_long, dt, jnp.where(flip, c.d_lo, c.d_hi))
-            a_lo = jnp.where(new_lo, a, c.a_lo)
-            f_lo = jnp.where(new_lo, ft, c.f_lo)
-            d_lo = jnp.where(new_lo, dt, c.d_lo)
-            zoom = c.zoom | new_hi
+        # While bracketing, `lo` is the previous trial; a trial that is too long, or
+        # whose slope turned non-negative, closes the bracket and starts the zoom.
+        # While zooming, N&W Algorithm 3.6: replace `hi` by a trial that is too
+        # long, otherwise the trial becomes `lo` (and the old `lo` becomes `hi` if
+        # the slope says the minimum lies on its side).
+        slope_flip = dt * (c.a_hi - c.a_lo) >= 0
+        bracket_flip = dt >= 0
+        flip = jnp.where(c.zoom, slope_flip, bracket_flip)
+        new_lo = ~too_long
+        new_hi = too_long | flip
+        # (`hi` takes the trial if too long, else the old `lo` on a flip.)
+        a_hi = jnp.where(too_long, a, jnp.where(flip, c.a_lo, c.a_hi))
+        f_hi = jnp.where(too_long, ft, jnp.where(flip, c.f_lo, c.f_hi))
+        d_hi = jnp.where(too_long, dt, jnp.where(flip, c.d_lo, c.d_hi))
+        a_lo = jnp.where(new_lo, a, c.a_lo)
+        f_lo = jnp.where(new_lo, ft, c.f_lo)
+        d_lo = jnp.where(new_lo, dt, c.d_lo)
+        zoom = c.zoom | new_hi
 
-            # Extrapolate while the step is still too short (Moré-Thuente's factor).
-            a_next = a + 4 * (a - c.a_lo)
-            if max_step is not None:
-                a_next = jnp.minimum(a_next, max_step)
+        # Extrapolate while the step is still too short (Moré-Thuente's factor).
+        a_next = a + 4 * (a - c.a_lo)
+        if max_step is not None:
+            a_next = jnp.minimum(a_next, max_step)
 
-            num_evals = c.num_evals + 1
-            new_width = jnp.abs(a_hi - a_lo)
-            collapsed = zoom & (new_width <= x_eps * jnp.maximum(jnp.abs(a_lo), jnp.abs(a_hi)))
-            done = wolfe | capped | (num_evals >= self.max_evals) | collapsed
-            return _WolfeCarry(
-                a_lo=a_lo,
-                f_lo=f_lo,
-                d_lo=d_lo,
-                a_hi=a_hi,
-                f_hi=f_hi,
-                d_hi=d_hi,
-                zoom=zoom,
-                a_next=a_next,
-                a_best=a_best,
-                f_best=f_best,
-                g_best=g_best,
-                num_evals=num_evals,
-                found=wolfe | capped,
-                done=done,
-            )
-
-        # The first trial (usually accepted) runs outside the loop, so the common case
-        # pays for neither the interpolation nor the loop.
-        first = update(init, init.a_next)
-        if active is not None:
-            first = eqx.tree_at(lambda c: c.done, first, first.done | ~active)
-        c = lax.cond(
-            first.done,
-            lambda c: c,
-            lambda c: lax.while_loop(lambda c: ~c.done, lambda c: update(c, trial_step(c)), c),
-            first,
+        num_evals = c.num_evals + 1
+        new_width = jnp.abs(a_hi - a_lo)
+        collapsed = zoom & (new_width <= x_eps * jnp.maximum(jnp.abs(a_lo), jnp.abs(a_hi)))
+        done = wolfe | capped | (num_evals >= self.max_evals) | collapsed
+        return _WolfeCarry(
+            a_lo=a_lo,
+            f_lo=f_lo,
+            d_lo=d_lo,
+            a_hi=a_hi,
+            f_hi=f_hi,
+            d_hi=d_hi,
+            zoom=zoom,
+            a_next=a_next,
+            a_best=a_best,
+            f_best=f_best,
+            g_best=g_best,
+            num_evals=num_evals,
+            found=wolfe | capped,
+            done=done,
         )
+
+    @staticmethod
+    def finish(c: _WolfeCarry, x, f, p) -> LineSearchResult:
+        """The outcome of a search whose state is `c`."""
         success = c.found | (c.f_best < f)
         return LineSearchResult(
             step=c.a_best,
@@ -295,6 +300,27 @@ class StrongWolfe(AbstractLineSearch):
             num_evals=c.num_evals,
             success=success,
         )
+
+    def __call__(self, value_and_grad, x, f, g, p, dg, step0, max_step=None, active=None):
+        dtype = f.dtype
+        init = self.start(f, g, dg, step0, max_step)
+
+        def update(c: _WolfeCarry, a):
+            trial = _evaluate(value_and_grad, x, p, a, dtype)
+            return self.update(c, a, trial, x, f, dg, max_step)
+
+        # The first trial (usually accepted) runs outside the loop, so the common case
+        # pays for neither the interpolation nor the loop.
+        first = update(init, init.a_next)
+        if active is not None:
+            first = eqx.tree_at(lambda c: c.done, first, first.done | ~active)
+        c = lax.cond(
+            first.done,
+            lambda c: c,
+            lambda c: lax.while_loop(lambda c: ~c.done, lambda c: update(c, self.next_trial(c)), c),
+            first,
+        )
+        return self.finish(c, x, f, p)
 
 
 class _BacktrackCarry(eqx.Module):

@@ -8,10 +8,20 @@ import equinox as eqx
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
+import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, Bool, Int, PyTree, Scalar
 
-from ._box import Box, box_search, infeasible, project, projected_gradient, solve_info
+from ._batching import solve as batched_solve
+from ._box import (
+    Box,
+    box_step_setup,
+    infeasible,
+    project,
+    projected_gradient,
+    snap,
+    solve_info,
+)
 from ._history import (
     _project,
     apply_inverse_hessian,
@@ -145,6 +155,17 @@ class _LBFGSState(eqx.Module):
     result: RESULTS
     # the bounds (data, fixed for the solve); None when unconstrained
     box: Box | None = None
+
+
+class _Setup(eqx.Module):
+    # What one step fixes before its line search: the memory it uses (reset if the
+    # direction was not one of descent), the direction, its slope, the first trial step
+    # and, with bounds, the largest step.
+    history: History
+    p: PyTree[Array]
+    dg: Scalar
+    step0: Scalar
+    cap: Scalar | None
 
 
 class LBFGS(AbstractMinimiser[_LBFGSState]):
@@ -343,8 +364,13 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
             box=box,
         )
 
-    def _search(self, value_and_grad, state):
-        """The unconstrained search: direction $-H_k g$, line search along it."""
+    def setup(self, state: _LBFGSState) -> "_Setup":
+        """A step's direction and first trial, before any new evaluation of `fn`."""
+        if state.box is not None:
+            h, p, dg, step0, cap = box_step_setup(
+                state.box, state.x, state.f, state.g, state.history, state.num_steps
+            )
+            return _Setup(history=h, p=p, dg=dg, step0=step0, cap=cap)
         dtype = state.f.dtype
         h = state.history
         p = tree_neg(apply_inverse_hessian(h, state.g, state.proj))
@@ -367,14 +393,14 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
             jnp.ones((), dtype),
             jnp.where(state.num_steps == 0, 1 / safe, jnp.minimum(1, 1 / safe)),
         )
+        return _Setup(history=h, p=p, dg=dg, step0=step0, cap=None)
 
-        # A finished state is only stepped as a finished element of a `vmap`-ed batch,
-        # whose step the loop discards: its line search then stops at the first trial
-        # instead of keeping the batch's search loop running.
-        ls = self.linesearch(
-            value_and_grad, state.x, state.f, state.g, p, dg, step0, active=~state.terminate
-        )
-        return h, ls, dg
+    @staticmethod
+    def trial_function(value_and_grad: ValueAndGrad, state: _LBFGSState, p) -> ValueAndGrad:
+        """What the line search along `p` evaluates: `fn` itself, or inside the box."""
+        if state.box is None:
+            return value_and_grad
+        return lambda xt: value_and_grad(snap(state.x, p, xt, state.box))
 
     def _stale_warm_memory(self, state, h, history, ls, s, y, dg) -> Bool[Array, ""]:
         """Whether the first step of a warm-started solve showed the memory to describe
@@ -405,22 +431,36 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
         )
 
     def step(self, value_and_grad, state):
-        if state.box is None:
-            h, ls, dg = self._search(value_and_grad, state)
-        else:
-            dg = None
-            h, ls = box_search(
-                self.linesearch,
-                value_and_grad,
-                state.box,
-                state.x,
-                state.f,
-                state.g,
-                state.history,
-                state.num_steps,
-                active=~state.terminate,
-            )
+        setup = self.setup(state)
+        # A finished state is only stepped as a finished element of a `vmap`-ed batch,
+        # whose step the loop discards: its line search then stops at the first trial
+        # instead of keeping the batch's search loop running.
+        ls = self.linesearch(
+            self.trial_function(value_and_grad, state, setup.p),
+            state.x,
+            state.f,
+            state.g,
+            setup.p,
+            setup.dg,
+            setup.step0,
+            max_step=setup.cap,
+            active=~state.terminate,
+        )
+        return self.advance(state, setup.history, ls, setup.p, setup.dg, state.history.count)
 
+    def advance(self, state, h, ls, p, dg, prev_count, active=None):
+        """The state after the line search `ls` along `p` from `state`.
+
+        `h` is the memory the direction used (`state.history`, or reset by `setup`) and
+        `prev_count` the number of pairs `state` had before that reset. With `active`
+        (a batch solved by turns), the memory's buffers are left as they are and the
+        pair to write is returned too, `(state, pair)` (see `push_history`'s `defer`),
+        with no write for an element whose `active` is False.
+        """
+        if state.box is not None:
+            ls = eqx.tree_at(lambda r: r.x, ls, snap(state.x, p, ls.x, state.box))
+            # The warm-memory test is the unconstrained direction's (see there).
+            dg = None
         s = tree_sub(ls.x, state.x)
         y = tree_sub(ls.g, state.g)
         # A failure with a non-empty memory resets it (the retry); with an empty memory
@@ -428,13 +468,18 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
         x = tree_where(ls.success, ls.x, state.x)
         f = jnp.where(ls.success, ls.f, state.f)
         g = tree_where(ls.success, ls.g, state.g)
-        history, proj = push_history(h, s, y, ls.success, grad=g, proj=state.proj)
+        if active is None:
+            history, proj = push_history(h, s, y, ls.success, grad=g, proj=state.proj)
+        else:
+            history, proj, pair = push_history(
+                h, s, y, ls.success & active, grad=g, proj=state.proj, defer=True
+            )
         history = reset_history(history, ~ls.success)
         stale = self._stale_warm_memory(state, h, history, ls, s, y, dg)
         history = eqx.tree_at(lambda t: t.count, history, jnp.where(stale, 1, history.count))
         failed = ~ls.success & (h.count == 0)
         resets = (
-            ((h.count == 0) & (state.history.count > 0)).astype(jnp.int32)
+            ((h.count == 0) & (prev_count > 0)).astype(jnp.int32)
             + (~ls.success & (h.count > 0)).astype(jnp.int32)
             + stale.astype(jnp.int32)
         )
@@ -455,7 +500,7 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
                 e=ls.num_evals,
                 ordered=True,
             )
-        return _LBFGSState(
+        new = _LBFGSState(
             x=x,
             f=f,
             g=g,
@@ -470,6 +515,7 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
             result=result,
             box=state.box,
         )
+        return new if active is None else (new, pair)
 
     def terminate(self, state):
         return state.terminate, state.result
@@ -509,23 +555,44 @@ def iterate(
     (`max_steps_reached` is decided here, once).
     """
 
-    def value_and_grad(x):
-        return jax.value_and_grad(lambda y: fn(y, args)[0])(x)
+    def value_and_grad_of(operands):
+        fn, args = operands[:2]
+        return jax.value_and_grad(lambda y: fn(y, args)[0])
 
-    state = solver.init(value_and_grad, x0, box, warm_start)
+    def init(operands):
+        _, _, x0, box, warm_start = operands
+        return solver.init(value_and_grad_of(operands), x0, box, warm_start)
 
-    def cond(carry):
-        state, k = carry
-        stop, _ = solver.terminate(state)
-        return ~stop & (k < solver.max_steps)
+    def finish(state):
+        stop, result = solver.terminate(state)
+        result = RESULTS.where(stop, result, RESULTS.max_steps_reached)
+        return eqx.tree_at(lambda s: s.result, state, result)
 
-    def body(carry):
-        state, k = carry
-        return solver.step(value_and_grad, state), k + 1
+    def single(operands):
+        value_and_grad = value_and_grad_of(operands)
+        state = init(operands)
 
-    state, _ = lax.while_loop(cond, body, (state, jnp.zeros((), jnp.int32)))
-    stop, result = solver.terminate(state)
-    result = RESULTS.where(stop, result, RESULTS.max_steps_reached)
-    state = eqx.tree_at(lambda s: s.result, state, result)
+        def cond(carry):
+            state, k = carry
+            stop, _ = solver.terminate(state)
+            return ~stop & (k < solver.max_steps)
+
+        def body(carry):
+            state, k = carry
+            return solver.step(value_and_grad, state), k + 1
+
+        state, _ = lax.while_loop(cond, body, (state, jnp.zeros((), jnp.int32)))
+        return finish(state)
+
+    # Under `jax.vmap`, `batched_solve` runs the batch by turns (`_batching.py`).
+    state = batched_solve(
+        solver,
+        single,
+        init,
+        value_and_grad_of,
+        finish,
+        (fn, args, x0, box, warm_start),
+        sum(jnp.size(leaf) for leaf in jtu.tree_leaves(x0)),
+    )
     x, _ = solver.postprocess(state)
     return x, state

@@ -1,0 +1,230 @@
+"""The solve's `vmap` rule: a batch of solves advanced one trial point per turn.
+
+Under plain `jax.vmap` the solver's `lax.while_loop` runs until the slowest element has
+finished, and the line search nested in each iteration runs until the element with the
+longest search has finished: every iteration of the batch costs as many evaluations as
+its longest search, for every element. The rule here runs the batch as one loop whose
+turn is one objective evaluation for every element: an element whose line search ended
+this turn finishes its step and sets up its next direction, while the others go on
+searching. The batch then pays about the largest number of evaluations any element
+needs, instead of the sum over iterations of the largest search.
+
+Each element runs the same sequence of setups, trials and updates as the unbatched
+solve, so its iterates, `result` and `stats` are those of the solve alone (to the
+rounding of batched arithmetic, the same as plain `vmap`'s). The rule sits inside the
+solve's custom derivative rule (`implicit_solve` calls `iterate`, which calls
+`solve`), so autodiff never sees it.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jax.custom_batching import custom_vmap
+from jaxtyping import Array, Bool, Int, PyTree
+
+from ._history import Pair, write_pair
+from ._linesearch import _evaluate, _WolfeCarry, StrongWolfe
+
+
+# Batches run by turns when `num_tasks * num_params` reaches this (see `uses_turns`).
+MIN_WORK = 16_384
+
+# Read at trace time: "auto" (the policy of `uses_turns`), or "turns" / "vmap" to force
+# one form, for `benchmarks/batching.py` to time both in one process. Not a user setting.
+MODE = "auto"
+
+
+def uses_turns(solver, num_tasks: int, num_params: int) -> bool:
+    """Whether a batch of `num_tasks` solves of `num_params` parameters runs by turns.
+
+    Needs the L-BFGS solver with the strong Wolfe search (the only search with a form
+    that advances one trial at a time) and no `verbose` printing (whose lines follow the
+    iterations of one solve). Then it depends on the batch's size: a turn has more
+    operations than a plain iteration (two branches, per-element selects, the pair
+    written outside the branch), a fixed cost that pays off once the batch's arrays are
+    large enough for the saved evaluations and steps to outweigh it. Measured with
+    `python -m benchmarks.batching --time` (value and gradient, 2 shared CPU cores, CPU
+    seconds by turns over plain `vmap`, interleaved): iMAML tasks of 481 parameters,
+    16 tasks (7,696 numbers) 0.92 in float64 and 0.97 in float32 on mixed tasks but 1.01
+    and 1.26 on copies of the slowest task; 64 tasks (30,784 numbers) 0.61 and 0.74 on
+    mixed tasks, 0.91 and 0.98 on copies; 1,024 starts of a 20-parameter problem
+    (20,480 numbers) even. Hence the threshold on `num_tasks * num_params`.
+    """
+    from ._solver import LBFGS
+
+    if MODE == "vmap" or not (
+        isinstance(solver, LBFGS)
+        and isinstance(solver.linesearch, StrongWolfe)
+        and not solver.verbose
+        and num_tasks >= 2
+    ):
+        return False
+    return MODE == "turns" or num_tasks * num_params >= MIN_WORK
+
+
+class _Search(eqx.Module):
+    # fixed by the step's setup: direction, its slope, the largest step (bounds only),
+    # and the pairs the memory held before the setup's reset (for `num_resets`)
+    p: PyTree[Array]
+    dg: Array
+    cap: Array | None
+    prev_count: Int[Array, ""]
+    # the line search, one trial further each turn
+    carry: _WolfeCarry
+
+
+def _select(pred: Bool[Array, " lanes"], a: PyTree, b: PyTree) -> PyTree:
+    def pick(x, y):
+        p = jnp.reshape(pred, pred.shape + (1,) * (jnp.ndim(x) - 1))
+        return jnp.where(p, x, y)
+
+    return jtu.tree_map(pick, a, b)
+
+
+def _no_pair(state) -> Pair:
+    zeros = jtu.tree_map(jnp.zeros_like, state.x)
+    return Pair(s=zeros, y=zeros, slot=state.history.head, accept=jnp.array(False))
+
+
+def _buffers(state):
+    return state.history.s, state.history.y
+
+
+def _split(state):
+    """`(state without the memory's buffers, the buffers)`."""
+    return eqx.tree_at(_buffers, state, (None, None)), _buffers(state)
+
+
+def _join(rest, buffers):
+    return eqx.tree_at(_buffers, rest, buffers, is_leaf=lambda x: x is None)
+
+
+def solve(
+    solver,
+    single: Callable[[Any], Any],
+    init: Callable[[Any], Any],
+    value_and_grad_of: Callable[[Any], Callable],
+    finish: Callable[[Any], Any],
+    operands: PyTree,
+    num_params: int,
+):
+    """`single(operands)`, whose `vmap` runs by turns (see the module docstring).
+
+    `single` is the whole solve; `init(operands)` its initial state;
+    `value_and_grad_of(operands)` the objective's value-and-gradient function;
+    `finish(state)` records why the loop ended; `num_params` is the size of one
+    element's parameters. Only arrays of `operands` may be batched.
+    """
+    dyn, static = eqx.partition(operands, eqx.is_array)
+
+    def one(dyn):
+        return single(eqx.combine(dyn, static))
+
+    batched_solve = custom_vmap(one)
+
+    @batched_solve.def_vmap
+    def rule(axis_size, in_batched, dyn):
+        (batched,) = in_batched  # one flag per leaf of `dyn`
+        axes = jtu.tree_map(lambda b: 0 if b else None, batched)
+        if uses_turns(solver, axis_size, num_params):
+            out = _turns(
+                solver,
+                lambda d: init(eqx.combine(d, static)),
+                lambda d: value_and_grad_of(eqx.combine(d, static)),
+                finish,
+                axes,
+                dyn,
+            )
+        else:
+            out = jax.vmap(one, in_axes=(axes,))(dyn)
+        return out, jtu.tree_map(lambda _: True, out)
+
+    return batched_solve(dyn)
+
+
+def _turns(solver, init, value_and_grad_of, finish, axes, dyn):
+    linesearch = solver.linesearch
+    max_steps = solver.max_steps
+
+    def setup(state):
+        plan = solver.setup(state)
+        carry = linesearch.start(state.f, state.g, plan.dg, plan.step0, plan.cap)
+        search = _Search(
+            p=plan.p, dg=plan.dg, cap=plan.cap, prev_count=state.history.count, carry=carry
+        )
+        # The state holds the memory the direction used until the step is taken.
+        return eqx.tree_at(lambda s: s.history, state, plan.history), search
+
+    def trial(dyn, state, search):
+        c = search.carry
+        a = linesearch.next_trial(c)
+        vg = solver.trial_function(value_and_grad_of(dyn), state, search.p)
+        point = _evaluate(vg, state.x, search.p, a, state.f.dtype)
+        return linesearch.update(c, a, point, state.x, state.f, search.dg, search.cap)
+
+    def take_step(state, search, active):
+        ls = linesearch.finish(search.carry, state.x, state.f, search.p)
+        return solver.advance(
+            state, state.history, ls, search.p, search.dg, search.prev_count, active=active
+        )
+
+    state = jax.vmap(init, in_axes=(axes,))(dyn)
+    running = ~state.terminate
+    new_state, search = jax.vmap(setup)(state)
+    # Elements finished at `x0` keep their initial state (and memory) as they are.
+    state = _select(running, new_state, state)
+    k = jnp.zeros_like(state.num_steps)
+
+    # The memory's buffers (`history_size` times the parameters, per element) are the
+    # bulk of the state. They are carried apart from the rest and only written by
+    # `write_pair` in the loop's body, never inside a branch: XLA copies the buffers a
+    # branch updates, on the way in and out, which would cost more than the step.
+    def step(rest, buffers, search, k, running, done):
+        new, pair = jax.vmap(take_step)(_join(rest, buffers), search, done)
+        rest = _select(done, _split(new)[0], rest)
+        k = k + done.astype(k.dtype)
+        running = running & ~(done & (rest.terminate | (k >= max_steps)))
+        return rest, pair, k, running
+
+    def no_step(rest, buffers, search, k, running, done):
+        pair = jax.vmap(_no_pair)(rest)
+        return rest, pair, k, running
+
+    def new_searches(rest, buffers, search, again):
+        new_state, new_search = jax.vmap(setup)(_join(rest, buffers))
+        rest = _select(again, _split(new_state)[0], rest)
+        return rest, _select(again, new_search, search)
+
+    def body(carry):
+        rest, buffers, search, k, running = carry
+        c = jax.vmap(trial, in_axes=(axes, 0, 0))(dyn, _join(rest, buffers), search)
+        searching = running & ~search.carry.done
+        search = eqx.tree_at(lambda s: s.carry, search, _select(searching, c, search.carry))
+        done = running & search.carry.done
+        # Real branches (their predicates are the whole batch's): turns in which no
+        # search ended, such as zoom trials of a batch of equal tasks, skip the step and
+        # the setup of the next direction.
+        operands = (rest, buffers, search, k, running, done)
+        rest, pair, k, running = lax.cond(jnp.any(done), step, no_step, *operands)
+        buffers = jax.vmap(write_pair)(*buffers, pair)
+        again = done & running
+        rest, search = lax.cond(
+            jnp.any(again),
+            new_searches,
+            lambda rest, buffers, search, again: (rest, search),
+            rest,
+            buffers,
+            search,
+            again,
+        )
+        return rest, buffers, search, k, running
+
+    rest, buffers = _split(state)
+    carry = (rest, buffers, search, k, running)
+    rest, buffers, *_ = lax.while_loop(lambda c: jnp.any(c[4]), body, carry)
+    return jax.vmap(finish)(_join(rest, buffers))
