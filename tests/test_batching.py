@@ -1,0 +1,248 @@
+"""`vmap` of `optimize` by turns (`_batching.py`): each element's answer is its own solve's.
+
+A batch solved by turns advances every element by one trial point per turn and takes
+an element's step as soon as its line search ends. These tests force that form (the
+library picks it only for large batches, see `uses_turns`) and compare every element
+with the same problem solved alone and with plain `vmap`: minimiser, value, step and
+evaluation counts, result code, hypergradient. The problems are small Rosenbrock-like
+functions whose difficulty grows with a parameter, so step counts and line searches
+differ between elements. Each configuration gets a fresh objective: `optimize` caches
+its trace per function, and the form is chosen at trace time.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lbfgs_implicit as li
+import lbfgs_implicit._batching as batching
+
+
+N = 4
+# Curvature scales: from a handful of steps to several dozen. Element 1 starts at a
+# non-finite point and `MAX_STEPS` stops the longest ones, so one batch has every
+# outcome.
+SCALES = jnp.array([1.0, 100.0, 3.0, 30.0, 0.3, 300.0, 10.0, 1000.0])
+STARTS = jnp.stack([jnp.full(N, -1.2) + 0.1 * i for i in range(len(SCALES))]).at[1, 0].set(jnp.inf)
+MAX_STEPS = 45
+
+
+def _banana():
+    def banana(x, a):
+        rosen = jnp.sum(a * (x[1:] - x[:-1] ** 2) ** 2 + (1.0 - x[:-1]) ** 2)
+        return rosen + 0.5 * jnp.sum(x**2)
+
+    return banana
+
+
+def _solve(fn, max_steps=MAX_STEPS):
+    solver = li.LBFGS(max_steps=max_steps)
+    return lambda x0, a: li.optimize(fn, x0, a, solver=solver, throw=False)
+
+
+def _batched(mode, fn_factory, transform=jax.vmap):
+    """The batched solve, traced with the batching form `mode`."""
+    solve = jax.jit(transform(_solve(fn_factory())))
+    old = batching.MODE
+    batching.MODE = mode
+    try:
+        # Compiled now, while the mode is set.
+        return solve.lower(STARTS, SCALES).compile()
+    finally:
+        batching.MODE = old
+
+
+@pytest.fixture(scope="module")
+def single():
+    return jax.jit(_solve(_banana()))
+
+
+@pytest.fixture(scope="module")
+def singles(single):
+    return [single(x0, a) for x0, a in zip(STARTS, SCALES)]
+
+
+@pytest.fixture(scope="module")
+def by_turns():
+    return _batched("turns", _banana)(STARTS, SCALES)
+
+
+def _code(result, i=None):
+    value = result._value
+    return int(value if i is None else value[i])
+
+
+def test_batch_by_turns_matches_single_solves(by_turns, singles):
+    codes = {_code(s.result) for s in singles}
+    assert codes == {
+        _code(li.RESULTS.successful),
+        _code(li.RESULTS.nonfinite),
+        _code(li.RESULTS.max_steps_reached),
+    }
+    for i, one in enumerate(singles):
+        assert _code(by_turns.result, i) == _code(one.result), i
+        # Step counts, not evaluation counts: batched arithmetic rounds differently from
+        # unbatched, which can move a line-search decision by an evaluation without
+        # changing the iterates (plain `vmap` does the same; the next test compares
+        # evaluations with it exactly).
+        assert int(by_turns.stats["num_steps"][i]) == int(one.stats["num_steps"]), i
+        if i == 1:  # the non-finite start stays where it is, inf included
+            continue
+        if not bool(one.result == li.RESULTS.successful):
+            # Stopped mid-way by `MAX_STEPS`: batched rounding, amplified by the steps
+            # along the narrow valley so far, moves the iterate by about 2e-11.
+            np.testing.assert_allclose(by_turns.params[i], one.params, rtol=1e-9)
+            continue
+        np.testing.assert_allclose(by_turns.params[i], one.params, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(by_turns.value[i], one.value, rtol=1e-12, atol=1e-14)
+        # The final gradient (about 1e-11) is a difference of terms up to SCALES'
+        # 1e3: it rounds at 1e3 eps, about 2e-13.
+        np.testing.assert_allclose(
+            by_turns.stats["grad_norm"][i], one.stats["grad_norm"], rtol=0, atol=1e-12
+        )
+
+
+def test_batch_by_turns_agrees_with_plain_vmap(by_turns):
+    plain = _batched("vmap", _banana)(STARTS, SCALES)
+    done = np.asarray(plain.result == li.RESULTS.successful)
+    np.testing.assert_allclose(by_turns.params[done], plain.params[done], rtol=1e-12, atol=1e-14)
+    # Elements stopped mid-way: the trial points are computed in other fusions than
+    # plain `vmap`'s, and rounding differences grow along the valley (see above).
+    capped = np.asarray(plain.result == li.RESULTS.max_steps_reached)
+    np.testing.assert_allclose(by_turns.params[capped], plain.params[capped], rtol=1e-9)
+    for key in ("num_steps", "num_fun_evals", "num_resets"):
+        np.testing.assert_array_equal(by_turns.stats[key], plain.stats[key])
+    np.testing.assert_array_equal(by_turns.result._value, plain.result._value)
+
+
+def test_batch_by_turns_pays_one_evaluation_per_element_per_turn():
+    # Counted on the host, once per element and evaluation. A turn evaluates every
+    # element once and each running element's search advances by one trial, so the
+    # batch pays (its elements) x (the largest number of evaluations any of them needs):
+    # nothing for waiting on other elements' line searches.
+    calls = [0]
+
+    def counted_factory():
+        banana = _banana()
+
+        def counted(x, a):
+            jax.debug.callback(lambda _: calls.__setitem__(0, calls[0] + 1), x[0])
+            return banana(x, a)
+
+        return counted
+
+    for mode in ("turns", "vmap"):
+        run = _batched(mode, counted_factory)
+        calls[0] = 0
+        sols = jax.block_until_ready(run(STARTS, SCALES))
+        jax.effects_barrier()
+        evals = np.asarray(sols.stats["num_fun_evals"])
+        if mode == "turns":
+            assert calls[0] == len(SCALES) * evals.max(), (calls[0], evals)
+        else:  # plain vmap waits for the longest search of every iteration
+            assert calls[0] > len(SCALES) * evals.max(), (calls[0], evals)
+
+
+def test_hypergradients_of_a_batch_by_turns():
+    def outer_factory():
+        banana = _banana()
+
+        def outer(a, x0):
+            return jnp.sum(jnp.sin(_solve(banana, 1000)(x0, a).params))
+
+        return outer
+
+    starts = STARTS.at[1, 0].set(-1.1)
+    old = batching.MODE
+    batching.MODE = "turns"
+    try:
+        outer = outer_factory()
+        total = jax.jit(jax.grad(lambda a: jnp.sum(jax.vmap(outer)(a, starts))))
+        grads = total(SCALES)
+    finally:
+        batching.MODE = old
+    # Against float64 central differences of each element solved alone (tightly).
+    alone = jax.jit(outer_factory())
+    for i in (0, 3, 7):
+        a, x0 = float(SCALES[i]), starts[i]
+        h = 1e-5 * a
+        fd = (alone(a + h, x0) - alone(a - h, x0)) / (2 * h)
+        np.testing.assert_allclose(grads[i], fd, rtol=1e-6, atol=1e-9)
+
+
+def test_batch_by_turns_with_bounds_warm_starts_pytrees_float32():
+    f32 = jnp.float32
+
+    def fn_factory():
+        banana = _banana()
+        return lambda x, a: banana(jnp.concatenate([x["u"], x["v"]]), a)
+
+    def solve(fn):
+        def run(x0, a, prev):
+            x0 = {"u": x0[:2], "v": x0[2:]}
+            return li.optimize(fn, x0, a, bounds=(-1.0, 0.9), warm_start=prev, throw=False)
+
+        def both(x0, a):
+            first = li.optimize(fn, {"u": x0[:2], "v": x0[2:]}, a, bounds=(-1.0, 0.9), throw=False)
+            # The same problem, a little changed, warm-started from the first solve.
+            return first, run(x0 * 0.9, a * 1.1, first)
+
+        return both
+
+    # Not the stiffest element (1000): in float32 its values cannot resolve the valley
+    # and its solve fails, in either form; this test is about solves that succeed.
+    starts = STARTS.at[1, 0].set(-1.1).astype(f32)[:-1]
+    scales = SCALES.astype(f32)[:-1]
+    batches = {}
+    old = batching.MODE
+    try:
+        for mode in ("turns", "vmap"):
+            batching.MODE = mode
+            batches[mode] = jax.jit(jax.vmap(solve(fn_factory())))(starts, scales)
+    finally:
+        batching.MODE = old
+    # Against plain `vmap`. In float32 the two forms' trial points, computed in
+    # different fusions, differ in the last bit, and a line search can then take one
+    # more step or one fewer near the end: the counts are compared to within one step
+    # (float64 above compares them exactly), the answers to float32's gtol.
+    for got, ref in zip(batches["turns"], batches["vmap"]):
+        np.testing.assert_array_equal(got.result._value, ref.result._value)
+        assert np.all(np.asarray(got.result == li.RESULTS.successful))
+        for key in ("num_steps", "warm_pairs", "num_resets", "num_active"):
+            diff = np.abs(np.asarray(got.stats[key]) - np.asarray(ref.stats[key]))
+            assert diff.max() <= (1 if key == "num_steps" else 0), (key, diff)
+        for key in ("u", "v"):
+            assert got.params[key].dtype == f32
+            # Both within float32's gtol (2.4e-5) of stationarity, and the Hessian's
+            # eigenvalues are at least 1 (the `||x||^2 / 2` term): each iterate is
+            # within 2.4e-5 of the minimiser.
+            np.testing.assert_allclose(got.params[key], ref.params[key], rtol=0, atol=5e-5)
+    # The warm-started solves started with a memory.
+    assert np.all(np.asarray(batches["turns"][1].stats["warm_pairs"]) > 0)
+
+
+def test_batch_of_one_and_nested_vmap(single, singles):
+    assert not batching.uses_turns(li.LBFGS(), 1, 10**9)
+    assert batching.uses_turns(li.LBFGS(), 64, 481)
+    assert not batching.uses_turns(li.LBFGS(), 16, 20)
+    assert not batching.uses_turns(li.LBFGS(linesearch=li.Backtracking()), 64, 481)
+    one = jax.vmap(_solve(_banana()))(STARTS[:1], SCALES[:1])
+    np.testing.assert_allclose(one.params[0], singles[0].params, rtol=1e-12, atol=1e-14)
+    # vmap of vmap: a 2 x 8 grid (the inner level by turns, the outer by XLA's batching
+    # of the turns' loop), every element as alone.
+    starts = jnp.stack([STARTS, STARTS[::-1]])
+    scales = jnp.stack([SCALES, SCALES])
+    old = batching.MODE
+    batching.MODE = "turns"
+    try:
+        grid = jax.jit(jax.vmap(jax.vmap(_solve(_banana()))))(starts, scales)
+    finally:
+        batching.MODE = old
+    for r in range(2):
+        for i in range(len(SCALES)):
+            alone = single(starts[r, i], scales[r, i])
+            assert int(grid.stats["num_steps"][r, i]) == int(alone.stats["num_steps"])
+            assert _code(grid.result, (r, i)) == _code(alone.result)
+            if bool(alone.result == li.RESULTS.successful):
+                np.testing.assert_allclose(grid.params[r, i], alone.params, rtol=1e-12, atol=1e-14)
