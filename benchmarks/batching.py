@@ -1,19 +1,32 @@
-"""What a `vmap`-ed batch of solves pays, against what its tasks need.
+"""What a `vmap`-ed batch of solves pays: solving by turns against plain `vmap`.
 
-iMAML sinusoid regression: each task's inner problem is an MLP's support loss plus
-`lam/2 ||phi - w_meta||^2`. Under `jax.vmap` the solver's loop (and the line search
-nested in it) runs every task until the slowest is done, so the batch pays for more
-objective evaluations than its tasks' own `num_fun_evals`.
+Two workloads:
+- `imaml`: iMAML sinusoid regression; each task's inner problem is an MLP's support
+  loss plus `lam/2 ||phi - w_meta||^2`, and the measured program is `value_and_grad` of
+  the mean query loss over `T` tasks (forward solves and implicit backward passes);
+- `multistart`: `T` starting points of one non-convex objective (a Styblinski-Tang-like
+  sum of quartics coupled by a Rosenbrock term, n = 20), value and gradient of the sum
+  of the minima's values with respect to the objective's data.
 
-Reported per batch size `T`:
-- `lane_evals`: objective evaluations the forward solves of the batch pay, counted on the
-  host once per task and evaluation (finished tasks' wasted ones included), against
-  `own_evals`, the sum of the tasks' own counts; deterministic, whatever the load;
-- `steps_mean`, `steps_max`: per-task iterations;
-- with `--time`: median seconds of the compiled `value_and_grad` of the mean query loss,
-  on the mixed batch and on `T` copies of its slowest task, interleaved over rounds.
+Two modes, each compiled from a fresh function (`optimize` caches its trace per
+objective, and the mode is read at trace time):
+- `turns`: the batch solved by turns (`lbfgs_implicit/_batching.py`: one evaluation per
+  element per turn, steps finished as each element's line search ends), forced;
+- `vmap`: plain `vmap` of the solver's loop and its nested line search, forced.
+`auto` in the output says which of the two the library picks for that batch.
 
-    python -m benchmarks.batching --tasks 16 64 --dtype float64 --width 20 [--time]
+Reported per batch size `T` and mode:
+- `lane_evals`: objective evaluations the forward solves pay, counted on the host once
+  per element and evaluation (finished elements' wasted ones included), against
+  `own_evals`, the sum of the elements' own `num_fun_evals`; deterministic;
+- `steps_mean`, `steps_max`: per-element iterations, and whether both modes agree on
+  every element's steps, evaluations and result (`same_counts`), with the largest
+  relative difference of their gradients;
+- with `--time`: compile seconds, and median seconds (CPU seconds too) of the compiled
+  program over `--rounds` interleaved rounds, on the mixed batch and on `T` copies of
+  its slowest element, for both modes; the ratios `turns / vmap`.
+
+    python -m benchmarks.batching --problem imaml --tasks 16 64 --dtype float64 --time
 """
 
 import argparse
@@ -32,6 +45,7 @@ from ._common import block, RESULTS_DIR, write_json
 
 SHOTS = 10
 _CALLS = [0]
+MODES = ("turns", "vmap")
 
 
 def _mlp_init(key, sizes, dtype):
@@ -65,80 +79,225 @@ def _inner(phi, args):
     return fit + 0.5 * lam * prox
 
 
-def _counted_inner(phi, args):
-    # One host call per task and evaluation: a batched call reaches the host once per
+def _counter(leaf):
+    # One host call per element and evaluation: a batched call reaches the host once per
     # element, so the count is the work the batch pays, independent of the machine.
-    jax.debug.callback(lambda *_: _CALLS.__setitem__(0, _CALLS[0] + 1), phi[0]["b"])
-    return _inner(phi, args)
+    jax.debug.callback(lambda *_: _CALLS.__setitem__(0, _CALLS[0] + 1), leaf)
 
 
-def count(li, w_meta, xs, ys, lam):
-    run = jax.jit(
-        jax.vmap(
-            lambda w, x, y: li.optimize(_counted_inner, w, (w, x, y, lam), throw=False),
-            in_axes=(None, 0, 0),
-        )
-    )
+class IMAML:
+    """iMAML tasks; the batched data are `(xs, ys, xq, yq)`, `w_meta` is shared."""
+
+    def __init__(self, num, dtype, width):
+        self.lam = jnp.asarray(1.0, dtype)
+        self.w_meta = _mlp_init(jr.PRNGKey(0), (1, width, width, 1), dtype)
+        self.data = _tasks(jr.PRNGKey(num), num, dtype)
+
+    def objective(self, counted):
+        # A fresh function object on every call: a new trace of `optimize`.
+        def inner(phi, args):
+            if counted:
+                _counter(phi[0]["b"])
+            return _inner(phi, args)
+
+        return inner
+
+    def solve_fn(self, li, inner):
+        lam = self.lam
+
+        def solve(w_meta, xs, ys):
+            return li.optimize(inner, w_meta, (w_meta, xs, ys, lam), throw=False)
+
+        return solve
+
+    def batch_solve(self, li, inner):
+        solve = self.solve_fn(li, inner)
+        return lambda w_meta, xs, ys, xq, yq: jax.vmap(solve, in_axes=(None, 0, 0))(w_meta, xs, ys)
+
+    def program(self, li, inner):
+        solve = self.solve_fn(li, inner)
+
+        def outer(w_meta, xs, ys, xq, yq):
+            sols = jax.vmap(solve, in_axes=(None, 0, 0))(w_meta, xs, ys)
+            return jnp.mean((jax.vmap(_mlp)(sols.params, xq) - yq) ** 2)
+
+        return jax.value_and_grad(outer)
+
+    def inputs(self, data=None):
+        return (self.w_meta, *(self.data if data is None else data))
+
+    def single_loop(self, li, inner):
+        """A loop of `T` compiled single solves and their gradients (the same program)."""
+        solve = self.solve_fn(li, inner)
+
+        def one(w_meta, xs, ys, xq, yq):
+            sol = solve(w_meta, xs, ys)
+            return jnp.mean((_mlp(sol.params, xq) - yq) ** 2)
+
+        return jax.value_and_grad(one)
+
+
+class MultiStart:
+    """`T` starts of one non-convex objective; the batched data are the starts."""
+
+    N = 20
+
+    def __init__(self, num, dtype, width):
+        del width
+        key = jr.PRNGKey(num)
+        self.coef = jnp.linspace(0.5, 1.5, self.N, dtype=dtype)
+        self.data = (jr.uniform(key, (num, self.N), dtype, -4.0, 4.0),)
+
+    def objective(self, counted):
+        def fn(x, coef):
+            if counted:
+                _counter(x)
+            quartic = 0.5 * jnp.sum(coef * (x**4 - 16 * x**2 + 5 * x))
+            return quartic + 2.0 * jnp.sum((x[1:] - 0.3 * x[:-1] ** 2) ** 2)
+
+        return fn
+
+    def batch_solve(self, li, fn):
+        def solve(coef, x0):
+            return li.optimize(fn, x0, coef, throw=False)
+
+        return jax.vmap(solve, in_axes=(None, 0))
+
+    def program(self, li, fn):
+        def outer(coef, x0s):
+            sols = self.batch_solve(li, fn)(coef, x0s)
+            return jnp.sum(sols.value)
+
+        return jax.value_and_grad(outer)
+
+    def inputs(self, data=None):
+        return (self.coef, *(self.data if data is None else data))
+
+    def single_loop(self, li, fn):
+        def one(coef, x0):
+            return li.optimize(fn, x0, coef, throw=False).value
+
+        return jax.value_and_grad(one)
+
+
+PROBLEMS = {"imaml": IMAML, "multistart": MultiStart}
+
+
+def count(li, batching, problem, mode):
+    batching.MODE = mode
+    run = jax.jit(problem.batch_solve(li, problem.objective(counted=True)))
     _CALLS[0] = 0
-    sols = block(run(w_meta, xs, ys))
+    sols = block(run(*problem.inputs()))
     jax.effects_barrier()
+    batching.MODE = "auto"
     steps = np.asarray(sols.stats["num_steps"])
     return {
         "lane_evals": _CALLS[0],
         "own_evals": int(jnp.sum(sols.stats["num_fun_evals"])),
-        "steps_mean": float(steps.mean()),
-        "steps_max": int(steps.max()),
-        "slowest": int(np.argmax(steps)),
+        "steps": steps,
+        "evals": np.asarray(sols.stats["num_fun_evals"]),
+        "result": np.asarray(sols.result._value),
     }
 
 
-def timing(li, w_meta, data, slowest, lam, rounds):
-    def outer(w_meta, xs, ys, xq, yq):
-        sols = jax.vmap(
-            lambda w, x, y: li.optimize(_inner, w, (w, x, y, lam), throw=False),
-            in_axes=(None, 0, 0),
-        )(w_meta, xs, ys)
-        return jnp.mean((jax.vmap(_mlp)(sols.params, xq) - yq) ** 2)
+def _timed(fn, *args):
+    block(fn(*args))
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = block(fn(*args))
+    return out, time.perf_counter() - t0, time.process_time() - c0
 
-    t0 = time.perf_counter()
-    compiled = jax.jit(jax.value_and_grad(outer)).lower(w_meta, *data).compile()
-    compile_s = time.perf_counter() - t0
-    copies = tuple(jnp.broadcast_to(a[slowest], a.shape) for a in data)
-    times = {"mixed": [], "slowest": []}
+
+def timing(li, batching, problem, slowest, rounds, loop):
+    compiled, compile_s = {}, {}
+    inputs = problem.inputs()
+    for mode in MODES:
+        batching.MODE = mode
+        t0 = time.perf_counter()
+        program = problem.program(li, problem.objective(counted=False))
+        compiled[mode] = jax.jit(program).lower(*inputs).compile()
+        compile_s[mode] = time.perf_counter() - t0
+    batching.MODE = "auto"
+    copies = tuple(jnp.broadcast_to(a[slowest], a.shape) for a in problem.data)
+    batches = {"mixed": inputs, "slowest": problem.inputs(copies)}
+    runs = {(m, b): compiled[m] for m in MODES for b in batches}
+    if loop:
+        one = jax.jit(problem.single_loop(li, problem.objective(counted=False)))
+        shared = inputs[: len(inputs) - len(problem.data)]
+
+        def looped(*args):
+            data = args[len(shared) :]
+            return [one(*shared, *(a[i] for a in data)) for i in range(data[0].shape[0])]
+
+        runs[("loop", "mixed")] = looped
+    wall = {k: [] for k in runs}
+    cpu = {k: [] for k in runs}
+    outs = {}
     for _ in range(rounds):
-        for name, batch in (("mixed", data), ("slowest", copies)):
-            block(compiled(w_meta, *batch))
-            t0 = time.perf_counter()
-            block(compiled(w_meta, *batch))
-            times[name].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    return {"compile_s": compile_s, "mixed_s": med["mixed"], "slowest_s": med["slowest"]}
+        for (mode, batch), fn in runs.items():
+            out, w, c = _timed(fn, *batches[batch])
+            wall[(mode, batch)].append(w)
+            cpu[(mode, batch)].append(c)
+            outs[(mode, batch)] = out
+    med = {f"{m}-{b}": statistics.median(v) for (m, b), v in wall.items()}
+    cpu_med = {f"{m}-{b}": statistics.median(v) for (m, b), v in cpu.items()}
+    ratios = {
+        f"turns/vmap-{b}": statistics.median(
+            t / v for t, v in zip(wall[("turns", b)], wall[("vmap", b)])
+        )
+        for b in batches
+    }
+    (_, g_t), (_, g_v) = outs[("turns", "mixed")], outs[("vmap", "mixed")]
+    gdiff = max(
+        float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
+        for a, b in zip(jax.tree.leaves(g_t), jax.tree.leaves(g_v))
+    )
+    return {
+        "compile_s": compile_s,
+        "run_s": med,
+        "cpu_s": cpu_med,
+        "ratios": ratios,
+        "grad_rel_diff": gdiff,
+    }
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--problem", default="imaml", choices=sorted(PROBLEMS))
     parser.add_argument("--tasks", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     parser.add_argument("--width", type=int, default=20)
     parser.add_argument("--time", action="store_true", help="also time value_and_grad")
+    parser.add_argument("--loop", action="store_true", help="also time a loop of T solves")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", default=None, help="write the rows as JSON to results/OUT")
     opts = parser.parse_args(argv)
     if opts.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
     import lbfgs_implicit as li
+    import lbfgs_implicit._batching as batching
 
     dtype = jnp.dtype(opts.dtype)
-    lam = jnp.asarray(1.0, dtype)
-    w_meta = _mlp_init(jr.PRNGKey(0), (1, opts.width, opts.width, 1), dtype)
     rows = []
     for num in opts.tasks:
-        data = _tasks(jr.PRNGKey(num), num, dtype)
-        row = {"tasks": num, "dtype": opts.dtype, "width": opts.width}
-        row.update(count(li, w_meta, data[0], data[1], lam))
-        row["waste"] = row["lane_evals"] / row["own_evals"]
+        problem = PROBLEMS[opts.problem](num, dtype, opts.width)
+        row = {"problem": opts.problem, "tasks": num, "dtype": opts.dtype}
+        size = sum(leaf.size for leaf in jax.tree.leaves(problem.inputs()[0]))
+        row["auto"] = "turns" if batching.uses_turns(li.LBFGS(), num, size) else "vmap"
+        counts = {mode: count(li, batching, problem, mode) for mode in MODES}
+        steps = counts["turns"]["steps"]
+        row.update(
+            steps_mean=float(steps.mean()),
+            steps_max=int(steps.max()),
+            own_evals=counts["turns"]["own_evals"],
+            lane_evals={m: c["lane_evals"] for m, c in counts.items()},
+            same_counts=all(
+                np.array_equal(counts["turns"][k], counts["vmap"][k])
+                for k in ("steps", "evals", "result")
+            ),
+        )
         if opts.time:
-            row.update(timing(li, w_meta, data, row["slowest"], lam, opts.rounds))
+            slowest = int(np.argmax(steps))
+            row.update(timing(li, batching, problem, slowest, opts.rounds, opts.loop))
         rows.append(row)
         print(json.dumps(row), flush=True)
     if opts.out:
