@@ -32,7 +32,7 @@ from ._linesearch import _evaluate, _WolfeCarry, StrongWolfe
 
 
 # Batches run by turns when `num_tasks * num_params` reaches this (see `uses_turns`).
-MIN_WORK = 16_384
+MIN_WORK = 24_576
 
 # Read at trace time: "auto" (the policy of `uses_turns`), or "turns" / "vmap" to force
 # one form, for `benchmarks/batching.py` to time both in one process. Not a user setting.
@@ -53,7 +53,9 @@ def uses_turns(solver, num_tasks: int, num_params: int) -> bool:
     16 tasks (7,696 numbers) 0.92 in float64 and 0.97 in float32 on mixed tasks but 1.01
     and 1.26 on copies of the slowest task; 64 tasks (30,784 numbers) 0.61 and 0.74 on
     mixed tasks, 0.91 and 0.98 on copies; 1,024 starts of a 20-parameter problem
-    (20,480 numbers) even. Hence the threshold on `num_tasks * num_params`.
+    (20,480 numbers) 1.02 on mixed starts and 0.95 on copies, within the noise but not
+    a gain. Hence the threshold on `num_tasks * num_params`, between those two sizes:
+    batches not measured to gain stay plain `vmap`.
     """
     from ._solver import LBFGS
 
