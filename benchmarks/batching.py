@@ -281,7 +281,7 @@ def main(argv=None):
     for num in opts.tasks:
         problem = PROBLEMS[opts.problem](num, dtype, opts.width)
         row = {"problem": opts.problem, "tasks": num, "dtype": opts.dtype}
-        size = sum(leaf.size for leaf in jax.tree.leaves(problem.inputs()[0]))
+        size = sum(leaf.nbytes for leaf in jax.tree.leaves(problem.inputs()[0]))
         row["auto"] = "turns" if batching.uses_turns(li.LBFGS(), num, size) else "vmap"
         counts = {mode: count(li, batching, problem, mode) for mode in MODES}
         steps = counts["turns"]["steps"]

@@ -31,16 +31,17 @@ from ._history import Pair, write_pair
 from ._linesearch import _evaluate, _WolfeCarry, StrongWolfe
 
 
-# Batches run by turns when `num_tasks * num_params` reaches this (see `uses_turns`).
-MIN_WORK = 24_576
+# Batches run by turns when their parameters take this many bytes (see `uses_turns`).
+MIN_BYTES = 196_608
 
 # Read at trace time: "auto" (the policy of `uses_turns`), or "turns" / "vmap" to force
 # one form, for `benchmarks/batching.py` to time both in one process. Not a user setting.
 MODE = "auto"
 
 
-def uses_turns(solver, num_tasks: int, num_params: int) -> bool:
-    """Whether a batch of `num_tasks` solves of `num_params` parameters runs by turns.
+def uses_turns(solver, num_tasks: int, num_bytes: int) -> bool:
+    """Whether a batch of `num_tasks` solves, each of `num_bytes` bytes of parameters,
+    runs by turns.
 
     Needs the L-BFGS solver with the strong Wolfe search (the only search with a form
     that advances one trial at a time) and no `verbose` printing (whose lines follow the
@@ -49,13 +50,12 @@ def uses_turns(solver, num_tasks: int, num_params: int) -> bool:
     written outside the branch), a fixed cost that pays off once the batch's arrays are
     large enough for the saved evaluations and steps to outweigh it. Measured with
     `python -m benchmarks.batching --time` (value and gradient, 2 shared CPU cores, CPU
-    seconds by turns over plain `vmap`, interleaved): iMAML tasks of 481 parameters,
-    16 tasks (7,696 numbers) 0.92 in float64 and 0.97 in float32 on mixed tasks but 1.01
-    and 1.26 on copies of the slowest task; 64 tasks (30,784 numbers) 0.61 and 0.74 on
-    mixed tasks, 0.91 and 0.98 on copies; 1,024 starts of a 20-parameter problem
-    (20,480 numbers) 1.02 on mixed starts and 0.95 on copies, within the noise but not
-    a gain. Hence the threshold on `num_tasks * num_params`, between those two sizes:
-    batches not measured to gain stay plain `vmap`.
+    seconds by turns over plain `vmap`, interleaved; mixed batch / copies of its slowest
+    task): 64 iMAML tasks of 481 parameters, 246,272 bytes in float64, 0.64 / 0.91; the
+    same in float32, 123,136 bytes, 0.83 / 1.05 (1.08 for the forward solves alone);
+    1,024 starts of a 20-parameter problem, 163,840 bytes, 1.02 / 0.95; 16 iMAML tasks
+    in float64, 61,568 bytes, 0.92 / 1.01. Hence a threshold in bytes between the gain
+    and the largest batch not measured to gain: smaller batches stay plain `vmap`.
     """
     from ._solver import LBFGS
 
@@ -66,7 +66,7 @@ def uses_turns(solver, num_tasks: int, num_params: int) -> bool:
         and num_tasks >= 2
     ):
         return False
-    return MODE == "turns" or num_tasks * num_params >= MIN_WORK
+    return MODE == "turns" or num_tasks * num_bytes >= MIN_BYTES
 
 
 class _Search(eqx.Module):
@@ -113,14 +113,14 @@ def solve(
     value_and_grad_of: Callable[[Any], Callable],
     finish: Callable[[Any], Any],
     operands: PyTree,
-    num_params: int,
+    num_bytes: int,
 ):
     """`single(operands)`, whose `vmap` runs by turns (see the module docstring).
 
     `single` is the whole solve; `init(operands)` its initial state;
     `value_and_grad_of(operands)` the objective's value-and-gradient function;
-    `finish(state)` records why the loop ended; `num_params` is the size of one
-    element's parameters. Only arrays of `operands` may be batched.
+    `finish(state)` records why the loop ended; `num_bytes` is the size of one
+    element's parameters in bytes. Only arrays of `operands` may be batched.
     """
     dyn, static = eqx.partition(operands, eqx.is_array)
 
@@ -133,7 +133,7 @@ def solve(
     def rule(axis_size, in_batched, dyn):
         (batched,) = in_batched  # one flag per leaf of `dyn`
         axes = jtu.tree_map(lambda b: 0 if b else None, batched)
-        if uses_turns(solver, axis_size, num_params):
+        if uses_turns(solver, axis_size, num_bytes):
             out = _turns(
                 solver,
                 lambda d: init(eqx.combine(d, static)),

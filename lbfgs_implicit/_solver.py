@@ -592,7 +592,7 @@ def iterate(
         value_and_grad_of,
         finish,
         (fn, args, x0, box, warm_start),
-        sum(jnp.size(leaf) for leaf in jtu.tree_leaves(x0)),
+        sum(jnp.size(leaf) * jnp.dtype(leaf.dtype).itemsize for leaf in jtu.tree_leaves(x0)),
     )
     x, _ = solver.postprocess(state)
     return x, state

@@ -224,9 +224,10 @@ def test_batch_by_turns_with_bounds_warm_starts_pytrees_float32():
 
 def test_batch_of_one_and_nested_vmap(single, singles):
     assert not batching.uses_turns(li.LBFGS(), 1, 10**9)
-    assert batching.uses_turns(li.LBFGS(), 64, 481)
-    assert not batching.uses_turns(li.LBFGS(), 1024, 20)
-    assert not batching.uses_turns(li.LBFGS(linesearch=li.Backtracking()), 64, 481)
+    assert batching.uses_turns(li.LBFGS(), 64, 481 * 8)  # iMAML tasks in float64
+    assert not batching.uses_turns(li.LBFGS(), 64, 481 * 4)  # and in float32
+    assert not batching.uses_turns(li.LBFGS(), 1024, 20 * 8)
+    assert not batching.uses_turns(li.LBFGS(linesearch=li.Backtracking()), 64, 481 * 8)
     one = jax.vmap(_solve(_banana()))(STARTS[:1], SCALES[:1])
     np.testing.assert_allclose(one.params[0], singles[0].params, rtol=1e-12, atol=1e-14)
     # vmap of vmap: a 2 x 8 grid (the inner level by turns, the outer by XLA's batching
