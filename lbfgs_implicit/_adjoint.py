@@ -23,11 +23,20 @@ from jaxtyping import Array, PyTree
 
 from ._box import active_masks
 from ._cg import CG
-from ._history import inverse_hessian_operator
+from ._history import (
+    apply_block_inverse,
+    block_inverse,
+    block_split,
+    BlockInverse,
+    combine_pairs,
+    inverse_hessian_operator,
+    memory_of,
+)
 from ._misc import (
     common_dtype,
     eps,
     tree_allfinite,
+    tree_axpy,
     tree_dot,
     tree_neg,
     tree_norm2,
@@ -99,11 +108,27 @@ class ImplicitAdjoint(AbstractAdjoint):
 
     Solves $(H + \\lambda I) w = v$ with Hessian-vector products (reverse-over-reverse,
     linearised once at the solution, so `fn` may itself call `optimize` or other
-    custom-VJP functions). By default with [`lbfgs_implicit.CG`][] started from
-    $H_k v$, where $H_k$ is the forward pass's L-BFGS inverse-Hessian approximation; CG
-    itself is not preconditioned by $H_k$ unless `memory_preconditioner=True`, because
-    where Hessian-vector products are cheap a product with $H_k$ per step costs more
-    than the steps it saves (see "What the L-BFGS memory saves" on the adjoints page).
+    custom-VJP functions), by default with [`lbfgs_implicit.CG`][], started and (where
+    it pays) preconditioned by the forward pass's L-BFGS memory:
+
+    1. The pairs $(s_i, y_i)$ define $P_\\sigma$, one BFGS update by all of them at
+       once from $\\sigma I$: $P_\\sigma y_i = s_i$ for every pair, so where the pairs
+       are curvature of $H$ (a quadratic, or the last steps of a solve) $P_\\sigma H$ is
+       the identity on their span. One Hessian-vector product fits $\\sigma$ to the
+       rest of the spectrum (the Rayleigh quotient of the part of $v$ the pairs do not
+       describe).
+    2. CG starts from $P_\\sigma v$. If that start leaves at most half of $v$'s residual
+       (estimated from the pairs, no further product), the memory describes $H$ along
+       $v$ and every CG step is preconditioned by $P_\\sigma$; otherwise the
+       preconditioner would cost more than it saves and CG runs unpreconditioned (from
+       zero if the start is worse than zero).
+
+    Measured CG steps, this default against plain CG: 1 against 9 on `lam I` + rank 8,
+    47 against 88 on a ridge with five strong common factors, 46 against 67 on the iMAML
+    inner problem, unchanged on Hessians without outlying eigenvalues (see "What the
+    L-BFGS memory saves in the backward pass" on the adjoints page, for the times).
+    With bounds the memory is not curvature of the masked Hessian, and CG starts from
+    $H_k v$ unpreconditioned.
 
     **Arguments:**
 
@@ -112,14 +137,12 @@ class ImplicitAdjoint(AbstractAdjoint):
       `2.4e-5` in float32) and at most `min(10 n, 10000)` steps. Dense solvers
       (`lineax.Cholesky()`, `lineax.LU()`) materialise $H$ (fine for small n);
       `lineax.GMRES` handles indefinite Hessians.
-    - `precondition`: start from $H_k v$ (for CG, GMRES and BiCGStab), one product
-      with $H_k$. Default `True`; `False` is plain CG from zero.
-    - `memory_preconditioner`: also precondition every CG step by the L-BFGS inverse
-      Hessian $H_k$. Default `False`: each step then costs a product with $H_k$ (about
-      $4mn$ multiply-adds) and the ten pairs describe $H$ in at most ten directions,
-      which saves fewer steps than it costs wherever Hessian-vector products are
-      cheap, and on Hessians with a few outlying eigenvalues it costs steps (see
-      "What the L-BFGS memory saves in the backward pass" on the adjoints page).
+    - `precondition`: use the memory as above (for CG; GMRES and BiCGStab only take
+      the start). Default `True`; `False` is plain CG from zero.
+    - `memory_preconditioner`: instead, precondition every CG step by the L-BFGS
+      inverse Hessian $H_k$ itself, started from $H_k v$. Default `False`: $H_k$
+      satisfies only the newest pair's secant equation, and on Hessians with a few
+      outlying eigenvalues it costs steps (119 against 88 on the factor ridge).
     - `damping`: $\\lambda \\ge 0$ added to the Hessian's diagonal, for singular
       Hessians (it changes the gradient: it is then that of a proximal-regularised
       problem). Default `0.0`.
@@ -172,12 +195,25 @@ class ImplicitAdjoint(AbstractAdjoint):
             tol = default_tolerance(dtype)
             solver = CG(rtol=tol, max_steps=min(10 * size, 10_000))
         options = {}
-        if self.precondition and isinstance(solver, _ITERATIVE):
-            # lineax does not differentiate `options`; the answer does not depend on
-            # the initial guess, so no gradient is lost.
-            options["y0"] = lax.stop_gradient(inverse_approx.mv(v))
+        block = memory_of(inverse_approx)
+        stats = {}
+        if not (self.precondition and isinstance(solver, _ITERATIVE)):
+            pass
+        elif self.memory_preconditioner or block is None:
+            # `block is None`: bounds (the memory masked to the free set), where the
+            # pairs are not curvature of the masked operator.
+            options["y0"] = inverse_approx.mv(v)
             if self.memory_preconditioner:
                 options["preconditioner"] = inverse_approx
+        else:
+            y0, preconditioner, stats = _memory_policy(hessian, block, v)
+            options["y0"] = y0
+            if isinstance(solver, (CG, lx.CG)):
+                options["preconditioner"] = preconditioner
+        if "y0" in options:
+            # lineax does not differentiate `options`; the answer does not depend on
+            # the initial guess, so no gradient is lost.
+            options["y0"] = lax.stop_gradient(options["y0"])
         sol = lx.linear_solve(hessian, v, solver, options=options, throw=False)
         w = sol.value
         vnorm = tree_norm2(v)
@@ -189,8 +225,55 @@ class ImplicitAdjoint(AbstractAdjoint):
         # returns the least-norm answer on purpose; its residual is the part of `v`
         # outside the range of H.
         result = RESULTS.where(ok, RESULTS.successful, RESULTS.backward_failed)
-        stats = {"num_steps": sol.stats.get("num_steps", jnp.zeros((), jnp.int32))}
+        stats = {**stats, "num_steps": sol.stats.get("num_steps", jnp.zeros((), jnp.int32))}
         return w, result, {**stats, "residual": residual}
+
+
+# `||r_0|| / ||v||` of the memory's start below which CG is preconditioned by the memory.
+MEMORY_TEST = 0.5
+
+
+def _switch_mv(use, block: BlockInverse, sigma, r):
+    return lax.cond(use, lambda r: apply_block_inverse(block, sigma, r), lambda r: r, r)
+
+
+def _memory_policy(hessian: lx.AbstractLinearOperator, block: BlockInverse, v):
+    """Start, preconditioner and stats of the default backward solve (see `ImplicitAdjoint`).
+
+    The pairs give $P_\\sigma$ (`BlockInverse`) on their span; $\\sigma$ is fitted to
+    the rest of the spectrum by one Hessian-vector product, the Rayleigh quotient of
+    the part $u$ of $v$ the pairs do not describe ($\\sigma = u^\\top u / u^\\top H u$).
+    The start $y_0 = P_\\sigma v$ then leaves the residual
+    $r_0 = v - H y_0 \\approx v - Y a - \\sigma H u$ (with $Y$ for $H S$, no further
+    product). If $\\|r_0\\| \\le$ `MEMORY_TEST` $\\|v\\|$ the memory describes $H$
+    along $v$ and every CG step is preconditioned by $P_\\sigma$; otherwise its product
+    would cost more than it saves and CG runs unpreconditioned, from $y_0$ if it is
+    better than zero, else from zero.
+    """
+    a, c = block_split(block, v)
+    h = block.history
+    zero = jnp.zeros_like(a)
+    u = combine_pairs(h, v, -c, -a)
+    hu = hessian.mv(u)
+    uu, uhu = tree_dot(u, u), tree_dot(u, hu)
+    good = (uhu > 0) & jnp.isfinite(uhu) & (uu > 0)
+    sigma = jnp.where(good, uu / jnp.where(good, uhu, 1), h.gamma).astype(a.dtype)
+    # r_0 estimate: v - Y a - sigma H u.
+    r0 = tree_axpy(-sigma, hu, combine_pairs(h, v, zero, -a))
+    vnorm = tree_norm2(v)
+    ratio = tree_norm2(r0) / jnp.where(vnorm > 0, vnorm, 1)
+    ratio = jnp.where(jnp.isfinite(ratio) & (vnorm > 0), ratio, jnp.inf)
+    use = ratio <= MEMORY_TEST
+    y0 = combine_pairs(h, tree_scale(sigma, u), a, zero)
+    y0 = jtu.tree_map(lambda y: jnp.where(ratio < 1, y, jnp.zeros_like(y)), y0)
+    preconditioner = lx.FunctionLinearOperator(
+        jtu.Partial(_switch_mv, use, block, sigma),
+        jax.eval_shape(lambda: v),
+        tags=(lx.symmetric_tag, lx.positive_semidefinite_tag),
+        closure_convert=False,
+    )
+    stats = {"memory_residual": ratio, "memory_preconditioned": use}
+    return y0, preconditioner, stats
 
 
 class QuasiNewtonAdjoint(AbstractAdjoint):
@@ -255,7 +338,7 @@ def degenerate_tolerance(dtype) -> float:
     return max(0.1, 10 * eps(dtype) ** (2 / 3))
 
 
-def _hessian_change(theta, x_star, g_star, hvp, inverse_approx, free, w, v):
+def _hessian_change(theta, x_star, g_star, inverse_approx, free):
     """How much the Hessian, applied to `w`, changes between `x_star` and the minimiser.
 
     The implicit function theorem is applied at the returned point $x_k$ as if it were
@@ -273,6 +356,9 @@ def _hessian_change(theta, x_star, g_star, hvp, inverse_approx, free, w, v):
     With bounds (`free` not None) the same holds on the free coordinates, where the
     implicit function theorem is applied: the step and the change are taken there, and
     active coordinates stay on their bounds.
+
+    Returns the Hessian-vector product at the Newton point, linearised here (once per
+    linearisation of the solve, not in every backward solve), for `_hessian_change_of`.
     """
     if free is None:
         delta = inverse_approx.mv(g_star)
@@ -280,11 +366,31 @@ def _hessian_change(theta, x_star, g_star, hvp, inverse_approx, free, w, v):
         delta = _keep(free, inverse_approx.mv(_keep(free, g_star)))
     delta = lax.stop_gradient(delta)
     _, vjp_shifted = jax.vjp(lambda x: _grad_x(x, theta), tree_sub(x_star, delta))
-    diff = tree_sub(vjp_shifted(w)[0], hvp(w))
+    return jtu.Partial(_first_output, vjp_shifted)
+
+
+def _hessian_change_of(hvp_shifted, hvp, damping, free, w, v):
+    if hvp is None:
+        # v stands for (H(x_k) + damping I) w: for a solver that assumes full rank they
+        # differ by the solve's residual, at most sqrt(eps) of v when the answer is
+        # accepted (it is rejected anyway otherwise), far below `degenerate_tolerance`.
+        # This saves a Hessian-vector product.
+        diff = tree_sub(tree_axpy(damping, w, hvp_shifted(w)), v)
+    else:
+        diff = tree_sub(hvp_shifted(w), hvp(w))
     if free is not None:
         diff = _keep(free, diff)
     norm = tree_norm2(v)
     return tree_norm2(diff) / jnp.where(norm > 0, norm, 1)
+
+
+def _uses_block(adjoint: AbstractAdjoint) -> bool:
+    return (
+        isinstance(adjoint, ImplicitAdjoint)
+        and adjoint.precondition
+        and not adjoint.memory_preconditioner
+        and isinstance(adjoint.linear_solver, (type(None),) + _ITERATIVE)
+    )
 
 
 def _objective(x: PyTree[Array], theta) -> tuple[Array, Any]:
@@ -484,7 +590,12 @@ def _implicit_solve_jvp(primals, tangents, *, x0, solver, adjoint, throw, warm_s
     else:
         rhs = jtu.tree_map(jnp.zeros_like, x_star)
 
-    inverse_approx = inverse_hessian_operator(state.history, jax.eval_shape(lambda: x_star))
+    # The memory's all-pairs inverse depends on the forward solve only: built here, once
+    # per linearisation, for the default backward (unbounded; see ImplicitAdjoint).
+    block = None
+    if box is None and _uses_block(adjoint):
+        block = block_inverse(lax.stop_gradient(state.history))
+    inverse_approx = inverse_hessian_operator(state.history, jax.eval_shape(lambda: x_star), block)
     if box is None:
         free = None
     else:
@@ -510,7 +621,16 @@ def _implicit_solve_jvp(primals, tangents, *, x0, solver, adjoint, throw, warm_s
         rhs = jtu.tree_map(lambda r: r + zero.astype(r.dtype), rhs)
     check = None
     if adjoint.exact:
-        check = ft.partial(_hessian_change, theta, x_star, g_x, hvp, inverse_approx, free)
+        hvp_shifted = _hessian_change(theta, x_star, g_x, inverse_approx, free)
+        full_rank = isinstance(adjoint, ImplicitAdjoint) and (
+            adjoint.linear_solver is None or adjoint.linear_solver.assume_full_rank()
+        )
+        if full_rank and free is None:
+            check = ft.partial(_hessian_change_of, hvp_shifted, None, adjoint.damping, None)
+        else:
+            # A least-squares answer leaves the part of v outside H's range, and with
+            # bounds v is the masked operator's: the product itself is compared.
+            check = ft.partial(_hessian_change_of, hvp_shifted, hvp, 0.0, free)
     w = solve_hessian(hvp, rhs, inverse_approx, adjoint, throw, solver.verbose, free, check)
     t_x = tree_neg(w)
     if free is not None:

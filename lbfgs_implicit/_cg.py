@@ -58,12 +58,17 @@ class CG(lx.AbstractLinearSolver):
         operator = state
         structure = operator.in_structure()
         preconditioner = options.get("preconditioner", lx.IdentityLinearOperator(structure))
-        y0 = options.get("y0", jtu.tree_map(jnp.zeros_like, vector))
         size = sum(leaf.size for leaf in jtu.tree_leaves(vector))
         max_steps = 10 * size if self.max_steps is None else self.max_steps
         target = self.atol + self.rtol * tree_norm2(vector)
 
-        r0 = tree_sub(vector, operator.mv(y0))
+        if "y0" in options:
+            y0 = options["y0"]
+            r0 = tree_sub(vector, operator.mv(y0))
+        else:
+            # From zero the residual is the right-hand side: no product.
+            y0 = jtu.tree_map(jnp.zeros_like, vector)
+            r0 = vector
         z0 = preconditioner.mv(r0)
         init = (y0, r0, z0, tree_dot(r0, z0), jnp.zeros((), jnp.int32), jnp.array(False))
 

@@ -302,19 +302,122 @@ def _two_loop(h: History, v: PyTree[Array]) -> PyTree[Array]:
 
 
 def inverse_hessian_operator(
-    h: History, structure: PyTree[jax.ShapeDtypeStruct]
+    h: History, structure: PyTree[jax.ShapeDtypeStruct], block: "BlockInverse | None" = None
 ) -> lx.FunctionLinearOperator:
     """$H_k$ as a lineax operator tagged symmetric and positive semidefinite.
 
     The history is stop-gradiented: lineax does not differentiate solver options, and the
     operator is only ever used as a preconditioner or as an approximate inverse.
+    `block`, the memory's [`BlockInverse`][] when the caller has built it, travels with
+    the operator for [`memory_of`][] (the products are $H_k$'s either way).
     """
     h = lax.stop_gradient(h)
     # A pytree function (the history is its leaf), not closure-converted: see the
     # Hessian operator in `_adjoint._backward` for why (explicit-axes meshes).
+    if block is None:
+        fn = jtu.Partial(apply_inverse_hessian, h)
+    else:
+        fn = jtu.Partial(_apply_inverse_hessian_with, h, lax.stop_gradient(block))
     return lx.FunctionLinearOperator(
-        jtu.Partial(apply_inverse_hessian, h),
+        fn,
         structure,
         tags=(lx.symmetric_tag, lx.positive_semidefinite_tag),
         closure_convert=False,
     )
+
+
+def _apply_inverse_hessian_with(h: History, block, v):
+    del block
+    return apply_inverse_hessian(h, v)
+
+
+class BlockInverse(eqx.Module):
+    """The memory as an all-pairs (block) BFGS inverse, for the backward pass.
+
+    $P_\\sigma = \\sigma (I - S M Y^\\top)(I - Y M S^\\top) + S M S^\\top$ with
+    $M = (S^\\top Y)^{+}$: one BFGS update by all stored pairs at once from
+    $H^0 = \\sigma I$ (the limited memory preconditioner of Gratton, Sartenaer &
+    Tshimanga, 2011). Unlike $H_k$, which satisfies only the newest secant equation
+    exactly (the older ones only when the steps were conjugate, i.e. never after an
+    inexact line search), $P_\\sigma Y = S$ for every pair, so where the pairs are exact
+    curvature ($y = H s$, a quadratic) $P_\\sigma H = I$ on their span, and $\\sigma$
+    alone sets $P_\\sigma$ on the rest. `m_inv` is $M$ in slot order; pairs whose
+    normalised curvature matrix is numerically singular (repeated directions, as the
+    last steps of a tight solve are) are dropped by a pseudo-inverse. Positive definite
+    for every `sigma > 0`.
+    """
+
+    history: History
+    m_inv: Float[Array, "m m"]
+    yy: Float[Array, "m m"]
+
+
+def block_inverse(h: History) -> BlockInverse:
+    """Builds [`BlockInverse`][] from the memory: one pass over its buffers and an `m x m` eigh."""
+    dtype = h.sy.dtype
+    m = h.size
+    slots = jnp.arange(m, dtype=jnp.int32)
+    filled = (h.head - 1 - slots) % m < h.count
+    ss, sy, yy = [], [], []
+    # Products of the buffers as they are (a concatenation would copy the memory).
+    for bs, by in zip(jtu.tree_leaves(h.s), jtu.tree_leaves(h.y)):
+        axes = tuple(range(1, bs.ndim))
+        ss.append(jnp.sum(jnp.square(bs.astype(dtype)), axis=axes))
+        sy.append(jnp.tensordot(bs, by, axes=(axes, axes), preferred_element_type=dtype))
+        yy.append(jnp.tensordot(by, by, axes=(axes, axes), preferred_element_type=dtype))
+    ss, sy, yy = sum_widest(ss), sum_widest(sy), sum_widest(yy)
+    ok = filled & (ss > 0) & jnp.isfinite(jnp.sum(sy, axis=1) + jnp.sum(yy, axis=1))
+    # Steps of very different lengths: normalised, so that the threshold below compares
+    # curvatures, not step sizes.
+    d = jnp.where(ok, lax.rsqrt(jnp.where(ok, ss, 1)), 0)
+    k = d[:, None] * sy * d[None, :]
+    k = jnp.where(ok[:, None] & ok[None, :], (k + k.T) / 2, 0)
+    w, v = jnp.linalg.eigh(k)
+    # Directions of relative curvature below sqrt(eps) carry rounding, not curvature.
+    keep = w > jnp.sqrt(jnp.finfo(dtype).eps) * jnp.max(w)
+    inv_w = jnp.where(keep, 1 / jnp.where(keep, w, 1), 0)
+    dv = d[:, None] * v
+    m_inv = (dv * inv_w[None, :]) @ dv.T
+    return BlockInverse(history=h, m_inv=m_inv, yy=jnp.where(ok[:, None] & ok[None, :], yy, 0))
+
+
+def combine_pairs(h: History, x: PyTree[Array], coef_s, coef_y) -> PyTree[Array]:
+    """`x + S coef_s + Y coef_y` (coefficients in slot order): one pass over the buffers."""
+    return jtu.tree_map(
+        lambda xi, bs, by: (
+            xi
+            + jnp.tensordot(coef_s.astype(bs.dtype), bs, axes=1)
+            + jnp.tensordot(coef_y.astype(by.dtype), by, axes=1)
+        ),
+        x,
+        h.s,
+        h.y,
+    )
+
+
+def block_split(b: BlockInverse, v: PyTree[Array]):
+    """`(a, c)` with $a = M S^\\top v$ and $c = M Y^\\top (I - Y M S^\\top) v$.
+
+    $P_\\sigma v = \\sigma u + S a$ with $u = v - S c - Y a$, the part of $v$ the pairs
+    do not describe.
+    """
+    h = b.history
+    dtype = h.sy.dtype
+    a = b.m_inv @ _project(h.s, v, dtype)
+    c = b.m_inv @ (_project(h.y, v, dtype) - b.yy @ a)
+    return a, c
+
+
+def apply_block_inverse(b: BlockInverse, sigma, v: PyTree[Array]) -> PyTree[Array]:
+    """$P_\\sigma v$ (see [`BlockInverse`][]): two passes over the buffers."""
+    a, c = block_split(b, v)
+    return combine_pairs(b.history, tree_scale(sigma, v), a - sigma * c, -sigma * a)
+
+
+def memory_of(operator: lx.AbstractLinearOperator) -> BlockInverse | None:
+    """The [`BlockInverse`][] an [`inverse_hessian_operator`][] carries, else `None`."""
+    if isinstance(operator, lx.FunctionLinearOperator):
+        fn = operator.fn
+        if isinstance(fn, jtu.Partial) and fn.func is _apply_inverse_hessian_with:
+            return fn.args[1]
+    return None

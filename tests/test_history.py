@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 from lbfgs_implicit._history import (
+    apply_block_inverse,
     apply_inverse_hessian,
+    block_inverse,
     init_history,
     inverse_hessian_operator,
     push_history,
@@ -96,3 +98,29 @@ def test_operator_is_tagged_psd_and_symmetric(compact):
     mat = np.asarray(op.as_matrix())
     np.testing.assert_allclose(mat, mat.T, atol=1e-12)
     assert np.linalg.eigvalsh(mat).min() > 0
+
+
+@pytest.mark.parametrize("compact", [True, False])
+def test_block_inverse_satisfies_every_secant_equation(compact):
+    # P_sigma y_i = s_i for every stored pair and any sigma (H_k only for the newest),
+    # with pairs whose lengths differ by 1e6 (the normalisation keeps all of them), and
+    # P_sigma symmetric positive definite: against dense matrices.
+    n, m = 9, 4
+    s, y = _pairs(n, 6, seed=3)
+    scale = np.geomspace(1.0, 1e-6, 6)[:, None]
+    s, y = s * scale, y * scale
+    h = init_history(jnp.zeros(n), m, jnp.float64, compact=compact)
+    for i in range(6):
+        h, _ = push_history(h, jnp.asarray(s[i]), jnp.asarray(y[i]))
+    block = block_inverse(h)
+    dense = np.stack(
+        [np.asarray(apply_block_inverse(block, 0.3, jnp.asarray(e))) for e in np.eye(n)], 1
+    )
+    for i in range(2, 6):
+        np.testing.assert_allclose(dense @ y[i], s[i], rtol=1e-8, atol=1e-12 * np.abs(s[i]).max())
+    np.testing.assert_allclose(dense, dense.T, atol=1e-12)
+    assert np.linalg.eigvalsh(dense).min() > 0
+    # Off the pairs' span P_sigma is sigma times the identity.
+    q, _ = np.linalg.qr(np.concatenate([s[2:], y[2:]]).T, mode="complete")
+    out = q[:, -1]
+    np.testing.assert_allclose(dense @ out, 0.3 * out, atol=1e-10)
