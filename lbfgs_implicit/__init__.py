@@ -16,6 +16,7 @@ from ._linesearch import (
     StrongWolfe as StrongWolfe,
 )
 from ._optimize import optimize as optimize
+from ._predict import newton_start as newton_start
 from ._solution import RESULTS as RESULTS, Solution as Solution, SolveError as SolveError
 from ._solver import AbstractMinimiser as AbstractMinimiser, LBFGS as LBFGS
 

@@ -219,3 +219,44 @@ def test_mismatched_warm_start_errors(prev):
     # wrong type before our own check; users without that hook see our message.
     with pytest.raises(TypeError, match="(?s)(earlier solve|parameter 'warm_start')"):
         li.optimize(_ridge, prev.params, args, warm_start=prev.state)
+
+
+def test_newton_start_against_the_closed_form(prev):
+    # Ridge is quadratic: a Newton step solved exactly lands on the new minimiser, and
+    # the default one (CG to a 1e-2 relative residual) at least ten times closer than
+    # the previous solution. A start that ignored the step, or took it at the old
+    # weight, fails the first check.
+    log_lam = jnp.asarray(0.4)
+    w_exact, g_exact = _closed_form(log_lam)
+    exact = li.newton_start(_ridge, prev, (X, Y, log_lam), rtol=1e-13, max_steps=N)
+    assert _close(exact, w_exact, 1e-10)
+    x0 = li.newton_start(_ridge, prev, (X, Y, log_lam))
+    err = float(jnp.linalg.norm(x0 - w_exact))
+    assert err <= 0.1 * float(jnp.linalg.norm(prev.params - w_exact))
+    sol, grad = warm_step(log_lam, x0, prev)
+    warm, _ = warm_step(log_lam, prev.params, prev)
+    assert _close(sol.params, w_exact) and _close(grad, g_exact)
+    assert int(sol.stats["num_fun_evals"]) < int(warm.stats["num_fun_evals"])
+
+
+def test_newton_start_keeps_the_previous_solution_when_the_step_goes_uphill():
+    # A pseudo-Huber objective far from the new centre: the Hessian there is 1e-4, the
+    # Newton step 8000 long and its value 400 times larger, so the start stays put.
+    def huber(x, c):
+        return jnp.sum(jnp.sqrt(1.0 + (x - c) ** 2))
+
+    prev = li.optimize(huber, jnp.ones(2), jnp.asarray(0.0))
+    x0 = li.newton_start(huber, prev, jnp.asarray(20.0))
+    assert bool(jnp.all(x0 == prev.params))
+    # Near the centre the step is taken (and lands closer).
+    near = li.newton_start(huber, prev, jnp.asarray(0.5))
+    assert float(jnp.max(jnp.abs(near - 0.5))) < float(jnp.max(jnp.abs(prev.params - 0.5)))
+
+
+def test_newton_start_errors(prev):
+    # Under the test suite's runtime type checker the annotation catches it first; both
+    # messages name `prev` and the Solution it must be.
+    with pytest.raises(TypeError, match=r"(?s)prev.*Solution"):
+        li.newton_start(_ridge, prev.params, (X, Y, jnp.asarray(0.0)))
+    with pytest.raises(ValueError, match="rtol > 0"):
+        li.newton_start(_ridge, prev, (X, Y, jnp.asarray(0.0)), rtol=0.0)

@@ -1,0 +1,117 @@
+"""A start for the next solve of an outer loop: one Newton step from the previous solution."""
+
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import lineax as lx
+from jaxtyping import Array, PyTree
+
+from ._cg import CG
+from ._misc import tree_add, tree_allfinite, tree_neg, tree_where
+from ._solution import Solution
+
+
+def _hvp(vjp, zero, u):
+    # The VJP of (value, gradient) with no cotangent on the value: H u.
+    return vjp((zero, u))[0]
+
+
+@eqx.filter_jit
+def _newton_start(fn, params, args, has_aux, rtol, max_steps):
+    def value(x):
+        out = fn(x, args)
+        return out[0] if has_aux else out
+
+    # Hessian-vector products by reverse-over-reverse, as in the backward pass, so that
+    # `fn` may call custom-VJP functions (another `optimize`).
+    (f_old, g), vjp = jax.vjp(jax.value_and_grad(value), params)
+    operator = lx.FunctionLinearOperator(
+        jtu.Partial(_hvp, vjp, jnp.zeros_like(f_old)),
+        jax.eval_shape(lambda: params),
+        tags=(lx.symmetric_tag, lx.positive_semidefinite_tag),
+        closure_convert=False,
+    )
+    out = lx.linear_solve(operator, tree_neg(g), CG(rtol=rtol, max_steps=max_steps), throw=False)
+    candidate = tree_add(params, out.value)
+    # CG stops at negative curvature (a breakdown) with its last iterate, still a descent
+    # direction; the value test catches a step too long for a nonquadratic objective.
+    f_new = value(candidate)
+    better = tree_allfinite(candidate) & (f_new <= f_old)
+    return tree_where(better, candidate, params), out.stats["num_steps"], better
+
+
+def newton_start(
+    fn: Callable[..., Any],
+    prev: Solution,
+    args: PyTree[Any] = None,
+    *,
+    rtol: float = 1e-2,
+    max_steps: int = 50,
+    has_aux: bool = False,
+) -> PyTree[Array]:
+    """A start for a solve at new `args`: one Newton step from the previous solution.
+
+    Returns $x_0 = x_{prev} + u$ with $H u = -\\nabla_x f(x_{prev}, \\text{args})$,
+    $H = \\nabla^2_{xx} f(x_{prev}, \\text{args})$ ($x_{prev}$ = `prev.params`), solved by
+    conjugate gradients on Hessian-vector products to a relative residual `rtol`.
+    Pass it as `x0` together with `warm_start=prev`:
+
+    ```python
+    x0 = li.newton_start(inner, prev, theta_new)
+    sol = li.optimize(inner, x0, theta_new, warm_start=prev)
+    ```
+
+    In an outer loop whose hyperparameters move by $\\Delta\\theta$ per step, the previous
+    solution is $O(\\Delta\\theta)$ from the new minimiser and this start
+    $O(\\Delta\\theta^2)$: to first order it is the tangent predictor
+    $x_{prev} + (dx^*/d\\theta)\\,\\Delta\\theta$, without needing the old
+    hyperparameters or a derivative with respect to them (so it also works when the
+    data change between outer steps), and it also corrects what the previous solve
+    left of its own gradient.
+
+    **Cost:** one value and gradient of `fn`, linearised at `prev.params`, at most
+    `max_steps` Hessian-vector products (each about two gradients' worth), and one more
+    value of `fn`. It pays when the solve is run to a tight tolerance, where each solve's
+    evaluations follow how many decades its gradient must fall: measured in the quick
+    start ("Warm starts in an outer loop"), 0.70x and 0.58x of the cold evaluations at
+    gtol 1e-10 in float64, against 0.88x and 0.74x for `warm_start` alone, with about
+    ten products per outer step. At float32's default tolerance the memory alone
+    already saves most of a solve and the products may cost more than the rest.
+
+    **Safety:** if the step is not finite or does not lower `fn`, `prev.params` is
+    returned unchanged. CG stops early at negative curvature (its iterate so far is still
+    a descent direction). The returned start is not differentiated (its gradient is
+    zero, like that of `x0`).
+
+    **Arguments:**
+
+    - `fn`: the objective `fn(x, args)` of the solves (`(value, aux)` with `has_aux`).
+    - `prev`: the [`lbfgs_implicit.Solution`][] of the previous solve (a batch of them
+      under `jax.vmap`).
+    - `args`: the arguments of the next solve.
+    - `rtol`: relative residual of the Newton equation; `1e-2` (default) makes the
+      step's own error a hundredth of the distance it covers.
+    - `max_steps`: most CG steps, i.e. Hessian-vector products (default 50).
+    - `has_aux`: whether `fn` returns `(value, aux)`.
+
+    Unconstrained solves only: with `bounds`, pass `x0=prev.params`.
+    """
+    if not isinstance(prev, Solution):
+        raise TypeError(
+            f"`prev` must be the li.Solution of the previous solve, got {type(prev).__name__}."
+        )
+    if not (rtol > 0 and isinstance(max_steps, int) and max_steps >= 1):
+        raise ValueError(
+            f"newton_start needs rtol > 0 and an integer max_steps >= 1, got rtol={rtol!r}, "
+            f"max_steps={max_steps!r}."
+        )
+    params = lax.stop_gradient(prev.params)
+    # A start is not differentiated; non-array leaves of `args` stay as they are.
+    args = jtu.tree_map(lambda a: lax.stop_gradient(a) if eqx.is_inexact_array(a) else a, args)
+    x0, _, _ = _newton_start(fn, params, args, bool(has_aux), rtol, max_steps)
+    return x0
