@@ -11,7 +11,8 @@ median and the minimum over rounds of each variant's time divided by
 
 Variants:
 
-- `default`: `li.ImplicitAdjoint()`, plain CG started from $H_k v$.
+- `default`: `li.ImplicitAdjoint()`, CG started from the memory's all-pairs inverse
+  $P_\\sigma v$ and preconditioned by it where that start removes half of the residual.
 - `plain`: `li.ImplicitAdjoint(precondition=False)`, CG from zero.
 - `pcg_from_Hv`: `li.ImplicitAdjoint(memory_preconditioner=True)`, CG preconditioned
   by $H_k$ and started from $H_k v$ (the library's default before issue 15).
