@@ -11,8 +11,10 @@ median and the minimum over rounds of each variant's time divided by
 
 Variants:
 
-- `default`: `li.ImplicitAdjoint()`, CG started from the memory's all-pairs inverse
-  $P_\\sigma v$ and preconditioned by it where that start removes half of the residual.
+- `default`: `li.ImplicitAdjoint()`, plain CG started from $H_k v$.
+- `all_pairs`: `li.ImplicitAdjoint(all_pairs=True)`, CG started from the memory's
+  all-pairs inverse $P_\\sigma v$ and preconditioned by it where that start removes half
+  of the residual.
 - `plain`: `li.ImplicitAdjoint(precondition=False)`, CG from zero.
 - `pcg_from_Hv`: `li.ImplicitAdjoint(memory_preconditioner=True)`, CG preconditioned
   by $H_k$ and started from $H_k v$ (the library's default before issue 15).
@@ -51,6 +53,7 @@ from .hypergrad import (
 
 VARIANTS = {
     "default": li.ImplicitAdjoint(),
+    "all_pairs": li.ImplicitAdjoint(all_pairs=True),
     "plain": li.ImplicitAdjoint(precondition=False),
     "pcg_from_Hv": li.ImplicitAdjoint(memory_preconditioner=True),
 }

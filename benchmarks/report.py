@@ -395,12 +395,11 @@ def preconditioner_block(pre, lines):
         "",
         "Backward CG steps to the default tolerance on $H w = v$ at the solution, with "
         "the forward pass's $H_k$ used as preconditioner and start, as neither, or as one "
-        "of the two (the library's default no longer uses $H_k$ itself: see the "
-        "adjoints page). Command: "
+        "of the two (the default since issue 15: the start only). Command: "
         f"`{pre['command']}`.",
         "",
         "| problem | n | forward steps | $H_k$ both | plain from 0 | "
-        "plain from $H_k v$ | $H_k$ from 0 |",
+        "plain from $H_k v$ (default) | $H_k$ from 0 |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in pre["rows"]:
@@ -415,10 +414,11 @@ def preconditioner_block(pre, lines):
         "steps than that (a spread spectrum), they save a few steps at most; where a "
         "few eigenvalues stand far above the rest, the last pairs of a long forward "
         "solve describe the bulk, not those directions, and preconditioning by $H_k$ "
-        "can cost steps: $H_k$ keeps only its newest pair's secant equation. The default "
-        "builds one BFGS update by all pairs at once instead, and preconditions by it "
-        "only where its start shows that it describes $H$ (the adjoints page, 'What the "
-        "L-BFGS memory saves in the backward pass'); "
+        "can cost steps: $H_k$ keeps only its newest pair's secant equation. Hence the "
+        "default starts from $H_k v$ without preconditioning; "
+        "`ImplicitAdjoint(all_pairs=True)` builds one BFGS update by all pairs at once "
+        "instead, and preconditions by it only where its start shows that it describes "
+        "$H$ (the adjoints page, 'What the L-BFGS memory saves in the backward pass'); "
         "`python -m benchmarks.preconditioner` times the choices.",
         "",
     ]

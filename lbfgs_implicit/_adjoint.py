@@ -108,27 +108,33 @@ class ImplicitAdjoint(AbstractAdjoint):
 
     Solves $(H + \\lambda I) w = v$ with Hessian-vector products (reverse-over-reverse,
     linearised once at the solution, so `fn` may itself call `optimize` or other
-    custom-VJP functions), by default with [`lbfgs_implicit.CG`][], started and (where
-    it pays) preconditioned by the forward pass's L-BFGS memory:
+    custom-VJP functions), by default with [`lbfgs_implicit.CG`][] started from
+    $H_k v$, where $H_k$ is the forward pass's L-BFGS inverse-Hessian approximation; CG
+    itself is not preconditioned by $H_k$ unless `memory_preconditioner=True`, because
+    where Hessian-vector products are cheap a product with $H_k$ per step costs more
+    than the steps it saves (see "What the L-BFGS memory saves" on the adjoints page).
+
+    `all_pairs=True` uses the memory better (unbounded solves with an iterative solver):
 
     1. The pairs $(s_i, y_i)$ define $P_\\sigma$, one BFGS update by all of them at
-       once from $\\sigma I$: $P_\\sigma y_i = s_i$ for every pair, so where the pairs
-       are curvature of $H$ (a quadratic, or the last steps of a solve) $P_\\sigma H$ is
-       the identity on their span. One Hessian-vector product fits $\\sigma$ to the
-       rest of the spectrum (the Rayleigh quotient of the part of $v$ the pairs do not
-       describe).
+       once from $\\sigma I$: $P_\\sigma y_i = s_i$ for every pair (for $H_k$ only the
+       newest), so where the pairs are curvature of $H$ $P_\\sigma H$ is the identity
+       on their span. One Hessian-vector product fits $\\sigma$ to the rest of the
+       spectrum (the Rayleigh quotient of the part of $v$ the pairs do not describe).
     2. CG starts from $P_\\sigma v$. If that start leaves at most half of $v$'s residual
-       (estimated from the pairs, no further product), the memory describes $H$ along
-       $v$ and every CG step is preconditioned by $P_\\sigma$; otherwise the
-       preconditioner would cost more than it saves and CG runs unpreconditioned (from
-       zero if the start is worse than zero).
+       (estimated from the pairs, no further product), every CG step is preconditioned
+       by $P_\\sigma$; otherwise CG runs unpreconditioned (from zero if the start is
+       worse than zero).
 
-    Measured CG steps, this default against plain CG: 1 against 9 on `lam I` + rank 8,
-    47 against 88 on a ridge with five strong common factors, 46 against 67 on the iMAML
-    inner problem, unchanged on Hessians without outlying eigenvalues (see "What the
-    L-BFGS memory saves in the backward pass" on the adjoints page, for the times).
-    With bounds the memory is not curvature of the masked Hessian, and CG starts from
-    $H_k v$ unpreconditioned.
+    Measured CG steps against plain CG: 1 against 9 on `lam I` + rank 8, 47 against 90
+    on a ridge with five strong common factors (0.54x of the time), 46 against 66 on the
+    iMAML inner problem (0.83x), unchanged on Hessians without outlying eigenvalues. It
+    is not the default because its set-up (one Hessian-vector product and a few passes
+    over the memory per backward solve) costs 1.2x-1.5x of plain CG's time where
+    Hessian-vector products cost microseconds, and its per-step switch (a `lax.cond`
+    whose operands include the memory) raised the backward's temporaries of a
+    12000-parameter MLP from 25.8 to 34.7 parameter-sized vectors (see "What the L-BFGS
+    memory saves in the backward pass" on the adjoints page).
 
     **Arguments:**
 
@@ -137,12 +143,14 @@ class ImplicitAdjoint(AbstractAdjoint):
       `2.4e-5` in float32) and at most `min(10 n, 10000)` steps. Dense solvers
       (`lineax.Cholesky()`, `lineax.LU()`) materialise $H$ (fine for small n);
       `lineax.GMRES` handles indefinite Hessians.
-    - `precondition`: use the memory as above (for CG; GMRES and BiCGStab only take
-      the start). Default `True`; `False` is plain CG from zero.
-    - `memory_preconditioner`: instead, precondition every CG step by the L-BFGS
-      inverse Hessian $H_k$ itself, started from $H_k v$. Default `False`: $H_k$
-      satisfies only the newest pair's secant equation, and on Hessians with a few
-      outlying eigenvalues it costs steps (119 against 88 on the factor ridge).
+    - `precondition`: start from the memory's guess ($H_k v$, or $P_\\sigma v$ with
+      `all_pairs`; for CG, GMRES and BiCGStab). Default `True`; `False` is plain CG
+      from zero.
+    - `memory_preconditioner`: also precondition every CG step by the L-BFGS inverse
+      Hessian $H_k$. Default `False`: $H_k$ satisfies only the newest pair's secant
+      equation, and on Hessians with a few outlying eigenvalues it costs steps (118
+      against 90 on the factor ridge).
+    - `all_pairs`: use the all-pairs inverse as above. Default `False`.
     - `damping`: $\\lambda \\ge 0$ added to the Hessian's diagonal, for singular
       Hessians (it changes the gradient: it is then that of a proximal-regularised
       problem). Default `0.0`.
@@ -164,6 +172,7 @@ class ImplicitAdjoint(AbstractAdjoint):
     linear_solver: lx.AbstractLinearSolver | None = None
     precondition: bool = True
     memory_preconditioner: bool = False
+    all_pairs: bool = False
     damping: float = 0.0
     exact: ClassVar[bool] = True
 
@@ -199,7 +208,7 @@ class ImplicitAdjoint(AbstractAdjoint):
         stats = {}
         if not (self.precondition and isinstance(solver, _ITERATIVE)):
             pass
-        elif self.memory_preconditioner or block is None:
+        elif self.memory_preconditioner or not self.all_pairs or block is None:
             # `block is None`: bounds (the memory masked to the free set), where the
             # pairs are not curvature of the masked operator.
             options["y0"] = inverse_approx.mv(v)
@@ -388,6 +397,7 @@ def _uses_block(adjoint: AbstractAdjoint) -> bool:
     return (
         isinstance(adjoint, ImplicitAdjoint)
         and adjoint.precondition
+        and adjoint.all_pairs
         and not adjoint.memory_preconditioner
         and isinstance(adjoint.linear_solver, (type(None),) + _ITERATIVE)
     )

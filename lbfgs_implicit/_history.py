@@ -317,7 +317,9 @@ def inverse_hessian_operator(
     if block is None:
         fn = jtu.Partial(apply_inverse_hessian, h)
     else:
-        fn = jtu.Partial(_apply_inverse_hessian_with, h, lax.stop_gradient(block))
+        # Only the small matrices: the operator's own `h` is the block's memory (one
+        # copy of the buffers among the linearisation's residuals).
+        fn = jtu.Partial(_apply_inverse_hessian_with, h, lax.stop_gradient((block.m_inv, block.yy)))
     return lx.FunctionLinearOperator(
         fn,
         structure,
@@ -358,14 +360,23 @@ def block_inverse(h: History) -> BlockInverse:
     m = h.size
     slots = jnp.arange(m, dtype=jnp.int32)
     filled = (h.head - 1 - slots) % m < h.count
-    ss, sy, yy = [], [], []
-    # Products of the buffers as they are (a concatenation would copy the memory).
-    for bs, by in zip(jtu.tree_leaves(h.s), jtu.tree_leaves(h.y)):
-        axes = tuple(range(1, bs.ndim))
-        ss.append(jnp.sum(jnp.square(bs.astype(dtype)), axis=axes))
-        sy.append(jnp.tensordot(bs, by, axes=(axes, axes), preferred_element_type=dtype))
-        yy.append(jnp.tensordot(by, by, axes=(axes, axes), preferred_element_type=dtype))
-    ss, sy, yy = sum_widest(ss), sum_widest(sy), sum_widest(yy)
+    ss = sum_widest(
+        [
+            jnp.sum(jnp.square(bs.astype(dtype)), axis=tuple(range(1, bs.ndim)))
+            for bs in jtu.tree_leaves(h.s)
+        ]
+    )
+    if h.compact:
+        # Kept up to date by `push_history`; a product of two buffers here would also
+        # make XLA copy one of them (a transposed operand) for every parameter leaf.
+        sy, yy = h.sy, h.yy
+    else:
+        sy, yy = [], []
+        for bs, by in zip(jtu.tree_leaves(h.s), jtu.tree_leaves(h.y)):
+            axes = tuple(range(1, bs.ndim))
+            sy.append(jnp.tensordot(bs, by, axes=(axes, axes), preferred_element_type=dtype))
+            yy.append(jnp.tensordot(by, by, axes=(axes, axes), preferred_element_type=dtype))
+        sy, yy = sum_widest(sy), sum_widest(yy)
     ok = filled & (ss > 0) & jnp.isfinite(jnp.sum(sy, axis=1) + jnp.sum(yy, axis=1))
     # Steps of very different lengths: normalised, so that the threshold below compares
     # curvatures, not step sizes.
@@ -419,5 +430,6 @@ def memory_of(operator: lx.AbstractLinearOperator) -> BlockInverse | None:
     if isinstance(operator, lx.FunctionLinearOperator):
         fn = operator.fn
         if isinstance(fn, jtu.Partial) and fn.func is _apply_inverse_hessian_with:
-            return fn.args[1]
+            m_inv, yy = fn.args[1]
+            return BlockInverse(history=fn.args[0], m_inv=m_inv, yy=yy)
     return None

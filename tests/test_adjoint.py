@@ -41,6 +41,7 @@ ADJOINTS = {
     "default": li.ImplicitAdjoint(),
     "no-precondition": li.ImplicitAdjoint(precondition=False),
     "memory-preconditioner": li.ImplicitAdjoint(memory_preconditioner=True),
+    "all-pairs": li.ImplicitAdjoint(all_pairs=True),
     "cholesky": li.ImplicitAdjoint(linear_solver=lx.Cholesky()),
     "lu": li.ImplicitAdjoint(linear_solver=lx.LU()),
     "gmres": li.ImplicitAdjoint(linear_solver=lx.GMRES(rtol=1e-12, atol=1e-12)),
@@ -262,29 +263,29 @@ def _memory_and_hessian(hess):
     return lx.MatrixLinearOperator(a, tags), inverse, v
 
 
-def test_default_backward_uses_a_memory_that_describes_the_hessian():
+def test_all_pairs_backward_uses_a_memory_that_describes_the_hessian():
     # lam I + rank 4, n = 40: the forward solve's pairs span the rank-4 part, so the
-    # default (all-pairs inverse, sigma fitted to the rest) is exact up to the pairs'
+    # all-pairs inverse (sigma fitted to the rest) is exact up to the pairs'
     # rounding: 3 CG steps, where plain CG needs one per distinct eigenvalue (5). With
     # sigma left at the memory's gamma it takes 5 too (measured).
     u = np.random.default_rng(2).normal(size=(40, 4))
     hess = 0.1 * np.eye(40) + u @ u.T
     op, inverse, v = _memory_and_hessian(hess)
-    w, result, stats = li.ImplicitAdjoint().solve(op, inverse, v)
+    w, result, stats = li.ImplicitAdjoint(all_pairs=True).solve(op, inverse, v)
     _, _, plain = li.ImplicitAdjoint(precondition=False).solve(op, inverse, v)
     assert result == li.RESULTS.successful and bool(stats["memory_preconditioned"])
     assert _rel(w, np.linalg.solve(hess, np.asarray(v))) < 1e-9
     assert int(stats["num_steps"]) <= 3 and int(plain["num_steps"]) == 5
 
 
-def test_default_backward_falls_back_when_the_memory_does_not_describe_the_hessian():
+def test_all_pairs_backward_falls_back_when_the_memory_does_not_describe_the_hessian():
     # Sixty eigenvalues spread geometrically from 1 to 1000: ten pairs cannot describe
     # them, the memory's start is worse than zero (measured: its residual is 2.4 times
     # v's), and CG runs unpreconditioned from zero, as plain CG.
     q, _ = np.linalg.qr(np.random.default_rng(3).normal(size=(60, 60)))
     hess = (q * np.geomspace(1.0, 1e3, 60)) @ q.T
     op, inverse, v = _memory_and_hessian(hess)
-    w, result, stats = li.ImplicitAdjoint().solve(op, inverse, v)
+    w, result, stats = li.ImplicitAdjoint(all_pairs=True).solve(op, inverse, v)
     assert result == li.RESULTS.successful and not bool(stats["memory_preconditioned"])
     assert float(stats["memory_residual"]) > 1
     # CG's relative residual 3.7e-11 times the condition number 1e3 bounds the error.
