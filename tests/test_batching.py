@@ -91,8 +91,12 @@ def test_batch_by_turns_matches_single_solves(by_turns, singles):
             continue
         if not bool(one.result == li.RESULTS.successful):
             # Stopped mid-way by `MAX_STEPS`: batched rounding, amplified by the steps
-            # along the narrow valley so far, moves the iterate by about 2e-11.
-            np.testing.assert_allclose(by_turns.params[i], one.params, rtol=1e-9)
+            # along the narrow valley so far, moves the iterate. Plain `vmap` moves it
+            # as much: against the single solve, by 1.7e-11 (turns) and 0 (plain) on
+            # jax 0.10, by 1.5e-9 for both on jax 0.12, whose batched kernels round
+            # differently; turns and plain `vmap` stay within 4e-12 of each other. A
+            # different step sequence would move it by far more than 1e-7.
+            np.testing.assert_allclose(by_turns.params[i], one.params, rtol=1e-7)
             continue
         np.testing.assert_allclose(by_turns.params[i], one.params, rtol=1e-12, atol=1e-14)
         np.testing.assert_allclose(by_turns.value[i], one.value, rtol=1e-12, atol=1e-14)
