@@ -103,6 +103,20 @@ def _cubic_minimiser(a, fa, da, b, fb, db):
     return b - (b - a) * (db + d2 - d1) / (db - da + 2 * d2)
 
 
+def _outcome(c, x, f, p) -> LineSearchResult:
+    """A finished search's result from its carry (either search's: both keep the best
+    trial in `a_best`, `f_best`, `g_best`, and `found`, `num_evals`). It succeeds if
+    its conditions were met or, failing that, if some trial lowered `f`."""
+    return LineSearchResult(
+        step=c.a_best,
+        x=tree_axpy(c.a_best, p, x),
+        f=c.f_best,
+        g=c.g_best,
+        num_evals=c.num_evals,
+        success=c.found | (c.f_best < f),
+    )
+
+
 class _WolfeCarry(eqx.Module):
     # fixed once the search starts: none
     # bracket: `lo` is the best point meeting sufficient decrease so far, `hi` the other end
@@ -291,15 +305,7 @@ class StrongWolfe(AbstractLineSearch):
     @staticmethod
     def finish(c: _WolfeCarry, x, f, p) -> LineSearchResult:
         """The outcome of a search whose state is `c`."""
-        success = c.found | (c.f_best < f)
-        return LineSearchResult(
-            step=c.a_best,
-            x=tree_axpy(c.a_best, p, x),
-            f=c.f_best,
-            g=c.g_best,
-            num_evals=c.num_evals,
-            success=success,
-        )
+        return _outcome(c, x, f, p)
 
     def __call__(self, value_and_grad, x, f, g, p, dg, step0, max_step=None, active=None):
         dtype = f.dtype
@@ -391,11 +397,4 @@ class Backtracking(AbstractLineSearch):
             )
 
         c = lax.while_loop(cond, body, init)
-        return LineSearchResult(
-            step=c.a_best,
-            x=tree_axpy(c.a_best, p, x),
-            f=c.f_best,
-            g=c.g_best,
-            num_evals=c.num_evals,
-            success=c.found | (c.f_best < f),
-        )
+        return _outcome(c, x, f, p)
