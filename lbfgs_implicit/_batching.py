@@ -25,6 +25,7 @@ import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jax.custom_batching import custom_vmap
+from jax.sharding import AxisType
 from jaxtyping import Array, Bool, Int, PyTree
 
 from ._history import Pair, write_pair
@@ -132,6 +133,7 @@ def solve(
     @batched_solve.def_vmap
     def rule(axis_size, in_batched, dyn):
         (batched,) = in_batched  # one flag per leaf of `dyn`
+        _refuse_explicit_batch_axis(dyn, batched)
         axes = jtu.tree_map(lambda b: 0 if b else None, batched)
         if uses_turns(solver, axis_size, num_bytes):
             out = _turns(
@@ -147,6 +149,35 @@ def solve(
         return out, jtu.tree_map(lambda _: True, out)
 
     return batched_solve(dyn)
+
+
+def _refuse_explicit_batch_axis(dyn: PyTree, batched: PyTree) -> None:
+    """Raise where the batch is split along a mesh axis with explicit sharding.
+
+    JAX cannot batch a loop there: a scalar constant of the loop's state (an iteration
+    count, a flag) is typed on no mesh, and making it one value per element along the
+    batch's mesh axis fails deep inside JAX (jax 0.10 to 0.12) with "Resource axis ...
+    is not found in mesh: ()". The message gives the program that works instead.
+    """
+    for leaf, b in zip(jtu.tree_leaves(dyn), jtu.tree_leaves(batched)):
+        sharding = getattr(jax.typeof(leaf), "sharding", None) if b else None
+        spec = tuple(getattr(sharding, "spec", ()))
+        if not spec or spec[0] is None:
+            continue
+        names = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+        types = dict(zip(sharding.mesh.axis_names, sharding.mesh.axis_types))
+        if any(types.get(name) == AxisType.Explicit for name in names):
+            axis = spec[0]
+            raise ValueError(
+                "`jax.vmap` of `lbfgs_implicit.optimize` over a batch split along the "
+                f"mesh axis {axis!r}, which has explicit sharding (`jax.set_mesh`), is not "
+                "supported: JAX cannot batch the solver's loops along an explicit mesh "
+                "axis. Give each device its part of the batch instead: "
+                f"`jax.shard_map(jax.vmap(solve), in_specs=P({axis!r}), "
+                f"out_specs=P({axis!r}), check_vma=False)` (shared operands with "
+                "`P()`), which also lets every device stop when its own solves are "
+                "done; or replicate the batch, or use `AxisType.Auto`."
+            )
 
 
 def _turns(solver, init, value_and_grad_of, finish, axes, dyn):
