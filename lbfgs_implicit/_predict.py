@@ -11,6 +11,7 @@ import jax.tree_util as jtu
 import lineax as lx
 from jaxtyping import Array, PyTree
 
+from ._box import active_masks, check_bounds, normalise_bounds, project
 from ._cg import CG
 from ._misc import tree_add, tree_allfinite, tree_neg, tree_where
 from ._solution import Solution
@@ -21,8 +22,17 @@ def _hvp(vjp, zero, u):
     return vjp((zero, u))[0]
 
 
+def _free_hvp(vjp, zero, free, u):
+    # H restricted to the free coordinates: zero rows and columns for the held ones.
+    return _mask(free, _hvp(vjp, zero, _mask(free, u)))
+
+
+def _mask(free, tree):
+    return jtu.tree_map(lambda m, t: jnp.where(m, t, jnp.zeros_like(t)), free, tree)
+
+
 @eqx.filter_jit
-def _newton_start(fn, params, args, has_aux, rtol, max_steps):
+def _newton_start(fn, params, args, has_aux, rtol, max_steps, box=None):
     def value(x):
         out = fn(x, args)
         return out[0] if has_aux else out
@@ -30,14 +40,25 @@ def _newton_start(fn, params, args, has_aux, rtol, max_steps):
     # Hessian-vector products by reverse-over-reverse, as in the backward pass, so that
     # `fn` may call custom-VJP functions (another `optimize`).
     (f_old, g), vjp = jax.vjp(jax.value_and_grad(value), params)
+    zero = jnp.zeros_like(f_old)
+    if box is None:
+        matvec, rhs = jtu.Partial(_hvp, vjp, zero), tree_neg(g)
+    else:
+        # A projected Newton step: coordinates at a bound that the new gradient pushes
+        # outward stay there; the step solves the Newton equation on the others.
+        at_lower, at_upper = active_masks(params, g, box)
+        free = jtu.tree_map(lambda a, b: ~(a | b), at_lower, at_upper)
+        matvec, rhs = jtu.Partial(_free_hvp, vjp, zero, free), _mask(free, tree_neg(g))
     operator = lx.FunctionLinearOperator(
-        jtu.Partial(_hvp, vjp, jnp.zeros_like(f_old)),
+        matvec,
         jax.eval_shape(lambda: params),
         tags=(lx.symmetric_tag, lx.positive_semidefinite_tag),
         closure_convert=False,
     )
-    out = lx.linear_solve(operator, tree_neg(g), CG(rtol=rtol, max_steps=max_steps), throw=False)
+    out = lx.linear_solve(operator, rhs, CG(rtol=rtol, max_steps=max_steps), throw=False)
     candidate = tree_add(params, out.value)
+    if box is not None:
+        candidate = project(candidate, box)
     # CG stops at negative curvature (a breakdown) with its last iterate, still a descent
     # direction; the value test catches a step too long for a nonquadratic objective.
     f_new = value(candidate)
@@ -53,6 +74,7 @@ def newton_start(
     rtol: float = 1e-2,
     max_steps: int = 50,
     has_aux: bool = False,
+    bounds: Any = None,
 ) -> PyTree[Array]:
     """A start for a solve at new `args`: one Newton step from the previous solution.
 
@@ -100,8 +122,11 @@ def newton_start(
       step's own error a hundredth of the distance it covers.
     - `max_steps`: most CG steps, i.e. Hessian-vector products (default 50).
     - `has_aux`: whether `fn` returns `(value, aux)`.
-
-    Unconstrained solves only: with `bounds`, pass `x0=prev.params`.
+    - `bounds`: the box of the next solve, as for [`lbfgs_implicit.optimize`][]. The
+      step is then a projected Newton step: the coordinates of `prev.params` at a bound
+      that the new gradient pushes outward (or not at all) stay there, the Newton
+      equation is solved on the others, and the result is projected onto the box. A
+      coordinate the new gradient pulls off its bound moves with the free ones.
     """
     if not isinstance(prev, Solution):
         raise TypeError(
@@ -115,5 +140,10 @@ def newton_start(
     params = lax.stop_gradient(prev.params)
     # A start is not differentiated; non-array leaves of `args` stay as they are.
     args = jtu.tree_map(lambda a: lax.stop_gradient(a) if eqx.is_inexact_array(a) else a, args)
-    x0, _, _ = _newton_start(fn, params, args, bool(has_aux), rtol, max_steps)
+    box = None
+    if bounds is not None:
+        check_bounds(bounds, params)
+        box = lax.stop_gradient(normalise_bounds(bounds, params))
+        params = project(params, box)
+    x0, _, _ = _newton_start(fn, params, args, bool(has_aux), rtol, max_steps, box)
     return x0

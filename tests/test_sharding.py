@@ -128,6 +128,38 @@ def _sharded_inputs(mesh):
     return X_s, y_s, x0
 
 
+def _warm_outer(X, y, lam, x0, prev):
+    sol = li.optimize(_ridge, x0, (X, y, lam), solver=SOLVER, throw=False, warm_start=prev)
+    return jnp.sum(sol.params["w"] ** 2) + sol.params["b"], sol
+
+
+_warm_value_and_grad = jax.jit(jax.value_and_grad(_warm_outer, argnums=(0, 1, 2), has_aux=True))
+
+
+def test_warm_start_on_sharded_parameters(single_device):
+    # A solve at another weight, then a warm start from it: its memory stays sharded
+    # like the parameters (no gather of the history) and is used, and value and
+    # hypergradient are the single-device ones. (Whether the memory saves evaluations
+    # here is not asserted: at gtol 1e-12 the counts follow the reductions' rounding, 83
+    # warm against 64 cold on 8 devices and 68 against 71 on one.)
+    value1, _, grads1 = single_device
+    mesh = _mesh_1d()
+    X_s, y_s, x0 = _sharded_inputs(mesh)
+    lam = jnp.asarray(LAM)
+    (_, prev), _ = _warm_value_and_grad(X_s, y_s, 2 * lam, x0, None)
+    _assert_kept(prev.state.history.s["w"], mesh, P(None, "d"))
+    (value, sol), grads = _warm_value_and_grad(X_s, y_s, lam, prev.params, prev)
+    assert sol.result == li.RESULTS.successful
+    assert int(sol.stats["warm_pairs"]) == int(prev.state.history.count) > 0
+    _assert_kept(sol.params["w"], mesh, P("d"))
+    _assert_kept(sol.state.history.y["w"], mesh, P(None, "d"))
+    _assert_kept(grads[0], mesh, P("d", None))
+    np.testing.assert_allclose(float(value), float(value1), rtol=1e-10)
+    for g, g1 in zip(grads, grads1):
+        scale = float(np.max(np.abs(np.asarray(g1))))
+        np.testing.assert_allclose(np.asarray(g), np.asarray(g1), rtol=1e-7, atol=1e-9 * scale)
+
+
 def test_eager_throw_keeps_shardings_and_raises_catchably():
     # Called outside jit, `throw=True` checks the outcome on the host: a success keeps
     # the output sharding, and a failure is a `SolveError`. (An error raised inside

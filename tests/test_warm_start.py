@@ -239,6 +239,46 @@ def test_newton_start_against_the_closed_form(prev):
     assert int(sol.stats["num_fun_evals"]) < int(warm.stats["num_fun_evals"])
 
 
+def test_newton_start_with_bounds_against_the_closed_form():
+    # Nonnegative ridge: where the new weight keeps the active set, the projected Newton
+    # step solved exactly lands on the new bounded minimiser (closed form on the free
+    # set), and the default step far closer than the previous solution. Without the
+    # bounds the same step goes to the unconstrained minimiser, off the box.
+    prev, _ = box_cold_step(jnp.asarray(-0.3), jnp.zeros(N))
+    log_lam = jnp.asarray(-0.1)
+    free = np.asarray(prev.params) > 0
+    assert 0 < free.sum() < N
+    w_exact, g_exact = _closed_form(log_lam, free)
+    assert bool(jnp.all((w_exact > 0) == free))  # the active set is the same
+    args = (X, Y, log_lam)
+    exact = li.newton_start(_ridge, prev, args, rtol=1e-13, max_steps=N, bounds=NONNEG)
+    assert _close(exact, w_exact, 1e-10)
+    unbounded = li.newton_start(_ridge, prev, args, rtol=1e-13, max_steps=N)
+    assert float(jnp.min(unbounded)) < 0
+    x0 = li.newton_start(_ridge, prev, args, bounds=NONNEG)
+    assert bool(jnp.all(x0 >= 0))
+    err = float(jnp.linalg.norm(x0 - w_exact))
+    assert err <= 0.1 * float(jnp.linalg.norm(prev.params - w_exact))
+    sol, grad = box_warm_step(log_lam, x0, prev)
+    warm, _ = box_warm_step(log_lam, prev.params, prev)
+    assert _close(sol.params, w_exact) and _close(grad, g_exact)
+    assert int(sol.stats["num_fun_evals"]) < int(warm.stats["num_fun_evals"])
+
+
+def test_newton_start_frees_a_coordinate_the_new_gradient_pulls_off_its_bound():
+    # One coordinate at its lower bound 0 whose new gradient points into the box: the
+    # projected step moves it with the others, to the new (interior) minimiser.
+    def quadratic(x, c):
+        return 0.5 * jnp.sum((x - c) ** 2) + 0.25 * (x[0] - x[1]) ** 2
+
+    prev = li.optimize(quadratic, jnp.ones(2), jnp.asarray([-1.0, 1.0]), bounds=(0.0, None))
+    assert float(prev.params[0]) == 0.0
+    c = jnp.asarray([1.0, 2.0])
+    x0 = li.newton_start(quadratic, prev, c, rtol=1e-12, bounds=(0.0, None))
+    exact = li.optimize(quadratic, jnp.ones(2), c, solver=SOLVER).params
+    assert _close(x0, exact, 1e-10)
+
+
 def test_newton_start_keeps_the_previous_solution_when_the_step_goes_uphill():
     # A pseudo-Huber objective far from the new centre: the Hessian there is 1e-4, the
     # Newton step 8000 long and its value 400 times larger, so the start stays put.
