@@ -13,6 +13,17 @@ alike rather than on whichever ran then, while caches stay warm as in a loop. Ea
 solver runs at least `REPEATS` times and, when a run is short, until its runs add up to
 `MIN_SECONDS` (at most `MAX_REPEATS` runs): a median of five sub-millisecond runs moves
 by tens of percent between identical invocations.
+
+Dispatch: on CPU, XLA runs a program on the calling thread only when its static cost
+estimate is below 1000 flops (`cheap_computation_` in XLA's CPU client, where a while
+loop's body counts once); any other program is handed to a worker thread, which costs
+about 20 microseconds per call on a loaded two-core machine. On problems with two to
+six parameters that hand-off is a large part of a solve, and it falls on whichever
+solver's program is estimated above the line (ours at 970-1190 flops on the CUTEst
+problems with n = 2, optimistix's at 310-510, optax's at 500-1000; each row records its
+program's estimate as `xla_flops`). `--sync-dispatch` sets `jax_cpu_enable_async_dispatch` off
+for every solver, so that the comparison measures the solvers' own work; the default
+measures what a caller sees with JAX's defaults.
 """
 
 import argparse
@@ -33,6 +44,17 @@ MIN_SECONDS = {"full": 0.5, "quick": 0.3, "smoke": 0.0}
 MAX_REPEATS = 300
 
 
+def xla_flops(compiled) -> float | None:
+    """XLA's static cost estimate of a compiled program (SciPy's: of its objective), the
+    number the CPU client compares with 1000 to run it on the calling thread."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # not every backend reports one
+        return None
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost["flops"]) if cost and "flops" in cost else None
+
+
 def prepare_case(problem, solver_name, max_steps):
     """Compile one solver on one problem and run it once (untimed, warming caches).
 
@@ -42,8 +64,9 @@ def prepare_case(problem, solver_name, max_steps):
     row["solver"] = solver_name
     try:
         adapter = solvers.ADAPTERS[solver_name]
-        _, compile_s, call = adapter(problem.fn, problem.x0, problem.args, max_steps)
+        compiled, compile_s, call = adapter(problem.fn, problem.x0, problem.args, max_steps)
         row["compile_s"] = compile_s
+        row["xla_flops"] = xla_flops(compiled)
         first_s, _ = solvers.wall(call)
         return row, call, first_s
     except Exception as e:  # a peer failing on a problem is a result, not a crash
@@ -103,8 +126,16 @@ def main(argv=None):
     parser.add_argument("--out", default=None)
     parser.add_argument("--solvers", default=",".join(solvers.SOLVERS))
     parser.add_argument("--problems", default=None, help="comma-separated names to keep")
+    parser.add_argument(
+        "--sync-dispatch",
+        action="store_true",
+        help="run every program on the calling thread (jax_cpu_enable_async_dispatch off)",
+    )
     opts = parser.parse_args(argv)
     setup()
+    if opts.sync_dispatch:
+        # Read when JAX creates its CPU client, so before the first computation.
+        jax.config.update("jax_cpu_enable_async_dispatch", False)
     out = opts.out or RESULTS_DIR / f"forward-{opts.mode}.json"
     names = opts.solvers.split(",")
     keep = set(opts.problems.split(",")) if opts.problems else None
@@ -114,7 +145,8 @@ def main(argv=None):
     rows = []
     payload = {
         "mode": opts.mode,
-        "command": f"python -m benchmarks.forward --mode {opts.mode}",
+        "command": f"python -m benchmarks.forward --mode {opts.mode}"
+        + (" --sync-dispatch" if opts.sync_dispatch else ""),
         "settings": {
             "gtol": solvers.GTOL,
             "history": solvers.HISTORY,
@@ -123,6 +155,7 @@ def main(argv=None):
             "min_seconds": MIN_SECONDS[opts.mode],
             "max_repeats": MAX_REPEATS,
             "optimistix_rtol_atol": solvers.OPTIMISTIX_TOL,
+            "sync_dispatch": opts.sync_dispatch,
         },
         "machine": machine(),
         "rows": rows,
