@@ -9,6 +9,13 @@ this turn finishes its step and sets up its next direction, while the others go 
 searching. The batch then pays about the largest number of evaluations any element
 needs, instead of the sum over iterations of the largest search.
 
+That is still every element waiting for the slowest. So the batch runs in fewer lanes
+than elements (see `num_lanes`), each holding one element (a task) at a time: when a
+lane's task has finished, its final state is written to the task's row of the output,
+and the next pending task is loaded into the lane (its operands gathered, its `init`
+evaluated at `x0`), so every turn works on unfinished tasks and the batch pays about
+the sum of its tasks' evaluations divided among the lanes, plus the last tasks' tail.
+
 Each element runs the same sequence of setups, trials and updates as the unbatched
 solve, so its iterates, `result` and `stats` are those of the solve alone (to the
 rounding of batched arithmetic, the same as plain `vmap`'s). The rule sits inside the
@@ -30,14 +37,28 @@ from jaxtyping import Array, Bool, Int, PyTree
 
 from ._history import Pair, write_pair
 from ._linesearch import _evaluate, _WolfeCarry, StrongWolfe
+from ._misc import tree_where
 
 
 # Batches run by turns when their parameters take this many bytes (see `uses_turns`).
 MIN_BYTES = 196_608
 
-# Read at trace time: "auto" (the policy of `uses_turns`), or "turns" / "vmap" to force
-# one form, for `benchmarks/batching.py` to time both in one process. Not a user setting.
+# Read at trace time: "auto" (the policy of `uses_turns` and `num_lanes`), or "refill"
+# (by turns in `num_lanes` lanes), "turns" (one lane per element) or "vmap" to force one
+# form, for `benchmarks/batching.py` to time them in one process. Not a user setting.
 MODE = "auto"
+# Read at trace time too: a fixed lane count for `benchmarks/batching.py` to compare
+# policies; `None` is the policy of `num_lanes`. Not a user setting.
+LANES = None
+
+
+def num_lanes(num_tasks: int, num_bytes: int) -> int:
+    """How many lanes a batch solved by turns runs in (`num_tasks` when not refilled)."""
+    if MODE == "turns":
+        return num_tasks
+    if LANES is not None:
+        return max(1, min(LANES, num_tasks))
+    return max(1, num_tasks // 4)
 
 
 def uses_turns(solver, num_tasks: int, num_bytes: int) -> bool:
@@ -67,7 +88,7 @@ def uses_turns(solver, num_tasks: int, num_bytes: int) -> bool:
         and num_tasks >= 2
     ):
         return False
-    return MODE == "turns" or num_tasks * num_bytes >= MIN_BYTES
+    return MODE in ("turns", "refill") or num_tasks * num_bytes >= MIN_BYTES
 
 
 class _Search(eqx.Module):
@@ -136,14 +157,13 @@ def solve(
         _refuse_explicit_batch_axis(dyn, batched)
         axes = jtu.tree_map(lambda b: 0 if b else None, batched)
         if uses_turns(solver, axis_size, num_bytes):
-            out = _turns(
-                solver,
-                lambda d: init(eqx.combine(d, static)),
-                lambda d: value_and_grad_of(eqx.combine(d, static)),
-                finish,
-                axes,
-                dyn,
-            )
+            lanes = num_lanes(axis_size, num_bytes)
+            init_of = lambda d: init(eqx.combine(d, static))  # noqa: E731
+            vg_of = lambda d: value_and_grad_of(eqx.combine(d, static))  # noqa: E731
+            if lanes < axis_size:
+                out = _refill(solver, init_of, vg_of, finish, batched, dyn, axis_size, lanes)
+            else:
+                out = _turns(solver, init_of, vg_of, finish, axes, dyn)
         else:
             out = jax.vmap(one, in_axes=(axes,))(dyn)
         return out, jtu.tree_map(lambda _: True, out)
@@ -180,7 +200,9 @@ def _refuse_explicit_batch_axis(dyn: PyTree, batched: PyTree) -> None:
             )
 
 
-def _turns(solver, init, value_and_grad_of, finish, axes, dyn):
+def _machine(solver, value_and_grad_of):
+    """The pieces of a solve advanced one trial per turn, for one element each, and the
+    turn itself for a batch of lanes (shared by `_turns` and `_refill`)."""
     linesearch = solver.linesearch
     max_steps = solver.max_steps
 
@@ -192,6 +214,12 @@ def _turns(solver, init, value_and_grad_of, finish, axes, dyn):
         )
         # The state holds the memory the direction used until the step is taken.
         return eqx.tree_at(lambda s: s.history, state, plan.history), search
+
+    def start(state):
+        """`(state, search)` of a solve just initialised; one finished at `x0` keeps its
+        initial state (and memory) as it is."""
+        new_state, search = setup(state)
+        return tree_where(~state.terminate, new_state, state), search
 
     def trial(dyn, state, search):
         c = search.carry
@@ -205,13 +233,6 @@ def _turns(solver, init, value_and_grad_of, finish, axes, dyn):
         return solver.advance(
             state, state.history, ls, search.p, search.dg, search.prev_count, active=active
         )
-
-    state = jax.vmap(init, in_axes=(axes,))(dyn)
-    running = ~state.terminate
-    new_state, search = jax.vmap(setup)(state)
-    # Elements finished at `x0` keep their initial state (and memory) as they are.
-    state = _select(running, new_state, state)
-    k = jnp.zeros_like(state.num_steps)
 
     # The memory's buffers (`history_size` times the parameters, per element) are the
     # bulk of the state. They are carried apart from the rest and only written by
@@ -233,8 +254,8 @@ def _turns(solver, init, value_and_grad_of, finish, axes, dyn):
         rest = _select(again, _split(new_state)[0], rest)
         return rest, _select(again, new_search, search)
 
-    def body(carry):
-        rest, buffers, search, k, running = carry
+    def turn(dyn, axes, rest, buffers, search, k, running):
+        """One evaluation for every lane; `dyn` holds the lanes' operands (`axes`)."""
         c = jax.vmap(trial, in_axes=(axes, 0, 0))(dyn, _join(rest, buffers), search)
         searching = running & ~search.carry.done
         search = eqx.tree_at(lambda s: s.carry, search, _select(searching, c, search.carry))
@@ -257,7 +278,135 @@ def _turns(solver, init, value_and_grad_of, finish, axes, dyn):
         )
         return rest, buffers, search, k, running
 
+    return start, turn
+
+
+def _turns(solver, init, value_and_grad_of, finish, axes, dyn):
+    start, turn = _machine(solver, value_and_grad_of)
+    state, search = jax.vmap(start)(jax.vmap(init, in_axes=(axes,))(dyn))
+    running = ~state.terminate
+    k = jnp.zeros_like(state.num_steps)
+
+    def body(carry):
+        return turn(dyn, axes, *carry)
+
     rest, buffers = _split(state)
     carry = (rest, buffers, search, k, running)
     rest, buffers, *_ = lax.while_loop(lambda c: jnp.any(c[4]), body, carry)
     return jax.vmap(finish)(_join(rest, buffers))
+
+
+def _lane(tree, i):
+    return jtu.tree_map(lambda a: lax.dynamic_index_in_dim(a, i, keepdims=False), tree)
+
+
+def _put(tree, i, pred, new):
+    """`tree` with lane `i` replaced by `new` where `pred`, in one pass over all lanes:
+    XLA fuses it with the turn's other elementwise updates, where a write of one lane
+    would be an update of its own for each leaf (and more to compile)."""
+    mask = pred & (jnp.arange(jtu.tree_leaves(tree)[0].shape[0]) == i)
+
+    def put(a, b):
+        return jnp.where(jnp.reshape(mask, mask.shape + (1,) * b.ndim), b[None], a)
+
+    return jtu.tree_map(put, tree, new)
+
+
+def _put_lane(tree, i, pred, new):
+    """`_put` for the memory's buffers, the bulk of the state: only lane `i` is read
+    and written."""
+
+    def put(a, b):
+        old = lax.dynamic_index_in_dim(a, i, keepdims=False)
+        return lax.dynamic_update_index_in_dim(a, jnp.where(pred, b, old), i, 0)
+
+    return jtu.tree_map(put, tree, new)
+
+
+def _refill(solver, init, value_and_grad_of, finish, batched, dyn, num_tasks, num_lanes):
+    """`_turns` on `num_lanes` lanes, each holding one task at a time (see the module
+    docstring): a finished task is written out and the next pending one loaded."""
+    start, turn = _machine(solver, value_and_grad_of)
+    axes = jtu.tree_map(lambda b: 0 if b else None, batched)
+
+    def operands_of(index):
+        """The operands of task `index`."""
+        return jtu.tree_map(
+            lambda b, leaf: lax.dynamic_index_in_dim(leaf, index, keepdims=False) if b else leaf,
+            batched,
+            dyn,
+        )
+
+    def lane_operands(tasks):
+        """The operands of the lanes' tasks (batched along `axes`)."""
+        return jtu.tree_map(lambda b, leaf: leaf[tasks] if b else leaf, batched, dyn)
+
+    def fresh(d):
+        state, search = start(init(d))
+        return _split(state), search
+
+    lanes = jax.eval_shape(fresh, operands_of(jnp.zeros((), jnp.int32)))
+
+    def blank(d):
+        return jtu.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), lanes)
+
+    # The lanes start empty and the loop loads them, one per turn like any other load:
+    # the program then holds one `init` (a batched one before the loop would double
+    # its share of the compile time), and the lanes' tasks end at different turns
+    # even when they are equally long, so they seldom wait to be written out.
+    (rest, buffers), search = jtu.tree_map(
+        lambda s: jnp.zeros((num_lanes,) + s.shape, s.dtype), lanes
+    )
+    running = jnp.zeros(num_lanes, bool)
+    k = jnp.zeros(num_lanes, jnp.int32)
+    tasks = jnp.zeros(num_lanes, jnp.int32)
+    # `holding`: the lane's task is not written out yet.
+    holding = jnp.zeros(num_lanes, bool)
+    pending = jnp.zeros((), jnp.int32)
+    # One row per task and a last row that absorbs the writes of turns with none to make.
+    row = jax.eval_shape(finish, _join(*lanes[0]))
+    out = jtu.tree_map(lambda s: jnp.zeros((num_tasks + 1,) + s.shape, s.dtype), row)
+
+    def write_out(out, index, row):
+        return jtu.tree_map(lambda o, r: lax.dynamic_update_index_in_dim(o, r, index, 0), out, row)
+
+    def body(carry):
+        rest, buffers, search, k, running, tasks, holding, pending, out = carry
+        # At most one lane is written out and one loaded per turn: each costs one lane's
+        # state (its memory included), which a turn can afford, where all lanes' would
+        # cost as much as the turn's evaluations; a lane left waiting is rare.
+        idle = holding & ~running
+        i = jnp.argmax(idle)
+        retire = idle[i]
+        done_row = finish(_join(_lane(rest, i), _lane(buffers, i)))
+        out = write_out(out, jnp.where(retire, tasks[i], num_tasks), done_row)
+        holding = _put(holding, i, retire, jnp.array(False))
+        free = ~holding
+        j = jnp.argmax(free)
+        load = free[j] & (pending < num_tasks)
+        # The task's first evaluation (at `x0`) in a branch: a turn loads a task rarely.
+        operands = operands_of(jnp.minimum(pending, num_tasks - 1))
+        (new_rest, new_buffers), new_search = lax.cond(load, fresh, blank, operands)
+        rest = _put(rest, j, load, new_rest)
+        buffers = _put_lane(buffers, j, load, new_buffers)
+        search = _put(search, j, load, new_search)
+        k = _put(k, j, load, jnp.zeros((), k.dtype))
+        running = _put(running, j, load, ~new_rest.terminate)
+        tasks = _put(tasks, j, load, pending)
+        holding = _put(holding, j, load, jnp.array(True))
+        pending = pending + load.astype(pending.dtype)
+        rest, buffers, search, k, running = turn(
+            lane_operands(tasks), axes, rest, buffers, search, k, running
+        )
+        return rest, buffers, search, k, running, tasks, holding, pending, out
+
+    # Until every task is written out, by the loop itself: a batched write after it
+    # would add a scatter of every lane's state to the program, for the few turns
+    # (one per lane that ends in the same turn as another) it saves.
+    def cond(carry):
+        holding, pending = carry[6], carry[7]
+        return jnp.any(holding) | (pending < num_tasks)
+
+    carry = (rest, buffers, search, k, running, tasks, holding, pending, out)
+    out = lax.while_loop(cond, body, carry)[-1]
+    return jtu.tree_map(lambda o: o[:num_tasks], out)
