@@ -32,7 +32,8 @@ from .batching import _inner, _mlp, _mlp_init, _tasks
 
 
 SOLVERS = ("lbfgs_implicit", "lbfgs_implicit_leafwise", "jaxopt", "optimistix", "unrolled_gd")
-# Also available with `--solvers`: `lbfgs_implicit_flat`, the parameters raveled by the caller.
+# Also available with `--solvers`: `lbfgs_implicit_flat`, the parameters raveled by the caller,
+# and `lbfgs_implicit_unchecked`, ours with `ImplicitAdjoint(check_degenerate=False)`.
 
 GD_STEPS = 100
 GD_RATE = 0.05
@@ -41,12 +42,13 @@ MAX_STEPS = 1000
 
 def _solve(name, fn):
     """`solve(w_meta, xs, ys, lam) -> phi*`, differentiable by the solver's own method."""
-    if name in ("lbfgs_implicit", "lbfgs_implicit_leafwise"):
+    if name in ("lbfgs_implicit", "lbfgs_implicit_leafwise", "lbfgs_implicit_unchecked"):
         import lbfgs_implicit as li
 
         solver = li.LBFGS(max_steps=MAX_STEPS)
+        adjoint = li.ImplicitAdjoint(check_degenerate=name != "lbfgs_implicit_unchecked")
         return lambda w, xs, ys, lam: (
-            li.optimize(fn, w, (w, xs, ys, lam), solver=solver, throw=False).params
+            li.optimize(fn, w, (w, xs, ys, lam), solver=solver, adjoint=adjoint, throw=False).params
         )
     if name == "lbfgs_implicit_flat":
         # The parameters raveled into one vector by the caller, which `optimize` now

@@ -166,6 +166,16 @@ def test_degenerate_minimiser_raises():
         jax.block_until_ready(jax.grad(_outer_quartic)(2.0, li.ImplicitAdjoint()))
 
 
+def test_degenerate_check_can_be_skipped():
+    # Skipped on request: the same solve then returns the implicit function theorem's
+    # answer at x_k, -sum(x_k) / (3 lam) (module comment above), without an error.
+    x = li.optimize(_quartic, _X0_QUARTIC, 2.0, solver=_SOLVER).params
+    adjoint = li.ImplicitAdjoint(check_degenerate=False)
+    grad = float(jax.grad(_outer_quartic)(2.0, adjoint))
+    np.testing.assert_allclose(grad, -float(jnp.sum(x)) / (3 * 2.0), rtol=1e-6)
+    assert grad != 0.0
+
+
 def test_degenerate_minimiser_damped():
     # The documented fix: with damping the answer is -sum(4 lam x^3 / (12 lam x^2 + d)),
     # within d^-1 * |grad f(x_k)| of the true 0.
