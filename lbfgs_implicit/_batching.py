@@ -60,10 +60,11 @@ def num_lanes(num_tasks: int, num_bytes: int) -> int:
     loaded) that is about seven iMAML lanes' evaluations on 2 CPU cores, and the last
     tasks loaded leave a tail in which lanes run empty. Measured with `python -m
     benchmarks.batching --tasks 64 --lanes 2 8 --time` (value and gradient of 64 iMAML
-    tasks in float64, CPU seconds against plain `vmap`, interleaved): T/2 lanes 0.46x,
-    T/4 0.36x-0.38x, T/8 0.37x-0.39x (one lane per task, without refilling: 0.62x-0.71x);
-    on 64 copies of the slowest task, where refilling has nothing to gain, T/4 lanes
-    cost 1.17x plain `vmap` and T/8 1.27x-1.31x, so a quarter.
+    tasks in float64, CPU seconds against plain `vmap`, interleaved, three runs): T/2
+    lanes 0.46x, T/4 0.35x-0.38x, T/8 0.35x-0.39x (one lane per task, without
+    refilling: 0.58x-0.71x); on 64 copies of the slowest task, where refilling has
+    nothing to gain, T/4 lanes cost 1.06x-1.18x plain `vmap` and T/8 1.24x-1.31x, so a
+    quarter.
     """
     if MODE == "turns":
         return num_tasks
