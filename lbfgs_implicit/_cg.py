@@ -29,7 +29,10 @@ class CG(lx.AbstractLinearSolver):
     """Preconditioned conjugate gradients for symmetric positive definite operators.
 
     Used by [`lbfgs_implicit.ImplicitAdjoint`][] by default; accepts the lineax options
-    `preconditioner` (a positive definite operator) and `y0` (initial guess).
+    `preconditioner` (a positive definite operator), `y0` (initial guess), `r0` (its
+    residual `b - A y0`, when the caller has it; saves a product) and `precondition_if`
+    (a boolean scalar: where false, the steps are unpreconditioned; decided once, so a
+    solve that does not use the preconditioner pays nothing for it per step).
 
     **Arguments:**
 
@@ -56,42 +59,31 @@ class CG(lx.AbstractLinearSolver):
 
     def compute(self, state, vector, options):
         operator = state
-        structure = operator.in_structure()
-        preconditioner = options.get("preconditioner", lx.IdentityLinearOperator(structure))
         size = sum(leaf.size for leaf in jtu.tree_leaves(vector))
         max_steps = 10 * size if self.max_steps is None else self.max_steps
         target = self.atol + self.rtol * tree_norm2(vector)
 
-        if "y0" in options:
-            y0 = options["y0"]
-            r0 = tree_sub(vector, operator.mv(y0))
+        if "r0" in options:
+            y, r = options["y0"], options["r0"]
+        elif "y0" in options:
+            y = options["y0"]
+            r = tree_sub(vector, operator.mv(y))
         else:
             # From zero the residual is the right-hand side: no product.
-            y0 = jtu.tree_map(jnp.zeros_like, vector)
-            r0 = vector
-        z0 = preconditioner.mv(r0)
-        init = (y0, r0, z0, tree_dot(r0, z0), jnp.zeros((), jnp.int32), jnp.array(False))
-
-        def cond(carry):
-            _, r, _, gamma, k, broke = carry
-            return (tree_norm2(r) > target) & (k < max_steps) & ~broke & (gamma > 0)
-
-        def body(carry):
-            y, r, p, gamma, k, _ = carry
-            ap = operator.mv(p)
-            pap = tree_dot(p, ap)
-            broke = ~(pap > 0) | ~jnp.isfinite(pap)
-            alpha = jnp.where(broke, 0, gamma / jnp.where(broke, 1, pap))
-            y = tree_axpy(alpha, p, y)
-            k = k + 1
-            r = tree_axpy(-alpha, ap, r)
-            z = preconditioner.mv(r)
-            gamma_new = tree_dot(r, z)
-            beta = gamma_new / jnp.where(gamma > 0, gamma, 1)
-            p = tree_axpy(beta, p, z)
-            return y, r, p, gamma_new, k, broke
-
-        y, r, _, _, num_steps, broke = lax.while_loop(cond, body, init)
+            y = jtu.tree_map(jnp.zeros_like, vector)
+            r = vector
+        k = jnp.zeros((), jnp.int32)
+        preconditioner = options.get("preconditioner")
+        use = options.get("precondition_if", True)
+        broke = jnp.array(False)
+        if preconditioner is not None:
+            y, r, k, broke = _cg_loop(operator, preconditioner.mv, y, r, k, target, max_steps, use)
+        if preconditioner is None or "precondition_if" in options:
+            # Unpreconditioned where the preconditioner was not to be used, and where it
+            # broke down (not positive definite on the Krylov space): plain CG continues
+            # from its iterate.
+            enabled = ~jnp.asarray(use) | broke if preconditioner is not None else True
+            y, r, k, broke = _cg_loop(operator, None, y, r, k, target, max_steps, enabled)
         converged = tree_norm2(r) <= target
         result = lx.RESULTS.where(
             broke,
@@ -101,19 +93,61 @@ class CG(lx.AbstractLinearSolver):
         if self.max_steps is not None and self.rtol == 0 and self.atol == 0:
             # A fixed number of steps was asked for (a refinement), not convergence.
             result = lx.RESULTS.where(broke, lx.RESULTS.breakdown, lx.RESULTS.successful)
-        return y, result, {"num_steps": num_steps}
+        return y, result, {"num_steps": k}
 
     def transpose(self, state, options):
         transposed = {}
         if "preconditioner" in options:
             transposed["preconditioner"] = options["preconditioner"].transpose()
+        if "precondition_if" in options:
+            transposed["precondition_if"] = options["precondition_if"]
         return state.transpose(), transposed
 
     def conj(self, state, options):
         conjugated = {}
         if "preconditioner" in options:
             conjugated["preconditioner"] = lx.conj(options["preconditioner"])
+        if "precondition_if" in options:
+            conjugated["precondition_if"] = options["precondition_if"]
         return lx.conj(state), conjugated
 
     def assume_full_rank(self):
         return True
+
+
+def _cg_loop(operator, precondition, y, r, k, target, max_steps, enabled):
+    """CG steps from `(y, r)` while `enabled` and unconverged; `precondition` None is plain.
+
+    The preconditioner is applied at the top of a step, so a loop that does not run
+    (or stops converged) applies it no more often than it takes steps. `rr = r'r` is
+    carried for the stopping test, which for plain CG is also `r'z`.
+    """
+    rr = tree_dot(r, r)
+    zero = jtu.tree_map(jnp.zeros_like, y)
+    # With p = 0 the first step's beta multiplies nothing; gamma = 1 keeps it finite.
+    one = jnp.ones((), rr.dtype)
+    init = (y, r, zero, one, rr, k, jnp.array(False))
+
+    def cond(carry):
+        *_, rr, k, broke = carry
+        return enabled & (jnp.sqrt(rr) > target) & (k < max_steps) & ~broke
+
+    def body(carry):
+        y, r, p, gamma, rr, k, _ = carry
+        if precondition is None:
+            z, gamma_new = r, rr
+        else:
+            z = precondition(r)
+            gamma_new = tree_dot(r, z)
+        p = tree_axpy(gamma_new / gamma, p, z)
+        ap = operator.mv(p)
+        pap = tree_dot(p, ap)
+        # Not positive definite on the Krylov space (operator or preconditioner).
+        broke = ~(pap > 0) | ~jnp.isfinite(pap) | ~(gamma_new > 0)
+        alpha = jnp.where(broke, 0, gamma_new / jnp.where(broke, 1, pap))
+        y = tree_axpy(alpha, p, y)
+        r = tree_axpy(-alpha, ap, r)
+        return y, r, p, jnp.where(broke, one, gamma_new), tree_dot(r, r), k + 1, broke
+
+    y, r, _, _, _, k, broke = lax.while_loop(cond, body, init)
+    return y, r, k, broke

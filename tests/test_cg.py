@@ -80,3 +80,27 @@ def test_differentiable_through_linear_solve():
 def test_bad_configuration(kwargs):
     with pytest.raises(ValueError, match="CG needs"):
         li.CG(**kwargs)
+
+
+def test_preconditioner_switched_once_before_the_loop():
+    # `precondition_if` false runs exactly plain CG; true, preconditioned CG; a
+    # preconditioner that is not positive definite breaks down and plain CG finishes.
+    a = _spd(12, 1e3)
+    b = jnp.linspace(-1.0, 1.0, 12)
+    jacobi = _op(jnp.diag(1 / jnp.diag(a)))
+    indefinite = lx.MatrixLinearOperator(-jnp.eye(12), lx.symmetric_tag)
+
+    def solve(**options):
+        return lx.linear_solve(_op(a), b, li.CG(rtol=1e-12), options=options, throw=False)
+
+    plain, pcg = solve(), solve(preconditioner=jacobi)
+    off = solve(preconditioner=jacobi, precondition_if=jnp.array(False))
+    on = solve(preconditioner=jacobi, precondition_if=jnp.array(True))
+    assert int(off.stats["num_steps"]) == int(plain.stats["num_steps"])
+    assert int(on.stats["num_steps"]) == int(pcg.stats["num_steps"])
+    assert int(pcg.stats["num_steps"]) != int(plain.stats["num_steps"])
+    np.testing.assert_allclose(off.value, on.value, rtol=1e-9)
+    broken = solve(preconditioner=indefinite, precondition_if=jnp.array(True))
+    assert broken.result == lx.RESULTS.successful
+    np.testing.assert_allclose(broken.value, jnp.linalg.solve(a, b), rtol=1e-9)
+    assert solve(preconditioner=indefinite).result == lx.RESULTS.breakdown
