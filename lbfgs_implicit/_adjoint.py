@@ -10,11 +10,13 @@ solve; the rule around the solve is shared.
 
 import abc
 import functools as ft
+import math
 from collections.abc import Callable
 from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
+import jax.extend
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -108,49 +110,49 @@ class ImplicitAdjoint(AbstractAdjoint):
 
     Solves $(H + \\lambda I) w = v$ with Hessian-vector products (reverse-over-reverse,
     linearised once at the solution, so `fn` may itself call `optimize` or other
-    custom-VJP functions), by default with [`lbfgs_implicit.CG`][] started from
-    $H_k v$, where $H_k$ is the forward pass's L-BFGS inverse-Hessian approximation; CG
-    itself is not preconditioned by $H_k$ unless `memory_preconditioner=True`, because
-    where Hessian-vector products are cheap a product with $H_k$ per step costs more
-    than the steps it saves (see "What the L-BFGS memory saves" on the adjoints page).
+    custom-VJP functions), by default with [`lbfgs_implicit.CG`][], using the forward
+    pass's L-BFGS memory only where that can pay (below).
 
-    `all_pairs=True` uses the memory better (unbounded solves with an iterative solver):
+    The memory's all-pairs inverse (unbounded solves with an iterative solver):
 
     1. The pairs $(s_i, y_i)$ define $P_\\sigma$, one BFGS update by all of them at
-       once from $\\sigma I$: $P_\\sigma y_i = s_i$ for every pair (for $H_k$ only the
-       newest), so where the pairs are curvature of $H$ $P_\\sigma H$ is the identity
-       on their span. One Hessian-vector product fits $\\sigma$ to the rest of the
-       spectrum (the Rayleigh quotient of the part of $v$ the pairs do not describe).
-    2. CG starts from $P_\\sigma v$. If that start leaves at most half of $v$'s residual
-       (estimated from the pairs, no further product), every CG step is preconditioned
-       by $P_\\sigma$; otherwise CG runs unpreconditioned (from zero if the start is
-       worse than zero).
+       once from $\\sigma I$: $P_\\sigma y_i = s_i$ for every pair (for the L-BFGS
+       inverse $H_k$ only the newest), so where the pairs are curvature of $H$
+       $P_\\sigma H$ is the identity on their span. A Hessian-vector product fits
+       $\\sigma$ to the rest of the spectrum (the Rayleigh quotient of the part of $v$
+       the pairs do not describe).
+    2. CG starts from $P_\\sigma v$, whose exact residual comes from that product and
+       one more. If the start leaves at most half of $v$'s residual, CG is
+       preconditioned by $P_\\sigma$; otherwise it runs unpreconditioned (from zero if
+       the start is worse than zero). The choice is made once, before the loop.
 
-    Measured CG steps against plain CG: 1 against 9 on `lam I` + rank 8, 47 against 90
-    on a ridge with five strong common factors (0.54x of the time), 46 against 66 on the
-    iMAML inner problem (0.83x), unchanged on Hessians without outlying eigenvalues. It
-    is not the default because its set-up (one Hessian-vector product and a few passes
-    over the memory per backward solve) costs 1.2x-1.5x of plain CG's time where
-    Hessian-vector products cost microseconds, and its per-step switch (a `lax.cond`
-    whose operands include the memory) raised the backward's temporaries of a
-    12000-parameter MLP from 25.8 to 34.7 parameter-sized vectors (see "What the L-BFGS
-    memory saves in the backward pass" on the adjoints page).
+    The default (`all_pairs=None`) does this only where a product with the memory is
+    estimated to cost at most a tenth of a Hessian-vector product (`MEMORY_COST`;
+    estimated when tracing, from both jaxprs: one unit per operation plus its
+    arithmetic), so that where the memory describes nothing the set-up is a few steps'
+    worth and every step costs at most 10% more; elsewhere it runs plain CG from zero,
+    as `precondition=False`. Where Hessian-vector products cost microseconds (small or
+    sparse problems, small networks on a CPU) the memory's fixed costs exceed what it
+    can save: measured with `python -m benchmarks.preconditioner`, `all_pairs=True` took
+    1 CG step against 9 on `lam I` + rank 8 and 45 against 66 on the iMAML inner
+    problem, yet 1.1x and 1.2x of plain CG's time. On a ridge with five strong common
+    factors (n = 2000, dense data) it takes 47 steps against 90.
 
-    **Arguments:**
+        **Arguments:**
 
     - `linear_solver`: any lineax solver. `None` (default) is
       [`lbfgs_implicit.CG`][] with `rtol` $\\varepsilon^{2/3}$ (`3.7e-11` in float64,
       `2.4e-5` in float32) and at most `min(10 n, 10000)` steps. Dense solvers
       (`lineax.Cholesky()`, `lineax.LU()`) materialise $H$ (fine for small n);
       `lineax.GMRES` handles indefinite Hessians.
-    - `precondition`: start from the memory's guess ($H_k v$, or $P_\\sigma v$ with
-      `all_pairs`; for CG, GMRES and BiCGStab). Default `True`; `False` is plain CG
-      from zero.
+    - `precondition`: use the memory as above (its start for CG, GMRES and BiCGStab,
+      its preconditioner for CG). Default `True`; `False` is plain CG from zero.
     - `memory_preconditioner`: also precondition every CG step by the L-BFGS inverse
       Hessian $H_k$. Default `False`: $H_k$ satisfies only the newest pair's secant
       equation, and on Hessians with a few outlying eigenvalues it costs steps (118
       against 90 on the factor ridge).
-    - `all_pairs`: use the all-pairs inverse as above. Default `False`.
+    - `all_pairs`: `True` uses the all-pairs inverse as above whatever the costs,
+      `False` starts plain CG from $H_k v$, `None` (default) chooses by cost as above.
     - `damping`: $\\lambda \\ge 0$ added to the Hessian's diagonal, for singular
       Hessians (it changes the gradient: it is then that of a proximal-regularised
       problem). Default `0.0`.
@@ -179,7 +181,7 @@ class ImplicitAdjoint(AbstractAdjoint):
     linear_solver: lx.AbstractLinearSolver | None = None
     precondition: bool = True
     memory_preconditioner: bool = False
-    all_pairs: bool = False
+    all_pairs: bool | None = None
     damping: float = 0.0
     check_degenerate: bool = True
     exact: ClassVar[bool] = True
@@ -216,21 +218,32 @@ class ImplicitAdjoint(AbstractAdjoint):
         stats = {}
         if not (self.precondition and isinstance(solver, _ITERATIVE)):
             pass
-        elif self.memory_preconditioner or not self.all_pairs or block is None:
+        elif (
+            self.all_pairs is None
+            and not self.memory_preconditioner
+            and (_cost(inverse_approx.mv, v) > MEMORY_COST * _cost(hessian.mv, v))
+        ):
+            # A product with the memory costs more than a tenth of a CG step: plain CG
+            # from zero (see `ImplicitAdjoint`).
+            pass
+        elif self.memory_preconditioner or self.all_pairs is False or block is None:
             # `block is None`: bounds (the memory masked to the free set), where the
             # pairs are not curvature of the masked operator.
             options["y0"] = inverse_approx.mv(v)
             if self.memory_preconditioner:
                 options["preconditioner"] = inverse_approx
         else:
-            y0, preconditioner, stats = _memory_policy(hessian, block, v)
-            options["y0"] = y0
-            if isinstance(solver, (CG, lx.CG)):
-                options["preconditioner"] = preconditioner
-        if "y0" in options:
-            # lineax does not differentiate `options`; the answer does not depend on
-            # the initial guess, so no gradient is lost.
-            options["y0"] = lax.stop_gradient(options["y0"])
+            options, stats = _memory_policy(hessian, block, v, switch=isinstance(solver, lx.CG))
+            if not isinstance(solver, CG):
+                options.pop("r0")
+                options.pop("precondition_if", None)
+            if not isinstance(solver, (CG, lx.CG)):
+                options.pop("preconditioner")
+        for key in ("y0", "r0"):
+            if key in options:
+                # lineax does not differentiate `options`; the answer does not depend
+                # on the initial guess, so no gradient is lost.
+                options[key] = lax.stop_gradient(options[key])
         sol = lx.linear_solve(hessian, v, solver, options=options, throw=False)
         w = sol.value
         vnorm = tree_norm2(v)
@@ -248,49 +261,109 @@ class ImplicitAdjoint(AbstractAdjoint):
 
 # `||r_0|| / ||v||` of the memory's start below which CG is preconditioned by the memory.
 MEMORY_TEST = 0.5
+# Estimated cost of a product with the memory, relative to a Hessian-vector product,
+# above which the default backward does not use the memory: where it describes nothing,
+# each preconditioned step then costs at most this much more than a plain one.
+MEMORY_COST = 0.1
+
+
+# Work (flops of a matrix product, elements of any other result) that costs about as
+# much as launching one kernel on a CPU.
+_KERNEL_WORK = 4096.0
+
+
+def _sub_jaxprs(value):
+    if isinstance(value, jax.extend.core.ClosedJaxpr):
+        yield value.jaxpr
+    elif isinstance(value, jax.extend.core.Jaxpr):
+        yield value
+    elif isinstance(value, tuple | list):
+        for item in value:
+            yield from _sub_jaxprs(item)
+
+
+def _jaxpr_cost(jaxpr) -> float:
+    """Estimated cost of running `jaxpr` once, in kernel launches (see `_KERNEL_WORK`).
+
+    One launch per operation plus its work: what decides between two ways of solving
+    on small problems is how many kernels run, on large ones how much arithmetic.
+    Loops count their body once.
+    """
+    cost = 0.0
+    for eqn in jaxpr.eqns:
+        inner = [j for value in eqn.params.values() for j in _sub_jaxprs(value)]
+        if inner:
+            cost += max(_jaxpr_cost(j) for j in inner)
+            continue
+        out = sum(math.prod(getattr(v.aval, "shape", ())) for v in eqn.outvars)
+        if eqn.primitive.name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            out = 2 * out * math.prod(lhs[i] for i in contract)
+        cost += 1 + out / _KERNEL_WORK
+    return cost
+
+
+def _cost(fn, *args) -> float:
+    return _jaxpr_cost(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
 def _switch_mv(use, block: BlockInverse, sigma, r):
     return lax.cond(use, lambda r: apply_block_inverse(block, sigma, r), lambda r: r, r)
 
 
-def _memory_policy(hessian: lx.AbstractLinearOperator, block: BlockInverse, v):
-    """Start, preconditioner and stats of the default backward solve (see `ImplicitAdjoint`).
+def _block_mv(block: BlockInverse, sigma, r):
+    return apply_block_inverse(block, sigma, r)
 
-    The pairs give $P_\\sigma$ (`BlockInverse`) on their span; $\\sigma$ is fitted to
-    the rest of the spectrum by one Hessian-vector product, the Rayleigh quotient of
-    the part $u$ of $v$ the pairs do not describe ($\\sigma = u^\\top u / u^\\top H u$).
-    The start $y_0 = P_\\sigma v$ then leaves the residual
-    $r_0 = v - H y_0 \\approx v - Y a - \\sigma H u$ (with $Y$ for $H S$, no further
-    product). If $\\|r_0\\| \\le$ `MEMORY_TEST` $\\|v\\|$ the memory describes $H$
-    along $v$ and every CG step is preconditioned by $P_\\sigma$; otherwise its product
-    would cost more than it saves and CG runs unpreconditioned, from $y_0$ if it is
-    better than zero, else from zero.
+
+def _memory_policy(hessian: lx.AbstractLinearOperator, block: BlockInverse, v, switch: bool):
+    """Start, preconditioner and stats of the all-pairs backward solve (see `ImplicitAdjoint`).
+
+    The pairs give $P_\\sigma$ (`BlockInverse`) on their span: $P_\\sigma v = \\sigma u
+    + S a$ with $u$ the part of $v$ the pairs do not describe. $\\sigma$ is fitted to the
+    rest of the spectrum, the Rayleigh quotient $u^\\top u / u^\\top H u$; with $H S a$
+    from the same (batched) product, the start $y_0 = P_\\sigma v$ comes with its exact
+    residual $r_0 = v - \\sigma H u - H S a$, and CG needs no product to start. If
+    $\\|r_0\\| \\le$ `MEMORY_TEST` $\\|v\\|$ the memory describes $H$ along $v$ and CG
+    is preconditioned by $P_\\sigma$; otherwise a product with $P_\\sigma$ would cost
+    more than it saves and CG runs unpreconditioned, from $y_0$ if it is better than
+    zero, else from zero.
+
+    Returns the lineax options and the stats. With `switch` (solvers other than
+    [`lbfgs_implicit.CG`][], which cannot decide once before their loop) the
+    preconditioner itself switches to the identity, at the price of a `lax.cond` per
+    step.
     """
     a, c = block_split(block, v)
     h = block.history
-    zero = jnp.zeros_like(a)
     u = combine_pairs(h, v, -c, -a)
-    hu = hessian.mv(u)
+    sa = jtu.tree_map(lambda bs: jnp.tensordot(a.astype(bs.dtype), bs, axes=1), h.s)
+    hu, hsa = hessian.mv(u), hessian.mv(sa)
     uu, uhu = tree_dot(u, u), tree_dot(u, hu)
     good = (uhu > 0) & jnp.isfinite(uhu) & (uu > 0)
     sigma = jnp.where(good, uu / jnp.where(good, uhu, 1), h.gamma).astype(a.dtype)
-    # r_0 estimate: v - Y a - sigma H u.
-    r0 = tree_axpy(-sigma, hu, combine_pairs(h, v, zero, -a))
+    y0 = tree_axpy(sigma, u, sa)
+    r0 = tree_sub(tree_axpy(-sigma, hu, v), hsa)
     vnorm = tree_norm2(v)
     ratio = tree_norm2(r0) / jnp.where(vnorm > 0, vnorm, 1)
     ratio = jnp.where(jnp.isfinite(ratio) & (vnorm > 0), ratio, jnp.inf)
     use = ratio <= MEMORY_TEST
-    y0 = combine_pairs(h, tree_scale(sigma, u), a, zero)
-    y0 = jtu.tree_map(lambda y: jnp.where(ratio < 1, y, jnp.zeros_like(y)), y0)
-    preconditioner = lx.FunctionLinearOperator(
-        jtu.Partial(_switch_mv, use, block, sigma),
-        jax.eval_shape(lambda: v),
-        tags=(lx.symmetric_tag, lx.positive_semidefinite_tag),
-        closure_convert=False,
+    start = ratio < 1
+    y0 = jtu.tree_map(lambda y: jnp.where(start, y, jnp.zeros_like(y)), y0)
+    r0 = jtu.tree_map(lambda r, vi: jnp.where(start, r, vi), r0, v)
+    options = {"y0": y0, "r0": r0}
+    structure = jax.eval_shape(lambda: v)
+    tags = (lx.symmetric_tag, lx.positive_semidefinite_tag)
+    if switch:
+        mv = jtu.Partial(_switch_mv, use, block, sigma)
+    else:
+        mv = jtu.Partial(_block_mv, block, sigma)
+        options["precondition_if"] = use
+    options["preconditioner"] = lx.FunctionLinearOperator(
+        mv, structure, tags=tags, closure_convert=False
     )
     stats = {"memory_residual": ratio, "memory_preconditioned": use}
-    return y0, preconditioner, stats
+    return options, stats
 
 
 class QuasiNewtonAdjoint(AbstractAdjoint):
@@ -405,7 +478,7 @@ def _uses_block(adjoint: AbstractAdjoint) -> bool:
     return (
         isinstance(adjoint, ImplicitAdjoint)
         and adjoint.precondition
-        and adjoint.all_pairs
+        and adjoint.all_pairs is not False
         and not adjoint.memory_preconditioner
         and isinstance(adjoint.linear_solver, (type(None),) + _ITERATIVE)
     )

@@ -292,3 +292,24 @@ def test_all_pairs_backward_falls_back_when_the_memory_does_not_describe_the_hes
     assert _rel(w, np.linalg.solve(hess, np.asarray(v))) < 1e-7
     _, _, plain = li.ImplicitAdjoint(precondition=False).solve(op, inverse, v)
     assert int(stats["num_steps"]) == int(plain["num_steps"])
+
+
+def test_default_backward_uses_the_memory_only_where_its_products_are_cheap():
+    # lam I + rank 4. At n = 40 a product with the ten pairs costs more than a tenth of
+    # a Hessian-vector product (a 40 x 40 matrix): the default is plain CG from zero.
+    # At n = 2000 the dense product costs far more than the memory's passes, and the
+    # default solves as all_pairs=True, in fewer steps than plain CG's 5 (4 measured:
+    # the pairs of this tight solve describe the rank-4 part up to rounding).
+    for n, uses_memory in [(40, False), (2000, True)]:
+        u = np.random.default_rng(2).normal(size=(n, 4))
+        hess = 0.1 * np.eye(n) + u @ u.T
+        op, inverse, v = _memory_and_hessian(hess)
+        w, result, stats = li.ImplicitAdjoint().solve(op, inverse, v)
+        _, _, plain = li.ImplicitAdjoint(precondition=False).solve(op, inverse, v)
+        assert result == li.RESULTS.successful
+        assert _rel(w, np.linalg.solve(hess, np.asarray(v))) < 1e-9
+        assert int(plain["num_steps"]) == 5
+        if uses_memory:
+            assert bool(stats["memory_preconditioned"]) and int(stats["num_steps"]) <= 4
+        else:
+            assert "memory_preconditioned" not in stats and int(stats["num_steps"]) == 5
