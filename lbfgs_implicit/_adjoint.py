@@ -134,8 +134,8 @@ class ImplicitAdjoint(AbstractAdjoint):
     as `precondition=False`. Where Hessian-vector products cost microseconds (small or
     sparse problems, small networks on a CPU) the memory's fixed costs exceed what it
     can save: measured with `python -m benchmarks.preconditioner`, `all_pairs=True` took
-    1 CG step against 9 on `lam I` + rank 8 and 45 against 66 on the iMAML inner
-    problem, yet 1.1x and 1.2x of plain CG's time. On a ridge with five strong common
+    1 CG step against 9 on `lam I` + rank 8 and 44 against 66 on the iMAML inner
+    problem, yet 1.1x-1.2x of plain CG's time on both. On a ridge with five strong common
     factors (n = 2000, dense data) it takes 47 steps against 90.
 
         **Arguments:**
