@@ -400,7 +400,7 @@ def factor_ridge_problem(n, m, factors, seed=0):
 
 def cg_steps_by_start(inner, x_star, args, history, v):
     """CG steps to the default tolerance on $H w = v$ at `x_star`, for each use of $H_k$:
-    preconditioner and start $H_k v$, neither, the start only (the default), the
+    preconditioner and start $H_k v$, neither, the start only, the
     preconditioner only."""
     import lineax as lx
 

@@ -395,11 +395,11 @@ def preconditioner_block(pre, lines):
         "",
         "Backward CG steps to the default tolerance on $H w = v$ at the solution, with "
         "the forward pass's $H_k$ used as preconditioner and start, as neither, or as one "
-        "of the two (the default since issue 15: the start only). Command: "
+        "of the two. Command: "
         f"`{pre['command']}`.",
         "",
         "| problem | n | forward steps | $H_k$ both | plain from 0 | "
-        "plain from $H_k v$ (default) | $H_k$ from 0 |",
+        "plain from $H_k v$ | $H_k$ from 0 |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in pre["rows"]:
@@ -415,10 +415,11 @@ def preconditioner_block(pre, lines):
         "few eigenvalues stand far above the rest, the last pairs of a long forward "
         "solve describe the bulk, not those directions, and preconditioning by $H_k$ "
         "can cost steps: $H_k$ keeps only its newest pair's secant equation. Hence the "
-        "default starts from $H_k v$ without preconditioning; "
-        "`ImplicitAdjoint(all_pairs=True)` builds one BFGS update by all pairs at once "
-        "instead, and preconditions by it only where its start shows that it describes "
-        "$H$ (the adjoints page, 'What the L-BFGS memory saves in the backward pass'); "
+        "default builds one BFGS update by all pairs at once instead, preconditions by it "
+        "only where its start shows that it describes $H$, and uses the memory at all "
+        "only where a product with it is estimated to cost at most a tenth of a "
+        "Hessian-vector product, else runs plain CG from zero (the adjoints page, 'What "
+        "the L-BFGS memory saves in the backward pass'); "
         "`python -m benchmarks.preconditioner` times the choices.",
         "",
     ]
