@@ -284,6 +284,9 @@ def test_batch_of_one_and_nested_vmap(mode, single, singles):
     assert not batching.uses_turns(li.LBFGS(), 64, 481 * 4)  # and in float32
     assert not batching.uses_turns(li.LBFGS(), 1024, 20 * 8)
     assert not batching.uses_turns(li.LBFGS(linesearch=li.Backtracking()), 64, 481 * 8)
+    assert batching.num_lanes(64, 481 * 8) == 16
+    assert batching.num_lanes(1024, 481 * 8) == batching.MAX_LANES
+    assert batching.num_lanes(4096, 20 * 8) == 4096  # tiny tasks: one lane each
     one = jax.vmap(_solve(_banana()))(STARTS[:1], SCALES[:1])
     np.testing.assert_allclose(one.params[0], singles[0].params, rtol=1e-12, atol=1e-14)
     # vmap of vmap: a 2 x 8 grid (the inner level by turns, the outer by XLA's batching
