@@ -139,7 +139,7 @@ class ImplicitAdjoint(AbstractAdjoint):
     factors (n = 2000, dense data) the default takes 45 CG steps against 88, 0.61x of
     plain CG's time (`--only "5 common" --starts cold --rounds 3`, median).
 
-        **Arguments:**
+    **Arguments:**
 
     - `linear_solver`: any lineax solver. `None` (default) is
       [`lbfgs_implicit.CG`][] with `rtol` $\\varepsilon^{2/3}$ (`3.7e-11` in float64,
@@ -323,7 +323,7 @@ def _memory_policy(hessian: lx.AbstractLinearOperator, block: BlockInverse, v, s
     The pairs give $P_\\sigma$ (`BlockInverse`) on their span: $P_\\sigma v = \\sigma u
     + S a$ with $u$ the part of $v$ the pairs do not describe. $\\sigma$ is fitted to the
     rest of the spectrum, the Rayleigh quotient $u^\\top u / u^\\top H u$; with $H S a$
-    from the same (batched) product, the start $y_0 = P_\\sigma v$ comes with its exact
+    from one more product, the start $y_0 = P_\\sigma v$ comes with its exact
     residual $r_0 = v - \\sigma H u - H S a$, and CG needs no product to start. If
     $\\|r_0\\| \\le$ `MEMORY_TEST` $\\|v\\|$ the memory describes $H$ along $v$ and CG
     is preconditioned by $P_\\sigma$; otherwise a product with $P_\\sigma$ would cost

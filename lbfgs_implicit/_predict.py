@@ -11,6 +11,7 @@ import jax.tree_util as jtu
 import lineax as lx
 from jaxtyping import Array, PyTree
 
+from ._adjoint import _keep, _masked
 from ._box import active_masks, check_bounds, normalise_bounds, project
 from ._cg import CG
 from ._misc import tree_add, tree_allfinite, tree_neg, tree_where
@@ -22,15 +23,6 @@ def _hvp(vjp, zero, u):
     return vjp((zero, u))[0]
 
 
-def _free_hvp(vjp, zero, free, u):
-    # H restricted to the free coordinates: zero rows and columns for the held ones.
-    return _mask(free, _hvp(vjp, zero, _mask(free, u)))
-
-
-def _mask(free, tree):
-    return jtu.tree_map(lambda m, t: jnp.where(m, t, jnp.zeros_like(t)), free, tree)
-
-
 @eqx.filter_jit
 def _newton_start(fn, params, args, has_aux, rtol, max_steps, box=None):
     def value(x):
@@ -40,21 +32,20 @@ def _newton_start(fn, params, args, has_aux, rtol, max_steps, box=None):
     # Hessian-vector products by reverse-over-reverse, as in the backward pass, so that
     # `fn` may call custom-VJP functions (another `optimize`).
     (f_old, g), vjp = jax.vjp(jax.value_and_grad(value), params)
-    zero = jnp.zeros_like(f_old)
-    if box is None:
-        matvec, rhs = jtu.Partial(_hvp, vjp, zero), tree_neg(g)
-    else:
-        # A projected Newton step: coordinates at a bound that the new gradient pushes
-        # outward stay there; the step solves the Newton equation on the others.
-        at_lower, at_upper = active_masks(params, g, box)
-        free = jtu.tree_map(lambda a, b: ~(a | b), at_lower, at_upper)
-        matvec, rhs = jtu.Partial(_free_hvp, vjp, zero, free), _mask(free, tree_neg(g))
     operator = lx.FunctionLinearOperator(
-        matvec,
+        jtu.Partial(_hvp, vjp, jnp.zeros_like(f_old)),
         jax.eval_shape(lambda: params),
         tags=(lx.symmetric_tag, lx.positive_semidefinite_tag),
         closure_convert=False,
     )
+    rhs = tree_neg(g)
+    if box is not None:
+        # A projected Newton step: coordinates at a bound that the new gradient pushes
+        # outward stay there (the backward pass's masked operator, with a zero step on
+        # the held coordinates); the step solves the Newton equation on the others.
+        at_lower, at_upper = active_masks(params, g, box)
+        free = jtu.tree_map(lambda a, b: ~(a | b), at_lower, at_upper)
+        operator, rhs = _masked(operator, free), _keep(free, rhs)
     out = lx.linear_solve(operator, rhs, CG(rtol=rtol, max_steps=max_steps), throw=False)
     candidate = tree_add(params, out.value)
     if box is not None:
