@@ -231,10 +231,16 @@ def test_newton_start_against_the_closed_form(prev):
     exact = li.newton_start(_ridge, prev, (X, Y, log_lam), rtol=1e-13, max_steps=N)
     assert _close(exact, w_exact, 1e-10)
     x0 = li.newton_start(_ridge, prev, (X, Y, log_lam))
+    _assert_start_helps(x0, prev, log_lam, w_exact, g_exact, warm_step)
+
+
+def _assert_start_helps(x0, prev, log_lam, w_exact, g_exact, step):
+    """`x0` is ten times closer to the new minimiser than `prev.params`, and the warm
+    solve from it (`step`) reaches the closed forms in fewer evaluations."""
     err = float(jnp.linalg.norm(x0 - w_exact))
     assert err <= 0.1 * float(jnp.linalg.norm(prev.params - w_exact))
-    sol, grad = warm_step(log_lam, x0, prev)
-    warm, _ = warm_step(log_lam, prev.params, prev)
+    sol, grad = step(log_lam, x0, prev)
+    warm, _ = step(log_lam, prev.params, prev)
     assert _close(sol.params, w_exact) and _close(grad, g_exact)
     assert int(sol.stats["num_fun_evals"]) < int(warm.stats["num_fun_evals"])
 
@@ -257,12 +263,7 @@ def test_newton_start_with_bounds_against_the_closed_form():
     assert float(jnp.min(unbounded)) < 0
     x0 = li.newton_start(_ridge, prev, args, bounds=NONNEG)
     assert bool(jnp.all(x0 >= 0))
-    err = float(jnp.linalg.norm(x0 - w_exact))
-    assert err <= 0.1 * float(jnp.linalg.norm(prev.params - w_exact))
-    sol, grad = box_warm_step(log_lam, x0, prev)
-    warm, _ = box_warm_step(log_lam, prev.params, prev)
-    assert _close(sol.params, w_exact) and _close(grad, g_exact)
-    assert int(sol.stats["num_fun_evals"]) < int(warm.stats["num_fun_evals"])
+    _assert_start_helps(x0, prev, log_lam, w_exact, g_exact, box_warm_step)
 
 
 def test_newton_start_frees_a_coordinate_the_new_gradient_pulls_off_its_bound():
