@@ -358,7 +358,10 @@ def optimize(
       so `throw=True` is refused there with a `ValueError` when traced. With
       `throw=False` check `sol.result`; a failed backward solve then gives NaN
       gradients. An outer loop that should survive a failure passes `throw=False`
-      (see the FAQ, "Failed solves in a loop").
+      (see the FAQ, "Failed solves in a loop"). Inside `jax.jit` the check costs
+      time on every call, not only on failure (tens of microseconds to a
+      millisecond; FAQ, "Many tiny solves called one by one on CPU"), so a hot loop
+      of small solves passes `throw=False` too.
 
     **Returns:**
 
