@@ -10,9 +10,10 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum |
 # pytest-xdist workers for `make test` and `make test-latest` (0 runs in one process).
 # Two on CI's 2 cores: one process keeps only about one core busy (tracing and most of
 # XLA's compile are single-threaded). Whole files go to one worker (`loadfile`), so the
-# module-scoped fixtures that share compiled solves are built once.
+# module-scoped fixtures that share compiled solves are built once. The slowest tests are
+# listed at the end, so a CI log shows where the suite's time goes.
 PYTEST_WORKERS ?= 2
-PYTEST_ARGS := -q -n $(PYTEST_WORKERS) --dist loadfile
+PYTEST_ARGS := -q -n $(PYTEST_WORKERS) --dist loadfile --durations=15
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
