@@ -47,6 +47,8 @@ MIN_BYTES = 196_608
 # of parameters (see `num_lanes`).
 MAX_LANES = 64
 MIN_LANE_BYTES = 1024
+# Lanes written out or loaded together (see `_load_width`).
+LOAD_WIDTH = 4
 
 # Read at trace time: "auto" (the policy of `uses_turns` and `num_lanes`), or "refill"
 # (by turns in `num_lanes` lanes), "turns" (one lane per element) or "vmap" to force one
@@ -71,13 +73,13 @@ def num_lanes(num_tasks: int, num_bytes: int) -> int:
     nothing to gain, T/4 lanes cost 1.06x-1.18x plain `vmap` and T/8 1.24x-1.31x, so a
     quarter.
 
-    At most `MAX_LANES`: a turn loads one task, so lanes wait for loads when more tasks
-    finish per turn than that. 1,024 starts of the 20-parameter multi-start problem
-    (about 53 evaluations each) in 256 lanes paid 281,344 evaluations against their own
-    53,930 and cost 1.24x plain `vmap`; iMAML tasks take 72 (float32) to 145 (float64)
-    evaluations. Tasks under `MIN_LANE_BYTES` run one lane each (by turns, as before
-    refilling): that multi-start problem's 160 bytes a lane is far less work than a
-    turn's fixed cost.
+    At most `MAX_LANES`: when a turn loaded at most one task, lanes waited for loads
+    whenever more tasks finished per turn than that. 1,024 starts of the 20-parameter
+    multi-start problem (about 53 evaluations each) in 256 lanes paid 281,344
+    evaluations against their own 53,930 and cost 1.24x plain `vmap`; iMAML tasks take
+    72 (float32) to 145 (float64) evaluations. Tasks under `MIN_LANE_BYTES` run one lane
+    each (by turns, as before refilling): that multi-start problem's 160 bytes a lane is
+    far less work than a turn's fixed cost.
     """
     if MODE == "turns":
         return num_tasks
@@ -323,64 +325,36 @@ def _turns(solver, init, value_and_grad_of, finish, axes, dyn):
     return jax.vmap(finish)(_join(rest, buffers))
 
 
-def _lane(tree, i):
-    return jtu.tree_map(lambda a: lax.dynamic_index_in_dim(a, i, keepdims=False), tree)
+def _load_width(num_lanes: int) -> int:
+    """How many lanes one pass of the refill's write-out and load loops handles.
 
-
-def _put(tree, i, pred, new):
-    """`tree` with lane `i` replaced by `new` where `pred`, in one pass over all lanes:
-    XLA fuses it with the turn's other elementwise updates, where a write of one lane
-    would be an update of its own for each leaf (and more to compile)."""
-    mask = pred & (jnp.arange(jtu.tree_leaves(tree)[0].shape[0]) == i)
-
-    def put(a, b):
-        return jnp.where(jnp.reshape(mask, mask.shape + (1,) * b.ndim), b[None], a)
-
-    return jtu.tree_map(put, tree, new)
-
-
-def _put_lane(tree, i, pred, new):
-    """`_put` for the memory's buffers, the bulk of the state: only lane `i` is read
-    and written."""
-
-    def put(a, b):
-        old = lax.dynamic_index_in_dim(a, i, keepdims=False)
-        return lax.dynamic_update_index_in_dim(a, jnp.where(pred, b, old), i, 0)
-
-    return jtu.tree_map(put, tree, new)
+    The loops batch their lanes (one `vmap`-ed `finish`, one `vmap`-ed `init`) and run
+    as many passes as lanes need them, none in most turns. A pass evaluates the
+    objective for all its slots, used or not, so its width trades passes (each with the
+    fixed cost of `init`'s operations) against evaluations for empty slots.
+    """
+    return max(1, min(num_lanes, LOAD_WIDTH))
 
 
 def _refill(solver, init, value_and_grad_of, finish, batched, dyn, num_tasks, num_lanes):
     """`_turns` on `num_lanes` lanes, each holding one task at a time (see the module
-    docstring): a finished task is written out and the next pending one loaded."""
+    docstring): every task that finished in a turn is written out at its end, and every
+    free lane loaded with a pending task at the start of the next."""
     start, turn = _machine(solver, value_and_grad_of)
     axes = jtu.tree_map(lambda b: 0 if b else None, batched)
+    width = _load_width(num_lanes)
+    slots = jnp.arange(width, dtype=jnp.int32)
 
-    def operands_of(index):
-        """The operands of task `index`."""
-        return jtu.tree_map(
-            lambda b, leaf: lax.dynamic_index_in_dim(leaf, index, keepdims=False) if b else leaf,
-            batched,
-            dyn,
-        )
-
-    def lane_operands(tasks):
-        """The operands of the lanes' tasks (batched along `axes`)."""
+    def operands_of(tasks):
+        """The operands of `tasks` (batched along `axes`)."""
         return jtu.tree_map(lambda b, leaf: leaf[tasks] if b else leaf, batched, dyn)
 
     def fresh(d):
         state, search = start(init(d))
         return _split(state), search
 
-    lanes = jax.eval_shape(fresh, operands_of(jnp.zeros((), jnp.int32)))
-
-    def blank(d):
-        return jtu.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), lanes)
-
-    # The lanes start empty and the loop loads them, one per turn like any other load:
-    # the program then holds one `init` (a batched one before the loop would double
-    # its share of the compile time), and the lanes' tasks end at different turns
-    # even when they are equally long, so they seldom wait to be written out.
+    one = jtu.tree_map(lambda b, leaf: leaf[0] if b else leaf, batched, dyn)
+    lanes = jax.eval_shape(fresh, one)
     (rest, buffers), search = jtu.tree_map(
         lambda s: jnp.zeros((num_lanes,) + s.shape, s.dtype), lanes
     )
@@ -390,50 +364,67 @@ def _refill(solver, init, value_and_grad_of, finish, batched, dyn, num_tasks, nu
     # `holding`: the lane's task is not written out yet.
     holding = jnp.zeros(num_lanes, bool)
     pending = jnp.zeros((), jnp.int32)
-    # One row per task and a last row that absorbs the writes of turns with none to make.
     row = jax.eval_shape(finish, _join(*lanes[0]))
-    out = jtu.tree_map(lambda s: jnp.zeros((num_tasks + 1,) + s.shape, s.dtype), row)
+    out = jtu.tree_map(lambda s: jnp.zeros((num_tasks,) + s.shape, s.dtype), row)
 
-    def write_out(out, index, row):
-        return jtu.tree_map(lambda o, r: lax.dynamic_update_index_in_dim(o, r, index, 0), out, row)
+    def first(mask):
+        """The first `width` lanes where `mask`, then `num_lanes` (out of range, so a
+        scatter to it is dropped), and which of them are lanes."""
+        index = jnp.nonzero(mask, size=width, fill_value=num_lanes)[0]
+        return index, index < num_lanes
+
+    def put(tree, index, new):
+        return jtu.tree_map(lambda a, b: a.at[index].set(b, mode="drop"), tree, new)
+
+    # Both loops run inside the turn's loop, so the arrays they update (the lanes' state,
+    # the output) are updated in place; in a branch XLA would copy them.
+    def load(carry):
+        rest, buffers, search, k, running, tasks, holding, pending = carry
+        index, real = first(~holding)
+        real = real & (pending + slots < num_tasks)
+        task = jnp.minimum(pending + slots, num_tasks - 1)
+        (new_rest, new_buffers), new_search = jax.vmap(fresh, in_axes=(axes,))(operands_of(task))
+        index = jnp.where(real, index, num_lanes)
+        rest = put(rest, index, new_rest)
+        buffers = put(buffers, index, new_buffers)
+        search = put(search, index, new_search)
+        k = put(k, index, jnp.zeros_like(slots, k.dtype))
+        running = put(running, index, ~new_rest.terminate)
+        tasks = put(tasks, index, task.astype(tasks.dtype))
+        holding = put(holding, index, jnp.ones_like(real))
+        pending = pending + jnp.sum(real, dtype=pending.dtype)
+        return rest, buffers, search, k, running, tasks, holding, pending
+
+    def loading(carry):
+        holding, pending = carry[6], carry[7]
+        return jnp.any(~holding) & (pending < num_tasks)
 
     def body(carry):
         rest, buffers, search, k, running, tasks, holding, pending, out = carry
-        # At most one lane is written out and one loaded per turn: each costs one lane's
-        # state (its memory included), which a turn can afford, where all lanes' would
-        # cost as much as the turn's evaluations; a lane left waiting is rare.
-        idle = holding & ~running
-        i = jnp.argmax(idle)
-        retire = idle[i]
-        done_row = finish(_join(_lane(rest, i), _lane(buffers, i)))
-        out = write_out(out, jnp.where(retire, tasks[i], num_tasks), done_row)
-        holding = _put(holding, i, retire, jnp.array(False))
-        free = ~holding
-        j = jnp.argmax(free)
-        load = free[j] & (pending < num_tasks)
-        # The task's first evaluation (at `x0`) in a branch: a turn loads a task rarely.
-        operands = operands_of(jnp.minimum(pending, num_tasks - 1))
-        (new_rest, new_buffers), new_search = lax.cond(load, fresh, blank, operands)
-        rest = _put(rest, j, load, new_rest)
-        buffers = _put_lane(buffers, j, load, new_buffers)
-        search = _put(search, j, load, new_search)
-        k = _put(k, j, load, jnp.zeros((), k.dtype))
-        running = _put(running, j, load, ~new_rest.terminate)
-        tasks = _put(tasks, j, load, pending)
-        holding = _put(holding, j, load, jnp.array(True))
-        pending = pending + load.astype(pending.dtype)
-        rest, buffers, search, k, running = turn(
-            lane_operands(tasks), axes, rest, buffers, search, k, running
+        loaded = lax.while_loop(
+            loading, load, (rest, buffers, search, k, running, tasks, holding, pending)
         )
+        rest, buffers, search, k, running, tasks, holding, pending = loaded
+        rest, buffers, search, k, running = turn(
+            operands_of(tasks), axes, rest, buffers, search, k, running
+        )
+
+        def write_out(carry):
+            out, idle = carry
+            index, real = first(idle)
+            lane = jnp.minimum(index, num_lanes - 1)
+            state = _join(*jtu.tree_map(lambda a: a[lane], (rest, buffers)))
+            out = put(out, jnp.where(real, tasks[lane], num_tasks), jax.vmap(finish)(state))
+            return out, idle.at[index].set(False, mode="drop")
+
+        idle = holding & ~running
+        out, _ = lax.while_loop(lambda c: jnp.any(c[1]), write_out, (out, idle))
+        holding = holding & running
         return rest, buffers, search, k, running, tasks, holding, pending, out
 
-    # Until every task is written out, by the loop itself: a batched write after it
-    # would add a scatter of every lane's state to the program, for the few turns
-    # (one per lane that ends in the same turn as another) it saves.
     def cond(carry):
         holding, pending = carry[6], carry[7]
         return jnp.any(holding) | (pending < num_tasks)
 
     carry = (rest, buffers, search, k, running, tasks, holding, pending, out)
-    out = lax.while_loop(cond, body, carry)[-1]
-    return jtu.tree_map(lambda o: o[:num_tasks], out)
+    return lax.while_loop(cond, body, carry)[-1]

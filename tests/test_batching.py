@@ -189,9 +189,8 @@ def test_batch_by_turns_pays_one_evaluation_per_element_per_turn():
             # One lane solves the elements one after another, each loaded in the turn
             # after its predecessor finished, whose evaluation is its first trial: the
             # batch pays the elements' own evaluations, plus one turn's for element 1,
-            # which stops at its non-finite start in the turn it was loaded in, and one
-            # for the last turn, which writes out the last element.
-            assert calls[0] == evals.sum() + 2, (calls[0], evals)
+            # which stops at its non-finite start in the turn it was loaded in.
+            assert calls[0] == evals.sum() + 1, (calls[0], evals)
             # Element 1 was loaded into the lane element 0 left: its memory is its own
             # empty one, not element 0's pairs.
             assert int(sols.state.history.count[1]) == 0
@@ -202,6 +201,36 @@ def test_batch_by_turns_pays_one_evaluation_per_element_per_turn():
             # Between the sum of the elements' own (every lane busy) and what the
             # 8 lanes of `turns` pay.
             assert evals.sum() < calls[0] < paid["turns", None], (calls[0], evals)
+
+
+def test_refilled_lanes_that_finish_together_are_refilled_together():
+    # 8 copies of one problem in 3 lanes: the lanes load in the same turn, finish in the
+    # same turn, and are written out and loaded again together, in rounds of 3, 3 and 2
+    # tasks. Each round pays exactly 3 lanes x the task's evaluations: the load
+    # evaluates the 3 lanes' starts at once (the last round's third slot too, unused),
+    # then every turn evaluates every lane (the last round's third lane empty). A lane
+    # left waiting to be written out or loaded would pay more.
+    calls = [0]
+
+    def counted(x, a):
+        jax.debug.callback(lambda _: calls.__setitem__(0, calls[0] + 1), x[0])
+        return _banana()(x, a)
+
+    starts = jnp.broadcast_to(STARTS[3], STARTS.shape)
+    scales = jnp.broadcast_to(SCALES[3], SCALES.shape)
+    with _form("refill", LANES):
+        run = jax.jit(jax.vmap(_solve(counted))).lower(starts, scales).compile()
+    sols = jax.block_until_ready(run(starts, scales))
+    jax.effects_barrier()
+    evals = np.asarray(sols.stats["num_fun_evals"])
+    assert np.all(evals == evals[0]) and evals[0] > 10, evals
+    rounds = -(-len(SCALES) // LANES)
+    assert calls[0] == rounds * LANES * evals[0], (calls[0], evals)
+    np.testing.assert_array_equal(sols.result._value, li.RESULTS.successful._value)
+    alone = jax.jit(_solve(_banana()))(starts[0], scales[0])
+    assert int(alone.stats["num_steps"]) == int(sols.stats["num_steps"][0])
+    for i in range(len(SCALES)):
+        np.testing.assert_allclose(sols.params[i], alone.params, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("mode", FORMS)
