@@ -161,11 +161,12 @@ class StrongWolfe(AbstractLineSearch):
     - `approx_tol`: relative tolerance on values where they cannot resolve the step;
       `None` (default) means $\\varepsilon^{2/3}$ of the parameters' dtype (`3.7e-11` in
       float64, `2.4e-5` in float32, `3.9e-2` in bfloat16). When the decrease Armijo asks
-      for is below `approx_tol * |f(x)|`, a trial passes the approximate Wolfe conditions of Hager &
-      Zhang (2005): $\\phi'(a) \\le (2 c_1 - 1)\\phi'(0)$, the curvature condition, and
-      $f(x + a p) \\le f(x) + $ `approx_tol` $|f(x)|$. Without this, objectives whose
-      terms cancel (such as $\\frac12 x^\\top A x - b^\\top x$ with ill-conditioned $A$)
-      stall where rounding in $f$ exceeds the decrease still to be made.
+      for is below `approx_tol * |f(x)|`, or the trial's value equals `f(x)` exactly
+      (at `f(x) = 0` the allowance is zero), a trial passes the approximate Wolfe
+      conditions of Hager & Zhang (2005): $\\phi'(a) \\le (2 c_1 - 1)\\phi'(0)$, the
+      curvature condition, and $f(x + a p) \\le f(x) + $ `approx_tol` $|f(x)|$. Without
+      this, objectives whose terms cancel (such as $\\frac12 x^\\top A x - b^\\top x$ with
+      ill-conditioned $A$) stall where rounding in $f$ exceeds the decrease still to be made.
     """
 
     c1: float = 1e-4
@@ -236,9 +237,12 @@ class StrongWolfe(AbstractLineSearch):
         # trials (rounding in `f`, which for sums that cancel can far exceed
         # eps |f|). Then use Hager & Zhang's approximate Wolfe conditions: the
         # derivative form of sufficient decrease, phi'(a) <= (2 c1 - 1) phi'(0),
-        # with the value allowed to exceed f(x) by at most `allow`.
+        # with the value allowed to exceed f(x) by at most `allow`. A trial whose value
+        # equals f(x) exactly shows the same: at f(x) = 0 (terms that cancel, as at
+        # ARWHEAD's minimum) `allow` is zero, and a step that is right by its slope
+        # would otherwise count as too long down to the smallest steps.
         allow = self._allow(x, f)
-        flat = -self.c1 * a * dg <= allow
+        flat = (-self.c1 * a * dg <= allow) | (ft == f)
         approx = flat & (ft <= f + allow) & (dt <= (2 * self.c1 - 1) * dg)
         armijo = finite & (_sufficient_decrease(f, ft, self.c1 * a * dg) | approx)
         curvature = jnp.abs(dt) <= -self.c2 * dg

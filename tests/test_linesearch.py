@@ -135,3 +135,40 @@ def test_unchanged_value_is_not_sufficient_decrease():
     assert bool(out.success)
     slope = float(jax.grad(_flat_f32)(x - out.step * g) @ -g)
     assert abs(slope) <= ls.c2 * float(g @ g)
+
+
+def _cancelling(x, big):
+    # (q(x) + big) - big: the value is exactly 0.0 wherever q(x) < eps big / 2 (about
+    # 1e-12 for big = 1e4), while the gradient, 2 x * weights, is exact: the terms cancel
+    # the way ARWHEAD's (-4 x_i + 3) do at its minimum f = 0. `big` is passed as an
+    # operand: as a constant, XLA would simplify the sum back to q(x).
+    return (jnp.sum(jnp.array([1.0, 4.0]) * x**2) + big) - big
+
+
+def test_zero_value_that_rounding_keeps_still_lets_the_slope_decide():
+    # At f(x) = 0.0 the relative allowance approx_tol |f| is zero; the Newton step along
+    # -g (a = 0.5 on the first coordinate) keeps the value at 0.0 and zeroes the slope.
+    # It must be accepted on its first trial, not taken for a step that is too long
+    # (the search then shrank it for all its 20 evaluations and failed).
+    @jax.jit
+    def run(x, big):
+        vg = jax.value_and_grad(lambda z: _cancelling(z, big))
+        f, g = vg(x)
+        return f, li.StrongWolfe()(vg, x, f, g, -g, -(g @ g), jnp.asarray(0.5))
+
+    f, out = run(jnp.array([1e-9, 0.0]), jnp.asarray(1e4))
+    assert float(f) == 0.0
+    assert bool(out.success) and int(out.num_evals) == 1
+    np.testing.assert_allclose(out.x, 0.0, atol=1e-25)
+
+
+def test_solve_reaches_gtol_where_values_round_to_zero():
+    # The value is 0.0 from |x| ~ 1e-6 on, while the gradient must go down to 1e-10:
+    # the last steps are judged by slopes alone. Closed form: the minimiser is 0.
+    sol = li.optimize(_cancelling, jnp.array([1.0, -0.7]), jnp.asarray(1e4))
+    assert sol.result == li.RESULTS.successful
+    assert float(sol.stats["grad_norm"]) <= 1e-10
+    np.testing.assert_allclose(sol.params, 0.0, atol=1e-10)
+    # A quadratic in two variables: a handful of steps, each accepted on its first trial
+    # or two (a failed search costs `max_evals` = 20).
+    assert int(sol.stats["num_fun_evals"]) <= 15, sol.stats
