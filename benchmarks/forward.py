@@ -3,9 +3,11 @@
     python -m benchmarks.forward --mode {full,quick,smoke} [--out PATH]
 
 Per solver and problem: compile seconds (trace + lower + compile), median warm seconds
-(each run ended by `jax.block_until_ready`), iterations, value-and-gradient evaluations,
-final value, final gradient infinity norm (recomputed by one jitted gradient for every
-solver), and converged = that norm <= GTOL and a finite value.
+(each run ended by `jax.block_until_ready`) and median CPU seconds of the process per run
+(`run_cpu_s`, `time.process_time`: XLA's worker threads included), iterations,
+value-and-gradient evaluations, final value, final gradient infinity norm (recomputed by
+one jitted gradient for every solver), and converged = that norm <= GTOL and a finite
+value.
 
 Timing: the solvers of one problem take turns over five rounds, each running a block of
 consecutive calls per turn, so that a slow spell of a shared machine lands on all of them
@@ -75,29 +77,35 @@ def prepare_case(problem, solver_name, max_steps):
         return row, None, None
 
 
-def time_interleaved(calls, firsts, repeats, min_seconds, rounds=5):
+def time_interleaved(calls, firsts, repeats, min_seconds, rounds=5, cpu=None):
     """Median seconds per call, from `rounds` rounds that each run every call in turn.
 
     A call's count is `repeats`, raised to `min_seconds / first run` when runs are short;
     within a round a call runs a block of about `count / rounds` times in a row, so its
     caches are warm as in a loop, while a slow spell of the machine is shared by all.
-    Returns `(medians, counts, outputs)`.
+    Returns `(medians, counts, outputs)`; with a list `cpu`, also appends each call's
+    median CPU seconds of this process (`time.process_time`, all its threads) to it.
     """
     counts = [
         min(MAX_REPEATS, max(repeats, int(np.ceil(min_seconds / max(t, 1e-9))))) for t in firsts
     ]
     blocks = [max(1, -(-count // rounds)) for count in counts]
     times = [[] for _ in calls]
+    cpu_times = [[] for _ in calls]
     outputs = [None] * len(calls)
     while any(len(t) < count for t, count in zip(times, counts)):
         for i, call in enumerate(calls):
             for _ in range(min(blocks[i], counts[i] - len(times[i]))):
+                c0 = time.process_time()
                 seconds, outputs[i] = solvers.wall(call)
+                cpu_times[i].append(time.process_time() - c0)
                 times[i].append(seconds)
+    if cpu is not None:
+        cpu.extend(float(np.median(t)) for t in cpu_times)
     return [float(np.median(t)) for t in times], counts, outputs
 
 
-def finish_case(problem, row, run_s, repeats, out):
+def finish_case(problem, row, run_s, repeats, out, run_cpu_s=None):
     try:
         x = jnp.asarray(out["x"], problem.x0.dtype)
         value, grad = jax.jit(jax.value_and_grad(problem.fn))(x, problem.args)
@@ -105,6 +113,7 @@ def finish_case(problem, row, run_s, repeats, out):
         value = float(value)
         row.update(
             run_s=run_s,
+            run_cpu_s=run_cpu_s,
             repeats=repeats,
             iters=int(out["iters"]),
             evals=int(out["evals"]),
@@ -146,6 +155,8 @@ def main(argv=None):
     payload = {
         "mode": opts.mode,
         "command": f"python -m benchmarks.forward --mode {opts.mode}"
+        + (f" --problems {opts.problems}" if opts.problems else "")
+        + (f" --solvers {opts.solvers}" if opts.solvers != ",".join(solvers.SOLVERS) else "")
         + (" --sync-dispatch" if opts.sync_dispatch else ""),
         "settings": {
             "gtol": solvers.GTOL,
@@ -171,14 +182,18 @@ def main(argv=None):
             continue
         prepared = [prepare_case(problem, name, MAX_STEPS[opts.mode]) for name in names]
         live = [(row, call, t) for row, call, t in prepared if call is not None]
+        cpu = []
         medians, counts, outputs = time_interleaved(
             [call for _, call, _ in live],
             [t for _, _, t in live],
             REPEATS[opts.mode],
             MIN_SECONDS[opts.mode],
+            cpu=cpu,
         )
-        for (row, _, _), run_s, count, result in zip(live, medians, counts, outputs):
-            finish_case(problem, row, run_s, count, result)
+        for (row, _, _), run_s, run_cpu_s, count, result in zip(
+            live, medians, cpu, counts, outputs
+        ):
+            finish_case(problem, row, run_s, count, result, run_cpu_s)
         for row, _, _ in prepared:
             name = row["solver"]
             rows.append(row)
@@ -186,6 +201,7 @@ def main(argv=None):
                 f"{problem.name:22s} n={problem.n:<7d} {name:15s} "
                 + (
                     f"compile {row['compile_s']:6.2f}s run {row['run_s'] * 1e3:10.2f}ms "
+                    f"cpu {row['run_cpu_s'] * 1e3:10.2f}ms "
                     f"it {row['iters']:5d} ev {row['evals']:5d} |g| {row['grad_inf']:.1e} "
                     f"{'ok' if row['converged'] else 'FAIL'}"
                     if row["error"] is None
