@@ -26,9 +26,13 @@ Variants:
 - `plain`: `li.ImplicitAdjoint(precondition=False)`, CG from zero.
 - `pcg_from_Hv`: `li.ImplicitAdjoint(memory_preconditioner=True)`, CG preconditioned
   by $H_k$ and started from $H_k v$ (the library's default before issue 15).
+- `default_unchecked`, `plain_unchecked` (only when named in `--variants`): `default`
+  and `plain` with `check_degenerate=False`, one Hessian-vector product fewer each.
 
 Problems: the four of the hypergradient benchmark's preconditioner table, ridge with
-`lam I` + rank 8 (8 rows, n = 2000: ten pairs span the Hessian's low-rank part), and
+`lam I` + rank 8 (8 rows, n = 2000: ten pairs span the Hessian's low-rank part), the
+same spectrum from 4000 dense rows of rank 8 (where a Hessian-vector product costs two
+passes over a 4000 x 2000 matrix, so the memory's products are cheap next to it), and
 the iMAML inner problem of `examples/meta_learning.py` (an MLP with 1153 parameters,
 10 support points, proximal weight 1), cold and warm-started (the memory of a solve at
 nearby hyperparameters, then the solve at the new ones from the old solution).
@@ -65,7 +69,11 @@ VARIANTS = {
     "hk_start": li.ImplicitAdjoint(all_pairs=False),
     "plain": li.ImplicitAdjoint(precondition=False),
     "pcg_from_Hv": li.ImplicitAdjoint(memory_preconditioner=True),
+    # Not run by default: the same without the degenerate-minimiser test's product.
+    "default_unchecked": li.ImplicitAdjoint(check_degenerate=False),
+    "plain_unchecked": li.ImplicitAdjoint(precondition=False, check_degenerate=False),
 }
+DEFAULT_VARIANTS = ("default", "all_pairs", "hk_start", "plain", "pcg_from_Hv")
 
 
 def lowrank_ridge_problem(n=2000, rows=8, seed=0):
@@ -75,6 +83,21 @@ def lowrank_ridge_problem(n=2000, rows=8, seed=0):
     w_true = rng.normal(size=n) / np.sqrt(n)
     y = X @ w_true + 0.1 * rng.normal(size=rows)
     Xv = rng.normal(size=(50, n))
+    yv = Xv @ w_true
+    data = tuple(jnp.asarray(a) for a in (X, y, Xv, yv))
+    return ridge_inner, ridge_outer, jnp.zeros(n), data
+
+
+def lowrank_dense_ridge_problem(n=2000, rows=4000, rank=8, seed=0):
+    """Ridge on `rows` dense rows of rank `rank`: the Hessian is again lam I plus a
+    rank-`rank` term, but a Hessian-vector product costs two passes over a dense
+    `rows` x `n` matrix (32 Mflop), the memory's product about 4 m n (80 kflop)."""
+    rng = np.random.default_rng(seed)
+    basis = rng.normal(size=(rank, n))
+    X = rng.normal(size=(rows, rank)) @ basis
+    w_true = rng.normal(size=n) / np.sqrt(n)
+    y = X @ w_true + 0.1 * rng.normal(size=rows)
+    Xv = rng.normal(size=(50, rank)) @ basis
     yv = Xv @ w_true
     data = tuple(jnp.asarray(a) for a in (X, y, Xv, yv))
     return ridge_inner, ridge_outer, jnp.zeros(n), data
@@ -125,6 +148,13 @@ def _problems(quick):
     inner, outer, x0, data = logistic_problem()
     rows.append(("per-feature L2 logistic", inner, outer, x0, data, jnp.full(30, np.log(1e-2))))
     rows.append(("ridge, lam I + rank 8", *lowrank_ridge_problem(n_r), log(np.log(0.1))))
+    rows.append(
+        (
+            f"ridge, {2 * n_r} dense rows of rank 8",
+            *lowrank_dense_ridge_problem(n_r, 2 * n_r),
+            log(np.log(0.1)),
+        )
+    )
     inner, outer, theta, data = imaml_problem()
     rows.append(("iMAML inner problem", inner, outer, theta, data, theta))
     return rows
@@ -227,19 +257,33 @@ def _cg_steps(inner, outer, x0, data, theta, solver, adjoint, prev):
     return int(found[-1])
 
 
+def _payload(opts, rows):
+    command = "python -m benchmarks.preconditioner" + (" --quick" if opts.quick else "")
+    for flag in ("rounds", "only", "starts", "variants", "out"):
+        value = getattr(opts, flag)
+        if value is not None and value != _DEFAULTS.get(flag):
+            command += f" --{flag} {value!r}"
+    return {"command": command, "machine": machine(), "rows": rows}
+
+
+_DEFAULTS = {"rounds": 15, "starts": "cold,warm", "variants": ",".join(DEFAULT_VARIANTS)}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--out", default=None)
-    parser.add_argument("--only", default=None, help="substring of the problem names to run")
+    parser.add_argument(
+        "--only", default=None, help="comma-separated substrings of the problem names to run"
+    )
     parser.add_argument("--starts", default="cold,warm", help="cold, warm or both")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS))
     opts = parser.parse_args(argv)
     setup()
     rows = []
     for problem in _problems(opts.quick):
-        if opts.only and opts.only not in problem[0]:
+        if opts.only and not any(part in problem[0] for part in opts.only.split(",")):
             continue
         for warm in [s == "warm" for s in opts.starts.split(",")]:
             variants = opts.variants.split(",")
@@ -256,13 +300,9 @@ def main(argv=None):
                 f"{ratios}  CG {row['cg_steps']}",
                 flush=True,
             )
-    payload = {
-        "command": "python -m benchmarks.preconditioner" + (" --quick" if opts.quick else ""),
-        "machine": machine(),
-        "rows": rows,
-    }
-    if not opts.quick or opts.out:
-        write_json(opts.out or RESULTS_DIR / "preconditioner.json", payload)
+            if not opts.quick or opts.out:
+                # Written after every row, so a run stopped early keeps what it measured.
+                write_json(opts.out or RESULTS_DIR / "preconditioner.json", _payload(opts, rows))
     print(json.dumps({"rows": len(rows)}))
 
 
