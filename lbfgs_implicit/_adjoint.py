@@ -136,8 +136,11 @@ class ImplicitAdjoint(AbstractAdjoint):
     can save: measured with `python -m benchmarks.preconditioner`, `all_pairs=True` took
     1 CG step against 9 on `lam I` + rank 8 and 44 against 66 on the iMAML inner
     problem, yet 1.1x-1.2x of plain CG's time on both. On a ridge with five strong common
-    factors (n = 2000, dense data) the default takes 45 CG steps against 88, 0.61x of
-    plain CG's time (`--only "5 common" --starts cold --rounds 3`, median).
+    factors (n = 2000, dense data) the default takes 45 CG steps against 88, 0.58x of
+    plain CG's time, and on `lam I` + rank 8 from 4000 dense rows (where the memory
+    describes the Hessian and its products are dear) 2 against 8, 0.64x: its set-up
+    and the two checks below cost four products, plain CG's 8 steps and the checks 10
+    (`--only "5 common,dense rows" --starts cold`, medians).
 
     **Arguments:**
 
