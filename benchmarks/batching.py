@@ -8,23 +8,28 @@ Two workloads:
   sum of quartics coupled by a Rosenbrock term, n = 20), value and gradient of the sum
   of the minima's values with respect to the objective's data.
 
-Two modes, each compiled from a fresh function (`optimize` caches its trace per
-objective, and the mode is read at trace time):
-- `turns`: the batch solved by turns (`lbfgs_implicit/_batching.py`: one evaluation per
-  element per turn, steps finished as each element's line search ends), forced;
+Modes, each compiled from a fresh function (`optimize` caches its trace per objective,
+and the mode is read at trace time):
+- `refill`: the batch solved by turns in the policy's number of lanes, each lane loading
+  the next pending element when its own has finished (`lbfgs_implicit/_batching.py`),
+  forced; `refill/D` in T/D lanes, `refill/D@W` also writing out and loading W lanes per
+  pass (`--lanes D@W`);
+- `turns`: by turns in one lane per element (one evaluation per element per turn, steps
+  finished as each element's line search ends), forced;
 - `vmap`: plain `vmap` of the solver's loop and its nested line search, forced.
-`auto` in the output says which of the two the library picks for that batch.
+`auto` in the output says which form the library picks for that batch.
 
 Reported per batch size `T` and mode:
 - `lane_evals`: objective evaluations the forward solves pay, counted on the host once
   per element and evaluation (finished elements' wasted ones included), against
   `own_evals`, the sum of the elements' own `num_fun_evals`; deterministic;
-- `steps_mean`, `steps_max`: per-element iterations, and whether both modes agree on
-  every element's steps, evaluations and result (`same_counts`), with the largest
+- `steps_mean`, `steps_max`: per-element iterations, and whether each mode agrees with
+  plain `vmap` on every element's steps and result (`same_steps`), with the largest
   relative difference of their gradients;
-- with `--time`: compile seconds, and median seconds (CPU seconds too) of the compiled
-  program over `--rounds` interleaved rounds, on the mixed batch and on `T` copies of
-  its slowest element, for both modes; the ratios `turns / vmap`.
+- with `--time`: compile CPU seconds, and median seconds (CPU seconds too) of the
+  compiled program over `--rounds` interleaved rounds, on the mixed batch and on `T`
+  copies of its slowest element, for every mode; the CPU ratios against plain `vmap`
+  (median over rounds of each round's ratio) and mixed / slowest per mode.
 
     python -m benchmarks.batching --problem imaml --tasks 16 64 --dtype float64 --time
 """
@@ -45,18 +50,38 @@ from ._common import block, RESULTS_DIR, write_json
 
 SHOTS = 10
 _CALLS = [0]
-# name: (`_batching.MODE`, `_batching.LANES` as a divisor of T or None for the policy)
-MODES = {"refill": ("refill", None), "turns": ("turns", None), "vmap": ("vmap", None)}
+# name: (`_batching.MODE`, `_batching.LANES` as a divisor of T or None for the policy,
+# `_batching.LOAD_WIDTH` or None for its default)
+MODES = {
+    "refill": ("refill", None, None),
+    "turns": ("turns", None, None),
+    "vmap": ("vmap", None, None),
+}
+_DEFAULT_WIDTH = []
 
 
 def _set_mode(batching, name, num):
-    mode, divisor = MODES[name]
+    mode, divisor, width = MODES[name]
+    if not _DEFAULT_WIDTH:
+        _DEFAULT_WIDTH.append(batching.LOAD_WIDTH)
     batching.MODE = mode
     batching.LANES = None if divisor is None else max(1, num // divisor)
+    batching.LOAD_WIDTH = _DEFAULT_WIDTH[0] if width is None else width
 
 
 def _reset_mode(batching):
     batching.MODE, batching.LANES = "auto", None
+    if _DEFAULT_WIDTH:
+        batching.LOAD_WIDTH = _DEFAULT_WIDTH[0]
+
+
+def _refill_mode(spec):
+    """`refill/D@W` for `--lanes D@W`: T/D lanes (the policy's without `D`), loaded
+    and written out W at a time (`LOAD_WIDTH`'s default without `@W`)."""
+    divisor, _, width = spec.partition("@")
+    name = "refill" + (f"/{divisor}" if divisor else "") + (f"@{width}" if width else "")
+    MODES[name] = ("refill", int(divisor) if divisor else None, int(width) if width else None)
+    return name
 
 
 def _mlp_init(key, sizes, dtype):
@@ -196,6 +221,7 @@ PROBLEMS = {"imaml": IMAML, "multistart": MultiStart}
 
 def count(li, batching, problem, mode, num):
     _set_mode(batching, mode, num)
+    lanes = batching.num_lanes(num) if batching.MODE == "refill" else num
     run = jax.jit(problem.batch_solve(li, problem.objective(counted=True)))
     run = run.lower(*problem.inputs()).compile()
     _reset_mode(batching)
@@ -204,6 +230,7 @@ def count(li, batching, problem, mode, num):
     jax.effects_barrier()
     steps = np.asarray(sols.stats["num_steps"])
     return {
+        "lanes": lanes,
         "lane_evals": _CALLS[0],
         "own_evals": int(jnp.sum(sols.stats["num_fun_evals"])),
         "steps": steps,
@@ -292,10 +319,10 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument(
         "--lanes",
-        type=int,
         nargs="*",
         default=[],
-        help="also refill with T/D lanes for each divisor D (mode `refill/D`)",
+        help="also refill with T/D lanes for each divisor D (mode `refill/D`); `D@W` "
+        "with a load width W (`refill/D@W`), `@W` with the policy's lanes",
     )
     parser.add_argument("--modes", nargs="+", default=["refill", "turns", "vmap"])
     parser.add_argument("--out", default=None, help="write the rows as JSON to results/OUT")
@@ -305,9 +332,7 @@ def main(argv=None):
     import lbfgs_implicit as li
     import lbfgs_implicit._batching as batching
 
-    for d in opts.lanes:
-        MODES[f"refill/{d}"] = ("refill", d)
-    modes = list(dict.fromkeys([*opts.modes, *(f"refill/{d}" for d in opts.lanes), "vmap"]))
+    modes = list(dict.fromkeys([*opts.modes, *map(_refill_mode, opts.lanes), "vmap"]))
     dtype = jnp.dtype(opts.dtype)
     rows = []
     for num in opts.tasks:
@@ -315,7 +340,8 @@ def main(argv=None):
         row = {"problem": opts.problem, "tasks": num, "dtype": opts.dtype}
         size = sum(leaf.nbytes for leaf in jax.tree.leaves(problem.inputs()[0]))
         if batching.uses_turns(li.LBFGS(), num, size):
-            row["auto"] = f"refill, {batching.num_lanes(num, size)} lanes"
+            lanes = batching.num_lanes(num)
+            row["auto"] = "turns" if lanes >= num else f"refill, {lanes} lanes"
         else:
             row["auto"] = "vmap"
         counts = {mode: count(li, batching, problem, mode, num) for mode in modes}
@@ -324,6 +350,7 @@ def main(argv=None):
             steps_mean=float(steps.mean()),
             steps_max=int(steps.max()),
             own_evals=counts["vmap"]["own_evals"],
+            lanes={m: c["lanes"] for m, c in counts.items()},
             lane_evals={m: c["lane_evals"] for m, c in counts.items()},
             # per element against plain `vmap`: steps and result exactly; evaluations
             # can differ by rounding (see tests/test_batching.py)

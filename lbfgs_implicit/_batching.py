@@ -41,12 +41,12 @@ from ._misc import tree_where
 
 
 # Batches run by turns when their parameters take this many bytes (see `uses_turns`).
-MIN_BYTES = 196_608
+MIN_BYTES = 30_720
 
-# Refilled batches run in at most this many lanes, of tasks of at least this many bytes
-# of parameters (see `num_lanes`).
+# Refilled batches run in a quarter as many lanes as tasks, at least `MIN_LANES` and at
+# most `MAX_LANES` (see `num_lanes`).
+MIN_LANES = 16
 MAX_LANES = 64
-MIN_LANE_BYTES = 1024
 # Lanes written out or loaded together (see `_load_width`).
 LOAD_WIDTH = 4
 
@@ -59,35 +59,29 @@ MODE = "auto"
 LANES = None
 
 
-def num_lanes(num_tasks: int, num_bytes: int) -> int:
+def num_lanes(num_tasks: int) -> int:
     """How many lanes a batch solved by turns runs in (`num_tasks` when not refilled).
 
-    A quarter of the batch. Fewer lanes pay fewer evaluations for finished tasks, but
-    each turn has a fixed cost (the loop, its branches, one task written out and one
-    loaded) that is about seven iMAML lanes' evaluations on 2 CPU cores, and the last
-    tasks loaded leave a tail in which lanes run empty. Measured with `python -m
-    benchmarks.batching --tasks 64 --lanes 2 8 --time` (value and gradient of 64 iMAML
-    tasks in float64, CPU seconds against plain `vmap`, interleaved, three runs): T/2
-    lanes 0.46x, T/4 0.35x-0.38x, T/8 0.35x-0.39x (one lane per task, without
-    refilling: 0.58x-0.71x); on 64 copies of the slowest task, where refilling has
-    nothing to gain, T/4 lanes cost 1.06x-1.18x plain `vmap` and T/8 1.24x-1.31x, so a
-    quarter.
-
-    At most `MAX_LANES`: when a turn loaded at most one task, lanes waited for loads
-    whenever more tasks finished per turn than that. 1,024 starts of the 20-parameter
-    multi-start problem (about 53 evaluations each) in 256 lanes paid 281,344
-    evaluations against their own 53,930 and cost 1.24x plain `vmap`; iMAML tasks take
-    72 (float32) to 145 (float64) evaluations. Tasks under `MIN_LANE_BYTES` run one lane
-    each (by turns, as before refilling): that multi-start problem's 160 bytes a lane is
-    far less work than a turn's fixed cost.
+    A quarter of the batch, at least `MIN_LANES` and at most `MAX_LANES`. Fewer lanes
+    pay fewer evaluations for finished tasks, but each turn has a fixed cost (the loop,
+    its branches, the per-lane selects) that fewer lanes share, and a batch of equally
+    long tasks, where refilling has nothing to save, pays it in more turns. Measured
+    with `python -m benchmarks.batching --forward --time --lanes 8 2` (forward solves,
+    2 shared CPU cores, CPU seconds against plain `vmap`, interleaved; mixed batch /
+    copies of its slowest task). 64 iMAML tasks in float64: T/8 lanes 0.23 / 0.64, T/4
+    0.21 / 0.71, T/2 0.29 / 0.72, one lane per task 0.59 / 0.87; in float32: T/8 0.28 /
+    1.10, T/4 0.24 / 0.94, T/2 0.37 / 0.94, one lane each 0.73 / 0.83. 16 tasks, where
+    only one lane per task stays below plain `vmap` on copies (float64: T/4 0.63 / 1.22,
+    T/2 0.52 / 1.06, one lane each 0.71 / 0.82; float32: T/2 0.64 / 1.18, one lane each
+    0.88 / 0.86): hence at least 16 lanes. 1,024 starts of the 20-parameter multi-start
+    problem: 64 lanes 0.29 / 0.61, 256 lanes 0.40 / 0.71, one lane each 1.18 / 0.94:
+    hence at most 64, whatever the task's size.
     """
     if MODE == "turns":
         return num_tasks
     if LANES is not None:
         return max(1, min(LANES, num_tasks))
-    if num_bytes < MIN_LANE_BYTES:
-        return num_tasks
-    return max(1, min(num_tasks // 4, MAX_LANES))
+    return min(num_tasks, max(num_tasks // 4, MIN_LANES), MAX_LANES)
 
 
 def uses_turns(solver, num_tasks: int, num_bytes: int) -> bool:
@@ -99,14 +93,11 @@ def uses_turns(solver, num_tasks: int, num_bytes: int) -> bool:
     iterations of one solve). Then it depends on the batch's size: a turn has more
     operations than a plain iteration (two branches, per-element selects, the pair
     written outside the branch), a fixed cost that pays off once the batch's arrays are
-    large enough for the saved evaluations and steps to outweigh it. Measured with
-    `python -m benchmarks.batching --time` (value and gradient, 2 shared CPU cores, CPU
-    seconds by turns over plain `vmap`, interleaved; mixed batch / copies of its slowest
-    task): 64 iMAML tasks of 481 parameters, 246,272 bytes in float64, 0.64 / 0.91; the
-    same in float32, 123,136 bytes, 0.83 / 1.05 (1.08 for the forward solves alone);
-    1,024 starts of a 20-parameter problem, 163,840 bytes, 1.02 / 0.95; 16 iMAML tasks
-    in float64, 61,568 bytes, 0.92 / 1.01. Hence a threshold in bytes between the gain
-    and the largest batch not measured to gain: smaller batches stay plain `vmap`.
+    large enough for the saved evaluations and steps to outweigh it. The smallest
+    batch measured to gain (`python -m benchmarks.batching --forward --time`, see
+    `num_lanes`) is 16 iMAML tasks of 481 parameters in float32, 30,784 bytes: by turns
+    in one lane each, 0.88x the CPU time of plain `vmap` on the mixed batch and 0.86x on
+    copies of its slowest task. Smaller batches stay plain `vmap`.
     """
     from ._solver import LBFGS
 
@@ -186,7 +177,7 @@ def solve(
         _refuse_explicit_batch_axis(dyn, batched)
         axes = jtu.tree_map(lambda b: 0 if b else None, batched)
         if uses_turns(solver, axis_size, num_bytes):
-            lanes = num_lanes(axis_size, num_bytes)
+            lanes = num_lanes(axis_size)
             init_of = lambda d: init(eqx.combine(d, static))  # noqa: E731
             vg_of = lambda d: value_and_grad_of(eqx.combine(d, static))  # noqa: E731
             if lanes < axis_size:

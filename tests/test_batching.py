@@ -309,13 +309,15 @@ def test_batch_by_turns_with_bounds_warm_starts_pytrees_float32():
 @pytest.mark.parametrize("mode", FORMS)
 def test_batch_of_one_and_nested_vmap(mode, single, singles):
     assert not batching.uses_turns(li.LBFGS(), 1, 10**9)
-    assert batching.uses_turns(li.LBFGS(), 64, 481 * 8)  # iMAML tasks in float64
-    assert not batching.uses_turns(li.LBFGS(), 64, 481 * 4)  # and in float32
-    assert not batching.uses_turns(li.LBFGS(), 1024, 20 * 8)
+    assert batching.uses_turns(li.LBFGS(), 16, 481 * 4)  # iMAML tasks in float32
+    assert batching.uses_turns(li.LBFGS(), 1024, 20 * 8)  # multi-start
+    assert not batching.uses_turns(li.LBFGS(), 8, 481 * 4)
     assert not batching.uses_turns(li.LBFGS(linesearch=li.Backtracking()), 64, 481 * 8)
-    assert batching.num_lanes(64, 481 * 8) == 16
-    assert batching.num_lanes(1024, 481 * 8) == batching.MAX_LANES
-    assert batching.num_lanes(4096, 20 * 8) == 4096  # tiny tasks: one lane each
+    assert batching.num_lanes(8) == 8  # one lane each, not refilled
+    assert batching.num_lanes(16) == batching.MIN_LANES == 16
+    assert batching.num_lanes(32) == 16
+    assert batching.num_lanes(128) == 32
+    assert batching.num_lanes(1024) == batching.MAX_LANES
     one = jax.vmap(_solve(_banana()))(STARTS[:1], SCALES[:1])
     np.testing.assert_allclose(one.params[0], singles[0].params, rtol=1e-12, atol=1e-14)
     # vmap of vmap: a 2 x 8 grid (the inner level by turns, the outer by XLA's batching
