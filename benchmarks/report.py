@@ -570,6 +570,67 @@ def compile_mlp_section(lines):
     ]
 
 
+def batching_section(lines):
+    """Batched solves under `vmap` (`python -m benchmarks.batching`), one table per file."""
+    paths = sorted(RESULTS_DIR.glob("batching-*.json"))
+    if not paths:
+        return
+    lines += [
+        "## Batched solves under `vmap`",
+        "",
+        "From `python -m benchmarks.batching` (one row per mode; each file's command below). "
+        "`refill/D` solves the batch by turns in T/D lanes, each loading the next pending "
+        "task when its own has finished; `refill` is the library's lane count; `turns` is "
+        "one lane per task; `vmap` is plain `vmap`. Evaluations are counted on the host "
+        "(deterministic); times are CPU seconds of the compiled program, the modes "
+        "interleaved, and the ratios against plain `vmap` are the median over rounds of "
+        "each round's ratio, on the mixed batch and on T copies of its slowest task.",
+        "",
+    ]
+    for path in paths:
+        data = json.loads(path.read_text())
+        command = data["command"].split("benchmarks/batching.py", 1)[-1].strip()
+        program = "forward solves" if "--forward" in command else "value and gradient"
+        lines += [
+            f"`python -m benchmarks.batching {command}` (`benchmarks/results/{path.name}`), "
+            f"{program}:",
+            "",
+            "| problem | T | dtype | mode | lanes | evaluations (own) | CPU / vmap, mixed "
+            "| CPU / vmap, copies | compile CPU s |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for row in data["rows"]:
+            num, ratios = row["tasks"], row.get("cpu_ratios", {})
+            for mode, evals in row["lane_evals"].items():
+                # Rows written before they recorded lanes come from the policy of
+                # T/4 lanes (at most 64) for `refill`.
+                lanes = row.get("lanes", {}).get(mode)
+                if lanes is None:
+                    divisor = mode.partition("/")[2].partition("@")[0]
+                    if mode in ("turns", "vmap"):
+                        lanes = num
+                    elif divisor:
+                        lanes = num // int(divisor)
+                    else:
+                        lanes = min(num // 4, 64)
+                mixed = ratios.get(f"{mode}/vmap-mixed")
+                copies = ratios.get(f"{mode}/vmap-slowest")
+                compile_s = row.get("compile_cpu_s", {}).get(mode)
+                cells = [
+                    row["problem"],
+                    str(num),
+                    row["dtype"],
+                    mode,
+                    str(lanes),
+                    f"{evals:,} ({row['own_evals']:,})",
+                    "–" if mixed is None else f"{mixed:.2f}",
+                    "–" if copies is None else f"{copies:.2f}",
+                    "–" if compile_s is None else f"{compile_s:.1f}",
+                ]
+                lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+
+
 def scale_section(scale, path, by_shape, shape_path, lines):
     """Memory and time per iteration at large n against the peers."""
     lines += [
@@ -688,6 +749,7 @@ def main(argv=None):
             )
     bounds_section(opts.mode, lines)
     compile_mlp_section(lines)
+    batching_section(lines)
     scale_path = Path(opts.scale) if opts.scale else RESULTS_DIR / "scale.json"
     shape_path = RESULTS_DIR / "memory_by_shape.json"
     if scale_path.exists():
