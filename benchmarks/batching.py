@@ -372,7 +372,8 @@ def main(argv=None):
         rows.append(row)
         print(json.dumps(row), flush=True)
     if opts.out:
-        write_json(RESULTS_DIR / opts.out, {"command": " ".join(sys.argv), "rows": rows})
+        command = " ".join(["python -m benchmarks.batching", *sys.argv[1:]])
+        write_json(RESULTS_DIR / opts.out, {"command": command, "rows": rows})
 
 
 if __name__ == "__main__":

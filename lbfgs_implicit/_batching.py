@@ -74,8 +74,9 @@ def num_lanes(num_tasks: int) -> int:
     only one lane per task stays below plain `vmap` on copies (float64: T/4 0.63 / 1.22,
     T/2 0.52 / 1.06, one lane each 0.71 / 0.82; float32: T/2 0.64 / 1.18, one lane each
     0.88 / 0.86): hence at least 16 lanes. 1,024 starts of the 20-parameter multi-start
-    problem: 64 lanes 0.29 / 0.61, 256 lanes 0.40 / 0.71, one lane each 1.18 / 0.94:
-    hence at most 64, whatever the task's size.
+    problem (`--problem multistart --tasks 1024 --forward --time --modes refill --lanes
+    4`): 64 lanes 0.27 / 0.65, 256 lanes 0.47 / 0.80: hence at most 64, whatever the
+    task's size.
     """
     if MODE == "turns":
         return num_tasks
