@@ -137,3 +137,19 @@ def test_closure_compile_reports_both_ways():
     found = re.search(r"n=\s*1000 .*args\s+([\d.]+) s, closed over\s+([\d.]+) s", line)
     assert found, line
     assert float(found.group(1)) > 0 and float(found.group(2)) > 0, line
+
+
+def test_per_problem_ratios_take_the_fastest_peer_that_converged():
+    from benchmarks.report import per_problem_ratios
+
+    def row(run_s, converged=True):
+        return {"run_s": run_s, "converged": converged, "error": None}
+
+    table = {
+        # optax is faster but did not converge: jaxopt is the reference.
+        "A": {"lbfgs_implicit": row(2.0), "optax": row(0.5, False), "jaxopt": row(4.0)},
+        "B": {"lbfgs_implicit": row(1.0, False), "optimistix": row(1.0)},
+        "C": {"lbfgs_implicit": row(1.0), "scipy": row(0.1)},  # no JAX peer solved it
+    }
+    out = per_problem_ratios(table)
+    assert out == {"ratios": {"A": 0.5}, "unsolved": ["B"]}
