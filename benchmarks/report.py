@@ -87,22 +87,25 @@ def forward_summary(fwd):
         p for p, r in table.items() if _solved(r.get("scipy")) and not _solved(r.get(OURS))
     ]
     summary["per_problem"] = per_problem_ratios(table)
+    if all("run_cpu_s" in row for r in table.values() for row in r.values() if _solved(row)):
+        summary["per_problem_cpu"] = per_problem_ratios(table, "run_cpu_s")
     return table, solvers, summary
 
 
-def per_problem_ratios(table):
+def per_problem_ratios(table, key="run_s"):
     """Our time over the fastest JAX peer that converged, problem by problem.
 
-    `ratios` covers the problems both we and at least one JAX peer solved; `unsolved`
-    names those a JAX peer solved and we did not (no finite ratio exists for them).
+    `key` picks the time: `run_s` (wall median) or `run_cpu_s` (CPU median). `ratios`
+    covers the problems both we and at least one JAX peer solved; `unsolved` names those
+    a JAX peer solved and we did not (no finite ratio exists for them).
     """
     ratios, unsolved = {}, []
     for p, r in table.items():
-        peers = [r[s]["run_s"] for s in JAX_PEERS if _solved(r.get(s))]
+        peers = [r[s][key] for s in JAX_PEERS if _solved(r.get(s))]
         if not peers:
             continue
         if _solved(r.get(OURS)):
-            ratios[p] = r[OURS]["run_s"] / min(peers)
+            ratios[p] = r[OURS][key] / min(peers)
         else:
             unsolved.append(p)
     return {"ratios": ratios, "unsolved": unsolved}
@@ -230,6 +233,12 @@ def forward_section(fwd, path, lines, compile_time=None):
     per_geo = _geomean(list(per["ratios"].values()))
     above = sorted(((p, x) for p, x in per["ratios"].items() if x > 1.2), key=lambda px: -px[1])
     above_text = ", ".join(f"{p} {x:.2f}" for p, x in above) or "none"
+    per_cpu = summ.get("per_problem_cpu")
+    cpu_text = (
+        f" wall ({_geomean(list(per_cpu['ratios'].values())):.2f}x on CPU seconds)"
+        if per_cpu
+        else ""
+    )
     if per["unsolved"]:
         above_text += "; solved by a JAX peer, not by us: " + ", ".join(per["unsolved"])
     lines += [
@@ -242,7 +251,8 @@ def forward_section(fwd, path, lines, compile_time=None):
         f"| per peer: geometric-mean time at most 0.8x each JAX peer's | {worst:.2f}x against "
         f"{best_peer} (the peer we are slowest against) | {_met(worst <= 0.8)} |",
         f"| per problem, against the fastest JAX peer that solved it: geometric mean "
-        f"at most 0.8x over the {len(per['ratios'])} problems both solved | {per_geo:.2f}x | "
+        f"at most 0.8x over the {len(per['ratios'])} problems both solved | "
+        f"{per_geo:.2f}x{cpu_text} | "
         f"{_met(per_geo <= 0.8)} |",
         f"| per problem: none above 1.2x the fastest JAX peer | above: {above_text} | "
         f"{_met(not above and not per['unsolved'])} |",
@@ -619,10 +629,11 @@ def batching_section(lines):
     ]
     for path in paths:
         data = json.loads(path.read_text())
-        command = data["command"].split("benchmarks/batching.py", 1)[-1].strip()
-        program = "forward solves" if "--forward" in command else "value and gradient"
+        args = data["command"].split("benchmarks/batching.py", 1)[-1]
+        args = args.split("benchmarks.batching", 1)[-1].strip()
+        program = "forward solves" if "--forward" in args else "value and gradient"
         lines += [
-            f"`python -m benchmarks.batching {command}` (`benchmarks/results/{path.name}`), "
+            f"`python -m benchmarks.batching {args}` (`benchmarks/results/{path.name}`), "
             f"{program}:",
             "",
             "| problem | T | dtype | mode | lanes | evaluations (own) | CPU / vmap, mixed "
