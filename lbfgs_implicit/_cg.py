@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import lineax as lx
 
-from ._misc import tree_axpy, tree_dot, tree_norm2, tree_sub
+from ._misc import tree_axpy, tree_dot, tree_norm2, tree_sub, tree_where
 
 
 class CG(lx.AbstractLinearSolver):
@@ -30,9 +30,12 @@ class CG(lx.AbstractLinearSolver):
 
     Used by [`lbfgs_implicit.ImplicitAdjoint`][] by default; accepts the lineax options
     `preconditioner` (a positive definite operator), `y0` (initial guess), `r0` (its
-    residual `b - A y0`, when the caller has it; saves a product) and `precondition_if`
+    residual `b - A y0`, when the caller has it; saves a product), `precondition_if`
     (a boolean scalar: where false, the steps are unpreconditioned; decided once, so a
-    solve that does not use the preconditioner pays nothing for it per step).
+    solve that does not use the preconditioner pays nothing for it per step) and
+    `true_residual` (a Python bool: also return $\\|b - Ay\\|_2$ of the answer as the
+    stat `true_residual`, from one more product taken by the loop itself, so that a
+    program holds one copy of the operator's product instead of two).
 
     **Arguments:**
 
@@ -75,15 +78,29 @@ class CG(lx.AbstractLinearSolver):
         k = jnp.zeros((), jnp.int32)
         preconditioner = options.get("preconditioner")
         use = options.get("precondition_if", True)
+        want_residual = options.get("true_residual", False)
         broke = jnp.array(False)
+        true_r = None
         if preconditioner is not None:
-            y, r, k, broke = _cg_loop(operator, preconditioner.mv, y, r, k, target, max_steps, use)
+            y, r, k, broke, _ = _cg_loop(
+                operator, preconditioner.mv, y, r, k, target, max_steps, use
+            )
         if preconditioner is None or "precondition_if" in options:
             # Unpreconditioned where the preconditioner was not to be used, and where it
             # broke down (not positive definite on the Krylov space): plain CG continues
             # from its iterate.
             enabled = ~jnp.asarray(use) | broke if preconditioner is not None else True
-            y, r, k, broke = _cg_loop(operator, None, y, r, k, target, max_steps, enabled)
+            b = vector if want_residual else None
+            y, r, k, broke, true_r = _cg_loop(
+                operator, None, y, r, k, target, max_steps, enabled, b
+            )
+        stats = {"num_steps": k}
+        if want_residual:
+            if true_r is None:
+                # The last loop was preconditioned: its turns apply the preconditioner,
+                # which a residual turn would not need.
+                true_r = tree_sub(vector, operator.mv(y))
+            stats["true_residual"] = tree_norm2(true_r)
         converged = tree_norm2(r) <= target
         result = lx.RESULTS.where(
             broke,
@@ -93,34 +110,40 @@ class CG(lx.AbstractLinearSolver):
         if self.max_steps is not None and self.rtol == 0 and self.atol == 0:
             # A fixed number of steps was asked for (a refinement), not convergence.
             result = lx.RESULTS.where(broke, lx.RESULTS.breakdown, lx.RESULTS.successful)
-        return y, result, {"num_steps": k}
+        return y, result, stats
 
     def transpose(self, state, options):
         transposed = {}
         if "preconditioner" in options:
             transposed["preconditioner"] = options["preconditioner"].transpose()
-        if "precondition_if" in options:
-            transposed["precondition_if"] = options["precondition_if"]
+        for key in ("precondition_if", "true_residual"):
+            if key in options:
+                transposed[key] = options[key]
         return state.transpose(), transposed
 
     def conj(self, state, options):
         conjugated = {}
         if "preconditioner" in options:
             conjugated["preconditioner"] = lx.conj(options["preconditioner"])
-        if "precondition_if" in options:
-            conjugated["precondition_if"] = options["precondition_if"]
+        for key in ("precondition_if", "true_residual"):
+            if key in options:
+                conjugated[key] = options[key]
         return lx.conj(state), conjugated
 
     def assume_full_rank(self):
         return True
 
 
-def _cg_loop(operator, precondition, y, r, k, target, max_steps, enabled):
+def _cg_loop(operator, precondition, y, r, k, target, max_steps, enabled, b=None):
     """CG steps from `(y, r)` while `enabled` and unconverged; `precondition` None is plain.
 
     The preconditioner is applied at the top of a step, so a loop that does not run
     (or stops converged) applies it no more often than it takes steps. `rr = r'r` is
     carried for the stopping test, which for plain CG is also `r'z`.
+
+    With `b` (plain CG only) the loop takes one more turn once the steps are over, whose
+    product is $Ay$ instead of $Ap$, and also returns the true residual $b - Ay$ (else
+    `None`): the products of a check after the loop, with the operator traced once.
     """
     rr = tree_dot(r, r)
     zero = jtu.tree_map(jnp.zeros_like, y)
@@ -128,19 +151,21 @@ def _cg_loop(operator, precondition, y, r, k, target, max_steps, enabled):
     one = jnp.ones((), rr.dtype)
     init = (y, r, zero, one, rr, k, jnp.array(False))
 
-    def cond(carry):
+    def stepping(carry):
         *_, rr, k, broke = carry
         return enabled & (jnp.sqrt(rr) > target) & (k < max_steps) & ~broke
 
-    def body(carry):
+    def direction(carry):
         y, r, p, gamma, rr, k, _ = carry
         if precondition is None:
             z, gamma_new = r, rr
         else:
             z = precondition(r)
             gamma_new = tree_dot(r, z)
-        p = tree_axpy(gamma_new / gamma, p, z)
-        ap = operator.mv(p)
+        return tree_axpy(gamma_new / gamma, p, z), gamma_new
+
+    def advance(carry, p, gamma_new, ap):
+        y, r, _, _, _, k, _ = carry
         pap = tree_dot(p, ap)
         # Not positive definite on the Krylov space (operator or preconditioner).
         broke = ~(pap > 0) | ~jnp.isfinite(pap) | ~(gamma_new > 0)
@@ -149,5 +174,34 @@ def _cg_loop(operator, precondition, y, r, k, target, max_steps, enabled):
         r = tree_axpy(-alpha, ap, r)
         return y, r, p, jnp.where(broke, one, gamma_new), tree_dot(r, r), k + 1, broke
 
-    y, r, _, _, _, k, broke = lax.while_loop(cond, body, init)
-    return y, r, k, broke
+    if b is None:
+
+        def body(carry):
+            p, gamma_new = direction(carry)
+            return advance(carry, p, gamma_new, operator.mv(p))
+
+        y, r, _, _, _, k, broke = lax.while_loop(stepping, body, init)
+        return y, r, k, broke, None
+
+    def body_with_residual(loop):
+        carry, _, _ = loop
+        y, r, _, _, _, k, broke = carry
+        go = stepping(carry)
+        p, gamma_new = direction(carry)
+        # One product a turn: A p for a step, A y for the residual turn. The turn after
+        # the last step ends the loop, so only what the loop returns is kept through it.
+        au = operator.mv(tree_where(go, p, y))
+        stepped = advance(carry, p, gamma_new, au)
+        carry = (
+            tree_where(go, stepped[0], y),
+            tree_where(go, stepped[1], r),
+            *stepped[2:5],
+            k + go.astype(k.dtype),
+            broke | (go & stepped[6]),
+        )
+        return carry, tree_sub(b, au), ~go
+
+    loop = (init, r, jnp.array(False))
+    carry, true_r, _ = lax.while_loop(lambda loop: ~loop[2], body_with_residual, loop)
+    y, r, _, _, _, k, broke = carry
+    return y, r, k, broke, true_r

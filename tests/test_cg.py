@@ -104,3 +104,39 @@ def test_preconditioner_switched_once_before_the_loop():
     assert broken.result == lx.RESULTS.successful
     np.testing.assert_allclose(broken.value, jnp.linalg.solve(a, b), rtol=1e-9)
     assert solve(preconditioner=indefinite).result == lx.RESULTS.breakdown
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"precondition_if": jnp.array(False)},
+        {"precondition_if": jnp.array(True)},
+        {"precondition_if": jnp.array(True), "indefinite": True},
+        {"preconditioned_only": True},
+    ],
+)
+@pytest.mark.parametrize("max_steps", [None, 3])
+def test_true_residual_is_that_of_the_answer(options, max_steps):
+    # The loop's extra turn computes b - A y of the returned y (also when the steps
+    # stopped unconverged), with the same steps and answer as without it.
+    a = _spd(12, 1e3)
+    b = jnp.linspace(-1.0, 1.0, 12)
+    options = dict(options)
+    if options.pop("indefinite", False):
+        options["preconditioner"] = lx.MatrixLinearOperator(-jnp.eye(12), lx.symmetric_tag)
+    elif options.pop("preconditioned_only", False) or "precondition_if" in options:
+        options["preconditioner"] = _op(jnp.diag(1 / jnp.diag(a)))
+    solver = li.CG(rtol=1e-12, max_steps=max_steps)
+    plain = lx.linear_solve(_op(a), b, solver, options=options, throw=False)
+    sol = lx.linear_solve(
+        _op(a), b, solver, options={**options, "true_residual": True}, throw=False
+    )
+    np.testing.assert_array_equal(sol.value, plain.value)
+    assert int(sol.stats["num_steps"]) == int(plain.stats["num_steps"])
+    assert "true_residual" not in plain.stats
+    expected = float(jnp.linalg.norm(b - a @ sol.value))
+    # Products in another order round differently: eps |A| |y| is about 1e-13 here.
+    np.testing.assert_allclose(float(sol.stats["true_residual"]), expected, rtol=1e-6, atol=1e-13)
+    if max_steps == 3:
+        assert float(sol.stats["true_residual"]) > 1e-3

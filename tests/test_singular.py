@@ -123,6 +123,13 @@ def test_saddle_default_raises():
         jax.block_until_ready(jax.grad(_outer_saddle)(jnp.asarray(THETA), li.ImplicitAdjoint()))
 
 
+def test_saddle_raises_without_the_degenerate_check():
+    # The residual of CG's answer alone must catch the indefinite Hessian.
+    adjoint = li.ImplicitAdjoint(check_degenerate=False)
+    with pytest.raises(RUNTIME, match=BACKWARD):
+        jax.block_until_ready(jax.grad(_outer_saddle)(jnp.asarray(THETA), adjoint))
+
+
 def test_saddle_default_never_silently_wrong():
     # Whatever the default does on an indefinite Hessian with throw=False, it must be
     # either the documented NaN or the right answer; a finite wrong number is garbage.
