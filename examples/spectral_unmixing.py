@@ -112,12 +112,14 @@ def main():
     A_train, Y_train = pixels(key_t, E, TRAIN)
     A_valid, Y_valid = pixels(key_v, E, VALID)
 
-    rho = jnp.full(MATERIALS, -4.0)
+    # Strongly typed: a weakly typed `rho` turns strong at the first optax update, and
+    # `value_and_grad` and `evaluate` would each be compiled a second time.
+    rho = jnp.full(MATERIALS, -4.0, dtype=jnp.float64)
     check_gradient(rho, E, Y_train[:8], A_train[:8])
 
     value_and_grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
     evaluate = jax.jit(loss)
-    nnls_err, _ = evaluate(jnp.full(MATERIALS, -30.0), E, Y_valid, A_valid)
+    nnls_err, _ = evaluate(jnp.full(MATERIALS, -30.0, dtype=jnp.float64), E, Y_valid, A_valid)
     init_err, _ = evaluate(rho, E, Y_valid, A_valid)
 
     optimiser = optax.adam(0.3)
