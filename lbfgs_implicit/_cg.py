@@ -82,7 +82,7 @@ class CG(lx.AbstractLinearSolver):
         broke = jnp.array(False)
         true_r = None
         if preconditioner is not None:
-            y, r, k, broke, _ = _cg_loop(
+            y, r, k, broke, rr = _cg_loop(
                 operator, preconditioner.mv, y, r, k, target, max_steps, use
             )
         if preconditioner is None or "precondition_if" in options:
@@ -91,9 +91,8 @@ class CG(lx.AbstractLinearSolver):
             # from its iterate.
             enabled = ~jnp.asarray(use) | broke if preconditioner is not None else True
             b = vector if want_residual else None
-            y, r, k, broke, true_r = _cg_loop(
-                operator, None, y, r, k, target, max_steps, enabled, b
-            )
+            y, r, k, broke, rr = _cg_loop(operator, None, y, r, k, target, max_steps, enabled, b)
+            true_r = r if want_residual else None
         stats = {"num_steps": k}
         if want_residual:
             if true_r is None:
@@ -101,7 +100,8 @@ class CG(lx.AbstractLinearSolver):
                 # which a residual turn would not need.
                 true_r = tree_sub(vector, operator.mv(y))
             stats["true_residual"] = tree_norm2(true_r)
-        converged = tree_norm2(r) <= target
+        # `rr` is the steps' own (recursive) residual's, which they stop on.
+        converged = jnp.sqrt(rr) <= target
         result = lx.RESULTS.where(
             broke,
             lx.RESULTS.breakdown,
@@ -137,13 +137,15 @@ class CG(lx.AbstractLinearSolver):
 def _cg_loop(operator, precondition, y, r, k, target, max_steps, enabled, b=None):
     """CG steps from `(y, r)` while `enabled` and unconverged; `precondition` None is plain.
 
+    Returns `(y, r, k, broke, rr)` with `rr` the squared norm of the steps' residual.
     The preconditioner is applied at the top of a step, so a loop that does not run
     (or stops converged) applies it no more often than it takes steps. `rr = r'r` is
     carried for the stopping test, which for plain CG is also `r'z`.
 
     With `b` (plain CG only) the loop takes one more turn once the steps are over, whose
-    product is $Ay$ instead of $Ap$, and also returns the true residual $b - Ay$ (else
-    `None`): the products of a check after the loop, with the operator traced once.
+    product is $Ay$ instead of $Ap$, and returns the true residual $b - Ay$ as `r` (and
+    still the steps' `rr`): the product of a check after the loop, with the operator
+    traced once.
     """
     rr = tree_dot(r, r)
     zero = jtu.tree_map(jnp.zeros_like, y)
@@ -180,28 +182,28 @@ def _cg_loop(operator, precondition, y, r, k, target, max_steps, enabled, b=None
             p, gamma_new = direction(carry)
             return advance(carry, p, gamma_new, operator.mv(p))
 
-        y, r, _, _, _, k, broke = lax.while_loop(stepping, body, init)
-        return y, r, k, broke, None
+        y, r, _, _, rr, k, broke = lax.while_loop(stepping, body, init)
+        return y, r, k, broke, rr
 
     def body_with_residual(loop):
-        carry, _, _ = loop
-        y, r, _, _, _, k, broke = carry
+        carry, _ = loop
+        y, r, _, _, rr, k, broke = carry
         go = stepping(carry)
         p, gamma_new = direction(carry)
-        # One product a turn: A p for a step, A y for the residual turn. The turn after
-        # the last step ends the loop, so only what the loop returns is kept through it.
+        # One product a turn: A p for a step, A y for the residual turn, which ends the
+        # loop, so only what the loop returns is kept through it.
         au = operator.mv(tree_where(go, p, y))
         stepped = advance(carry, p, gamma_new, au)
         carry = (
             tree_where(go, stepped[0], y),
-            tree_where(go, stepped[1], r),
-            *stepped[2:5],
+            tree_where(go, stepped[1], tree_sub(b, au)),
+            *stepped[2:4],
+            jnp.where(go, stepped[4], rr),
             k + go.astype(k.dtype),
             broke | (go & stepped[6]),
         )
-        return carry, tree_sub(b, au), ~go
+        return carry, ~go
 
-    loop = (init, r, jnp.array(False))
-    carry, true_r, _ = lax.while_loop(lambda loop: ~loop[2], body_with_residual, loop)
-    y, r, _, _, _, k, broke = carry
-    return y, r, k, broke, true_r
+    carry, _ = lax.while_loop(lambda loop: ~loop[1], body_with_residual, (init, jnp.array(False)))
+    y, r, _, _, rr, k, broke = carry
+    return y, r, k, broke, rr
