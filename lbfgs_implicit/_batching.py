@@ -12,9 +12,10 @@ needs, instead of the sum over iterations of the largest search.
 That is still every element waiting for the slowest. So the batch runs in fewer lanes
 than elements (see `num_lanes`), each holding one element (a task) at a time: when a
 lane's task has finished, its final state is written to the task's row of the output,
-and the next pending task is loaded into the lane (its operands gathered, its `init`
-evaluated at `x0`), so every turn works on unfinished tasks and the batch pays about
-the sum of its tasks' evaluations divided among the lanes, plus the last tasks' tail.
+and the next pending task is loaded into the lane (its operands gathered, its start
+set; the lane's next turn evaluates it), so every turn works on unfinished tasks and
+the batch pays about the sum of its tasks' evaluations divided among the lanes, plus
+the last tasks' tail.
 
 Each element runs the same sequence of setups, trials and updates as the unbatched
 solve, so its iterates, `result` and `stats` are those of the solve alone (to the
@@ -23,6 +24,7 @@ solve's custom derivative rule (`implicit_solve` calls `iterate`, which calls
 `solve`), so autodiff never sees it.
 """
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -37,7 +39,7 @@ from jaxtyping import Array, Bool, Int, PyTree
 
 from ._history import Pair, write_pair
 from ._linesearch import _evaluate, _WolfeCarry, StrongWolfe
-from ._misc import tree_where
+from ._misc import common_dtype, tree_where, tree_zeros_like
 
 
 # Batches run by turns when their parameters take this many bytes (see `uses_turns`).
@@ -160,7 +162,8 @@ def solve(
 ):
     """`single(operands)`, whose `vmap` runs by turns (see the module docstring).
 
-    `single` is the whole solve; `init(operands)` its initial state;
+    `single` is the whole solve; `init(operands, value_and_grad=None)` its initial
+    state, with `value_and_grad` in place of the objective's when given;
     `value_and_grad_of(operands)` the objective's value-and-gradient function;
     `finish(state)` records why the loop ended; `num_bytes` is the size of one
     element's parameters in bytes. Only arrays of `operands` may be batched.
@@ -179,7 +182,7 @@ def solve(
         axes = jtu.tree_map(lambda b: 0 if b else None, batched)
         if uses_turns(solver, axis_size, num_bytes):
             lanes = num_lanes(axis_size)
-            init_of = lambda d: init(eqx.combine(d, static))  # noqa: E731
+            init_of = lambda d, vg=None: init(eqx.combine(d, static), vg)  # noqa: E731
             vg_of = lambda d: value_and_grad_of(eqx.combine(d, static))  # noqa: E731
             if lanes < axis_size:
                 out = _refill(solver, init_of, vg_of, finish, batched, dyn, axis_size, lanes)
@@ -221,11 +224,29 @@ def _refuse_explicit_batch_axis(dyn: PyTree, batched: PyTree) -> None:
             )
 
 
-def _machine(solver, value_and_grad_of):
+def _machine(solver, init, value_and_grad_of):
     """The pieces of a solve advanced one trial per turn, for one element each, and the
-    turn itself for a batch of lanes (shared by `_turns` and `_refill`)."""
+    turn itself for a batch of lanes (shared by `_turns` and `_refill`).
+
+    A lane starts `fresh`: `prepare` gave it its start (`x0`, projected into the bounds)
+    and memory, and its first turn evaluates the objective there, where the solve alone
+    evaluates it in `init`, and initialises it from that value. The objective is then
+    traced (and compiled) once, in the turn, instead of once more for `init`; a lane
+    loaded with a task also pays no evaluation before its first turn.
+    """
     linesearch = solver.linesearch
     max_steps = solver.max_steps
+
+    def placeholder(x):
+        return jnp.zeros((), common_dtype(x)), tree_zeros_like(x)
+
+    def prepare(dyn):
+        """The state of a fresh lane: its start and memory (the rest is `init`'s once
+        the start is evaluated) and the search's shape."""
+        state = init(dyn, placeholder)
+        return state, jtu.tree_map(
+            lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(setup, state)[1]
+        )
 
     def setup(state):
         plan = solver.setup(state)
@@ -236,18 +257,15 @@ def _machine(solver, value_and_grad_of):
         # The state holds the memory the direction used until the step is taken.
         return eqx.tree_at(lambda s: s.history, state, plan.history), search
 
-    def start(state):
-        """`(state, search)` of a solve just initialised; one finished at `x0` keeps its
-        initial state (and memory) as it is."""
-        new_state, search = setup(state)
-        return tree_where(~state.terminate, new_state, state), search
-
-    def trial(dyn, state, search):
+    def trial(dyn, state, search, fresh):
         c = search.carry
-        a = linesearch.next_trial(c)
-        vg = solver.trial_function(value_and_grad_of(dyn), state, search.p)
-        point = _evaluate(vg, state.x, search.p, a, state.f.dtype)
-        return linesearch.update(c, a, point, state.x, state.f, search.dg, search.cap)
+        # A fresh lane evaluates its start: step 0 along a zero direction (its search is
+        # the previous task's or blank).
+        a = jnp.where(fresh, 0, linesearch.next_trial(c))
+        p = tree_where(fresh, tree_zeros_like(search.p), search.p)
+        vg = solver.trial_function(value_and_grad_of(dyn), state, p)
+        point = _evaluate(vg, state.x, p, a, state.f.dtype)
+        return point, linesearch.update(c, a, point, state.x, state.f, search.dg, search.cap)
 
     def take_step(state, search, active):
         ls = linesearch.finish(search.carry, state.x, state.f, search.p)
@@ -270,24 +288,48 @@ def _machine(solver, value_and_grad_of):
         pair = jax.vmap(_no_pair)(rest)
         return rest, pair, k, running
 
+    def start(dyn, rest, buffers, k, running, fresh, f, g, *, axes):
+        """`init` of the fresh lanes from their start's value `f` and gradient `g`."""
+        init_at = lambda d, f, g: init(d, lambda _: (f, g))  # noqa: E731
+        state = jax.vmap(init_at, in_axes=(axes, 0, 0))(dyn, f, g)
+        # The memory `prepare` gave the lane stays in `buffers`: `init` sets the same.
+        rest = _select(fresh, _split(state)[0], rest)
+        return rest, running | (fresh & ~rest.terminate & (k < max_steps))
+
     def new_searches(rest, buffers, search, again):
         new_state, new_search = jax.vmap(setup)(_join(rest, buffers))
         rest = _select(again, _split(new_state)[0], rest)
         return rest, _select(again, new_search, search)
 
-    def turn(dyn, axes, rest, buffers, search, k, running):
+    def turn(dyn, axes, rest, buffers, search, k, running, fresh):
         """One evaluation for every lane; `dyn` holds the lanes' operands (`axes`)."""
-        c = jax.vmap(trial, in_axes=(axes, 0, 0))(dyn, _join(rest, buffers), search)
+        point, c = jax.vmap(trial, in_axes=(axes, 0, 0, 0))(
+            dyn, _join(rest, buffers), search, fresh
+        )
         searching = running & ~search.carry.done
         search = eqx.tree_at(lambda s: s.carry, search, _select(searching, c, search.carry))
         done = running & search.carry.done
         # Real branches (their predicates are the whole batch's): turns in which no
         # search ended, such as zoom trials of a batch of equal tasks, skip the step and
-        # the setup of the next direction.
+        # the setup of the next direction; turns with no fresh lane skip `init`.
         operands = (rest, buffers, search, k, running, done)
         rest, pair, k, running = lax.cond(jnp.any(done), step, no_step, *operands)
         buffers = jax.vmap(write_pair)(*buffers, pair)
-        again = done & running
+        ft, gt = point[:2]
+        rest, started = lax.cond(
+            jnp.any(fresh),
+            functools.partial(start, axes=axes),
+            lambda dyn, rest, buffers, k, running, fresh, f, g: (rest, running),
+            dyn,
+            rest,
+            buffers,
+            k,
+            running,
+            fresh,
+            ft,
+            gt,
+        )
+        again = (done | fresh) & started
         rest, search = lax.cond(
             jnp.any(again),
             new_searches,
@@ -297,33 +339,36 @@ def _machine(solver, value_and_grad_of):
             search,
             again,
         )
-        return rest, buffers, search, k, running
+        return rest, buffers, search, k, started
 
-    return start, turn
+    return prepare, turn
 
 
 def _turns(solver, init, value_and_grad_of, finish, axes, dyn):
-    start, turn = _machine(solver, value_and_grad_of)
-    state, search = jax.vmap(start)(jax.vmap(init, in_axes=(axes,))(dyn))
-    running = ~state.terminate
+    prepare, turn = _machine(solver, init, value_and_grad_of)
+    state, search = jax.vmap(prepare, in_axes=(axes,))(dyn)
+    fresh = jnp.ones(state.terminate.shape, bool)
+    running = jnp.zeros_like(fresh)
     k = jnp.zeros_like(state.num_steps)
 
     def body(carry):
-        return turn(dyn, axes, *carry)
+        rest, buffers, search, k, running, fresh = carry
+        carry = turn(dyn, axes, rest, buffers, search, k, running, fresh)
+        return (*carry, jnp.zeros_like(fresh))
 
     rest, buffers = _split(state)
-    carry = (rest, buffers, search, k, running)
-    rest, buffers, *_ = lax.while_loop(lambda c: jnp.any(c[4]), body, carry)
+    carry = (rest, buffers, search, k, running, fresh)
+    rest, buffers, *_ = lax.while_loop(lambda c: jnp.any(c[4] | c[5]), body, carry)
     return jax.vmap(finish)(_join(rest, buffers))
 
 
 def _load_width(num_lanes: int) -> int:
     """How many lanes one pass of the refill's write-out and load loops handles.
 
-    The loops batch their lanes (one `vmap`-ed `finish`, one `vmap`-ed `init`) and run
-    as many passes as lanes need them, none in most turns. A pass evaluates the
-    objective for all its slots, used or not, so its width trades passes (each with the
-    fixed cost of `init`'s operations) against evaluations for empty slots.
+    The loops batch their lanes (one `vmap`-ed `finish`, one `vmap`-ed `prepare`) and
+    run as many passes as lanes need them, none in most turns. A pass prepares all its
+    slots, used or not, so its width trades passes (each with the fixed cost of the
+    scatters into the lanes) against work for empty slots.
     """
     return max(1, min(num_lanes, LOAD_WIDTH))
 
@@ -331,8 +376,9 @@ def _load_width(num_lanes: int) -> int:
 def _refill(solver, init, value_and_grad_of, finish, batched, dyn, num_tasks, num_lanes):
     """`_turns` on `num_lanes` lanes, each holding one task at a time (see the module
     docstring): every task that finished in a turn is written out at its end, and every
-    free lane loaded with a pending task at the start of the next."""
-    start, turn = _machine(solver, value_and_grad_of)
+    free lane loaded with a pending task at the start of the next (fresh, see
+    `_machine`)."""
+    prepare, turn = _machine(solver, init, value_and_grad_of)
     axes = jtu.tree_map(lambda b: 0 if b else None, batched)
     width = _load_width(num_lanes)
     slots = jnp.arange(width, dtype=jnp.int32)
@@ -342,13 +388,12 @@ def _refill(solver, init, value_and_grad_of, finish, batched, dyn, num_tasks, nu
         return jtu.tree_map(lambda b, leaf: leaf[tasks] if b else leaf, batched, dyn)
 
     def fresh(d):
-        state, search = start(init(d))
-        return _split(state), search
+        return _split(prepare(d)[0])
 
     one = jtu.tree_map(lambda b, leaf: leaf[0] if b else leaf, batched, dyn)
-    lanes = jax.eval_shape(fresh, one)
+    lanes = jax.eval_shape(prepare, one)
     (rest, buffers), search = jtu.tree_map(
-        lambda s: jnp.zeros((num_lanes,) + s.shape, s.dtype), lanes
+        lambda s: jnp.zeros((num_lanes,) + s.shape, s.dtype), (_split(lanes[0]), lanes[1])
     )
     running = jnp.zeros(num_lanes, bool)
     k = jnp.zeros(num_lanes, jnp.int32)
@@ -356,7 +401,7 @@ def _refill(solver, init, value_and_grad_of, finish, batched, dyn, num_tasks, nu
     # `holding`: the lane's task is not written out yet.
     holding = jnp.zeros(num_lanes, bool)
     pending = jnp.zeros((), jnp.int32)
-    row = jax.eval_shape(finish, _join(*lanes[0]))
+    row = jax.eval_shape(finish, lanes[0])
     out = jtu.tree_map(lambda s: jnp.zeros((num_tasks,) + s.shape, s.dtype), row)
 
     def first(mask):
@@ -371,34 +416,33 @@ def _refill(solver, init, value_and_grad_of, finish, batched, dyn, num_tasks, nu
     # Both loops run inside the turn's loop, so the arrays they update (the lanes' state,
     # the output) are updated in place; in a branch XLA would copy them.
     def load(carry):
-        rest, buffers, search, k, running, tasks, holding, pending = carry
+        rest, buffers, k, new, tasks, holding, pending = carry
         index, real = first(~holding)
         real = real & (pending + slots < num_tasks)
         task = jnp.minimum(pending + slots, num_tasks - 1)
-        (new_rest, new_buffers), new_search = jax.vmap(fresh, in_axes=(axes,))(operands_of(task))
+        new_rest, new_buffers = jax.vmap(fresh, in_axes=(axes,))(operands_of(task))
         index = jnp.where(real, index, num_lanes)
         rest = put(rest, index, new_rest)
         buffers = put(buffers, index, new_buffers)
-        search = put(search, index, new_search)
         k = put(k, index, jnp.zeros_like(slots, k.dtype))
-        running = put(running, index, ~new_rest.terminate)
+        new = put(new, index, jnp.ones_like(real))
         tasks = put(tasks, index, task.astype(tasks.dtype))
         holding = put(holding, index, jnp.ones_like(real))
         pending = pending + jnp.sum(real, dtype=pending.dtype)
-        return rest, buffers, search, k, running, tasks, holding, pending
+        return rest, buffers, k, new, tasks, holding, pending
 
     def loading(carry):
-        holding, pending = carry[6], carry[7]
+        holding, pending = carry[5], carry[6]
         return jnp.any(~holding) & (pending < num_tasks)
 
     def body(carry):
         rest, buffers, search, k, running, tasks, holding, pending, out = carry
-        loaded = lax.while_loop(
-            loading, load, (rest, buffers, search, k, running, tasks, holding, pending)
-        )
-        rest, buffers, search, k, running, tasks, holding, pending = loaded
+        # `new`: loaded in this turn, fresh (see `_machine`).
+        new = jnp.zeros_like(running)
+        loaded = lax.while_loop(loading, load, (rest, buffers, k, new, tasks, holding, pending))
+        rest, buffers, k, new, tasks, holding, pending = loaded
         rest, buffers, search, k, running = turn(
-            operands_of(tasks), axes, rest, buffers, search, k, running
+            operands_of(tasks), axes, rest, buffers, search, k, running, new
         )
 
         def write_out(carry):

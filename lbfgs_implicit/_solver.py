@@ -559,9 +559,11 @@ def iterate(
         fn, args = operands[:2]
         return jax.value_and_grad(lambda y: fn(y, args)[0])
 
-    def init(operands):
+    def init(operands, value_and_grad=None):
         _, _, x0, box, warm_start = operands
-        return solver.init(value_and_grad_of(operands), x0, box, warm_start)
+        if value_and_grad is None:
+            value_and_grad = value_and_grad_of(operands)
+        return solver.init(value_and_grad, x0, box, warm_start)
 
     def finish(state):
         stop, result = solver.terminate(state)

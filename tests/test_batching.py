@@ -126,10 +126,11 @@ def test_batch_by_turns_matches_single_solves(by_turns, singles):
             by_turns.stats["grad_norm"][i], one.stats["grad_norm"], rtol=0, atol=1e-12
         )
         # The memory (what a warm start or the backward pass reads) of the elements
-        # whose searches took the same trials as alone: element 5's took 70
-        # evaluations in the batch of 8 (as in plain `vmap`) against 52 alone, and its
-        # last pairs, steps of 1e-10 near the minimiser, differ. Steps to the iterates'
-        # 1e-12, gradient changes to the gradients' 1e-12 (above) times 10.
+        # whose searches took the same trials as alone (batched rounding can move a
+        # search's decision: element 5 takes 70 evaluations in plain `vmap` against 52
+        # alone, and then its last pairs, steps of 1e-10 near the minimiser, differ).
+        # Steps to the iterates' 1e-12, gradient changes to the gradients' 1e-12
+        # (above) times 10.
         if int(by_turns.stats["num_fun_evals"][i]) != int(one.stats["num_fun_evals"]):
             continue
         mine, alone = by_turns.state.history, one.state.history
@@ -139,7 +140,7 @@ def test_batch_by_turns_matches_single_solves(by_turns, singles):
         np.testing.assert_allclose(mine.y[i], alone.y, rtol=0, atol=1e-11)
 
 
-def test_batch_by_turns_agrees_with_plain_vmap(form, by_turns):
+def test_batch_by_turns_agrees_with_plain_vmap(form, by_turns, singles):
     plain = _batched("vmap", _banana)(STARTS, SCALES)
     done = np.asarray(plain.result == li.RESULTS.successful)
     np.testing.assert_allclose(by_turns.params[done], plain.params[done], rtol=1e-12, atol=1e-14)
@@ -149,11 +150,14 @@ def test_batch_by_turns_agrees_with_plain_vmap(form, by_turns):
     np.testing.assert_allclose(by_turns.params[capped], plain.params[capped], rtol=1e-9)
     for key in ("num_steps", "num_resets"):
         np.testing.assert_array_equal(by_turns.stats[key], plain.stats[key])
-    if form == "turns":
-        # The same batched arithmetic over all elements as plain `vmap`: the same
-        # evaluations. Refilled lanes batch 3 elements at a time and round like
-        # neither (element 5 then takes 52 evaluations, as alone, against 70).
-        np.testing.assert_array_equal(by_turns.stats["num_fun_evals"], plain.stats["num_fun_evals"])
+    # Evaluations: each element's are plain `vmap`'s or its own alone. Batched rounding
+    # can move a line-search decision by an evaluation without changing the iterates:
+    # element 5 takes 70 in plain `vmap` and 52 alone, as in both forms (which evaluate
+    # each start inside the turn, in other fusions than plain `vmap`'s `init`).
+    alone = np.array([int(s.stats["num_fun_evals"]) for s in singles])
+    evals = np.asarray(by_turns.stats["num_fun_evals"])
+    ok = (evals == np.asarray(plain.stats["num_fun_evals"])) | (evals == alone)
+    assert ok.all(), (evals, plain.stats["num_fun_evals"], alone)
     np.testing.assert_array_equal(by_turns.result._value, plain.result._value)
 
 
@@ -187,10 +191,10 @@ def test_batch_by_turns_pays_one_evaluation_per_element_per_turn():
             assert calls[0] > len(SCALES) * evals.max(), (calls[0], evals)
         elif lanes == 1:
             # One lane solves the elements one after another, each loaded in the turn
-            # after its predecessor finished, whose evaluation is its first trial: the
-            # batch pays the elements' own evaluations, plus one turn's for element 1,
-            # which stops at its non-finite start in the turn it was loaded in.
-            assert calls[0] == evals.sum() + 1, (calls[0], evals)
+            # after its predecessor finished, which evaluates its start: the batch pays
+            # exactly the elements' own evaluations (element 1 stops at its non-finite
+            # start in that turn and is written out at its end).
+            assert calls[0] == evals.sum(), (calls[0], evals)
             # Element 1 was loaded into the lane element 0 left: its memory is its own
             # empty one, not element 0's pairs.
             assert int(sols.state.history.count[1]) == 0
@@ -206,10 +210,9 @@ def test_batch_by_turns_pays_one_evaluation_per_element_per_turn():
 def test_refilled_lanes_that_finish_together_are_refilled_together():
     # 8 copies of one problem in 3 lanes: the lanes load in the same turn, finish in the
     # same turn, and are written out and loaded again together, in rounds of 3, 3 and 2
-    # tasks. Each round pays exactly 3 lanes x the task's evaluations: the load
-    # evaluates the 3 lanes' starts at once (the last round's third slot too, unused),
-    # then every turn evaluates every lane (the last round's third lane empty). A lane
-    # left waiting to be written out or loaded would pay more.
+    # tasks. Each round pays exactly 3 lanes x the task's evaluations: every turn
+    # evaluates every lane (the last round's third lane empty), the first one the
+    # lanes' starts. A lane left waiting to be written out or loaded would pay more.
     calls = [0]
 
     def counted(x, a):
