@@ -381,7 +381,9 @@ def _refill(solver, init, value_and_grad_of, finish, batched, dyn, num_tasks, nu
     prepare, turn = _machine(solver, init, value_and_grad_of)
     axes = jtu.tree_map(lambda b: 0 if b else None, batched)
     width = _load_width(num_lanes)
-    slots = jnp.arange(width, dtype=jnp.int32)
+    # Task and lane indices are unsigned: `jnp` indexing then has no negative index to
+    # wrap, which costs a compare and a select for every leaf gathered or scattered.
+    slots = jnp.arange(width, dtype=jnp.uint32)
 
     def operands_of(tasks):
         """The operands of `tasks` (batched along `axes`)."""
@@ -397,17 +399,17 @@ def _refill(solver, init, value_and_grad_of, finish, batched, dyn, num_tasks, nu
     )
     running = jnp.zeros(num_lanes, bool)
     k = jnp.zeros(num_lanes, jnp.int32)
-    tasks = jnp.zeros(num_lanes, jnp.int32)
+    tasks = jnp.zeros(num_lanes, jnp.uint32)
     # `holding`: the lane's task is not written out yet.
     holding = jnp.zeros(num_lanes, bool)
-    pending = jnp.zeros((), jnp.int32)
+    pending = jnp.zeros((), jnp.uint32)
     row = jax.eval_shape(finish, lanes[0])
     out = jtu.tree_map(lambda s: jnp.zeros((num_tasks,) + s.shape, s.dtype), row)
 
     def first(mask):
         """The first `width` lanes where `mask`, then `num_lanes` (out of range, so a
         scatter to it is dropped), and which of them are lanes."""
-        index = jnp.nonzero(mask, size=width, fill_value=num_lanes)[0]
+        index = jnp.nonzero(mask, size=width, fill_value=num_lanes)[0].astype(jnp.uint32)
         return index, index < num_lanes
 
     def put(tree, index, new):
