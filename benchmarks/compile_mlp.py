@@ -190,7 +190,8 @@ def table_lines(data):
     seconds in brackets), ratios of CPU medians, which a shared machine's load moves less."""
     by = {(r["solver"], r["tasks"]): r for r in data["rows"] if "error" not in r}
     tasks = sorted({r["tasks"] for r in data["rows"]})
-    solvers = [s for s in SOLVERS if any(r["solver"] == s for r in data["rows"])]
+    extra = ("lbfgs_implicit_unchecked", "lbfgs_implicit_flat")
+    solvers = [s for s in SOLVERS + extra if any(r["solver"] == s for r in data["rows"])]
     lines = [
         "| tasks | " + " | ".join(solvers) + " | ours / best peer | ours / unrolled GD |",
         "| ---: | " + " | ".join("---:" for _ in solvers) + " | ---: | ---: |",

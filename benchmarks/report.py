@@ -603,7 +603,12 @@ def compile_mlp_section(lines):
         "`lbfgs_implicit_leafwise` is the same solve traced per leaf, as `optimize` did "
         "before, and as it still does for mixed dtypes or sharded leaves; `unrolled_gd` is "
         f"{data['gd_steps']} steps of gradient descent differentiated through. A failed "
-        "peer did not compile (the script prints why).",
+        "peer did not compile (the script prints why)."
+        + (
+            " `lbfgs_implicit_unchecked` is ours with `ImplicitAdjoint(check_degenerate=False)`."
+            if any(r["solver"] == "lbfgs_implicit_unchecked" for r in data["rows"])
+            else ""
+        ),
         "",
         *table_lines(data),
         "",

@@ -175,11 +175,12 @@ class ImplicitAdjoint(AbstractAdjoint):
     hold at the returned point. `check_degenerate=False` skips this test, for objectives
     known to have a positive definite Hessian at their minimiser (a strongly convex
     regulariser, as in iMAML): one Hessian-vector product less per backward solve, and
-    a smaller program, since the test linearises the gradient a second time. Compiling
-    the MLP hypergradient of `python -m benchmarks.compile_mlp --solvers
-    lbfgs_implicit,lbfgs_implicit_unchecked` took 0.75x the CPU time for one task and
-    0.86x for 16 (medians of 3, loaded machine). A degenerate minimiser then gives a
-    wrong hypergradient without an error.
+    a smaller program, since the test linearises the gradient a second time and applies
+    the forward pass's memory once. Compiling the MLP hypergradient of
+    `python -m benchmarks.compile_mlp` (`benchmarks/results/compile_mlp.json`, with
+    `lbfgs_implicit_unchecked`) took 0.87x the CPU time for one task and 0.81x for 16
+    (medians of 3, loaded machine). A degenerate minimiser then gives a wrong
+    hypergradient without an error.
     """
 
     linear_solver: lx.AbstractLinearSolver | None = None
