@@ -77,8 +77,10 @@ def num_lanes(num_tasks: int) -> int:
     T/2 0.52 / 1.06, one lane each 0.71 / 0.82; float32: T/2 0.64 / 1.18, one lane each
     0.88 / 0.86): hence at least 16 lanes. 1,024 starts of the 20-parameter multi-start
     problem (`--problem multistart --tasks 1024 --forward --time --modes refill --lanes
-    4`): 64 lanes 0.27 / 0.65, 256 lanes 0.47 / 0.80: hence at most 64, whatever the
-    task's size.
+    32 4`): 32 lanes 0.32 / 0.78, 64 lanes 0.28 / 0.63, 256 lanes 0.43 / 0.79: hence at
+    most 64, whatever the task's size. In between, 32 iMAML tasks in float64: 16 lanes
+    0.43 / 0.92 (4 lanes 0.36 / 1.25); 256: 64 lanes 0.14 / 0.42, 32 lanes 0.09 / 0.42,
+    128 lanes 0.20 / 0.55.
     """
     if MODE == "turns":
         return num_tasks
