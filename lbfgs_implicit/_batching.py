@@ -70,11 +70,11 @@ def num_lanes(num_tasks: int) -> int:
     long tasks, where refilling has nothing to save, pays it in more turns. Measured
     with `python -m benchmarks.batching --forward --time --lanes 8 2` (forward solves,
     2 shared CPU cores, CPU seconds against plain `vmap`, interleaved; mixed batch /
-    copies of its slowest task). 64 iMAML tasks in float64: T/8 lanes 0.23 / 0.64, T/4
-    0.21 / 0.71, T/2 0.29 / 0.72, one lane per task 0.59 / 0.87; in float32: T/8 0.28 /
+    copies of its slowest task). 64 iMAML tasks in float64: T/8 lanes 0.22 / 0.73, T/4
+    0.21 / 0.62, T/2 0.29 / 0.63, one lane per task 0.58 / 0.84; in float32: T/8 0.28 /
     1.10, T/4 0.24 / 0.94, T/2 0.37 / 0.94, one lane each 0.73 / 0.83. 16 tasks, where
-    only one lane per task stays below plain `vmap` on copies (float64: T/4 0.63 / 1.22,
-    T/2 0.52 / 1.06, one lane each 0.71 / 0.82; float32: T/2 0.64 / 1.18, one lane each
+    only one lane per task stays below plain `vmap` on copies (float64: T/8 0.72 / 1.72,
+    T/2 0.64 / 1.31, one lane each 0.85 / 0.95; float32: T/2 0.64 / 1.18, one lane each
     0.88 / 0.86): hence at least 16 lanes. 1,024 starts of the 20-parameter multi-start
     problem (`--problem multistart --tasks 1024 --forward --time --modes refill --lanes
     32 4`): 32 lanes 0.32 / 0.78, 64 lanes 0.28 / 0.63, 256 lanes 0.43 / 0.79: hence at
