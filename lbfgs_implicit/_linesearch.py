@@ -103,6 +103,11 @@ def _cubic_minimiser(a, fa, da, b, fb, db):
     return b - (b - a) * (db + d2 - d1) / (db - da + 2 * d2)
 
 
+def _quadratic_minimiser(a, fa, da, b, fb):
+    """Minimiser of the quadratic through `(a, fa, da)` and `(b, fb)`."""
+    return a + da / ((fa - fb) / (b - a) + da) / 2 * (b - a)
+
+
 def _outcome(c, x, f, p) -> LineSearchResult:
     """A finished search's result from its carry (either search's: both keep the best
     trial in `a_best`, `f_best`, `g_best`, and `found`, `num_evals`). It succeeds if
@@ -143,9 +148,12 @@ class StrongWolfe(AbstractLineSearch):
 
     Finds a step $a$ with $f(x + a p) \\le f(x) + c_1 a g^\\top p$ and
     $|\\nabla f(x + a p)^\\top p| \\le c_2 |g^\\top p|$ by bracketing (steps grow by
-    up to 5x) and then zooming, with cubic interpolation kept inside the middle 80% of
-    the bracket (Nocedal & Wright, Algorithms 3.5 and 3.6). Non-finite trials are
-    treated as too long and shrink the bracket.
+    up to 5x) and then zooming (Nocedal & Wright, Algorithms 3.5 and 3.6), with cubic
+    interpolation kept inside the middle 80% of the bracket and two of Moré &
+    Thuente's cases: after a trial that was too long, the midpoint of the cubic's and
+    the quadratic's minimisers when the quadratic's is nearer the low end; after one
+    whose slope steepened, the cubic's minimiser without the 80% clip. Non-finite
+    trials are treated as too long and shrink the bracket.
 
     If `max_evals` trials pass without meeting both conditions, the lowest trial below
     `f(x)` is accepted (the history's curvature gate decides whether it updates the
@@ -220,14 +228,9 @@ class StrongWolfe(AbstractLineSearch):
 
     @staticmethod
     def next_trial(c: _WolfeCarry) -> Scalar:
-        """The next trial step: given while bracketing, interpolated while zooming."""
-        lo, hi = jnp.minimum(c.a_lo, c.a_hi), jnp.maximum(c.a_lo, c.a_hi)
-        width = hi - lo
-        cubic = _cubic_minimiser(c.a_lo, c.f_lo, c.d_lo, c.a_hi, c.f_hi, c.d_hi)
-        bisect = 0.5 * (c.a_lo + c.a_hi)
-        cubic = jnp.where(jnp.isfinite(cubic), cubic, bisect)
-        interp = jnp.clip(cubic, lo + 0.1 * width, hi - 0.1 * width)
-        return jnp.where(c.zoom, interp, c.a_next)
+        """The next trial step, chosen by `update` (which sees the last trial's case):
+        given while bracketing, interpolated while zooming."""
+        return c.a_next
 
     def update(self, c: _WolfeCarry, a, trial, x, f, dg, max_step=None) -> _WolfeCarry:
         """The search's state after the trial at `a`, `trial = _evaluate(...)` there."""
@@ -285,8 +288,32 @@ class StrongWolfe(AbstractLineSearch):
         if max_step is not None:
             a_next = jnp.minimum(a_next, max_step)
 
+        # While zooming: the minimiser of the cubic through the bracket's ends, kept
+        # in the middle 80% of the bracket (N&W), with two of Moré & Thuente's cases
+        # (MINPACK-2's `dcstep`):
+        # - the trial was too long: if the quadratic through f_lo, d_lo and ft has
+        #   its minimiser nearer to `lo` than the cubic's, take the midpoint of the
+        #   two. A value far above f_lo (an exponential, a kink, a barrier) pulls the
+        #   quadratic toward `lo`, while the cubic, fitted to the steep slope there
+        #   too, stays high in the bracket and the zoom crawls down by a third per
+        #   trial (JENSMP, HEART6LS);
+        # - the slope kept its sign and steepened: no 80% clip, so the trial may go
+        #   close to `hi` where the cubic puts the minimum (at a kink, DJTL).
+        # A step that is not strictly inside the bracket (a non-finite end, a
+        # degenerate cubic) is replaced by bisection.
+        lo, hi = jnp.minimum(a_lo, a_hi), jnp.maximum(a_lo, a_hi)
+        width = hi - lo
+        cubic = _cubic_minimiser(a_lo, f_lo, d_lo, a_hi, f_hi, d_hi)
+        quadratic = _quadratic_minimiser(a_lo, f_lo, d_lo, a_hi, f_hi)
+        nearer = jnp.abs(cubic - a_lo) < jnp.abs(quadratic - a_lo)
+        t = jnp.where(too_long & ~nearer, cubic + (quadratic - cubic) / 2, cubic)
+        t = jnp.where((t > lo) & (t < hi), t, 0.5 * (a_lo + a_hi))
+        steepened = ~too_long & ~flip & (jnp.abs(dt) >= jnp.abs(c.d_lo))
+        margin = jnp.where(steepened, 0, 0.1 * width)
+        a_next = jnp.where(zoom, jnp.clip(t, lo + margin, hi - margin), a_next)
+
         num_evals = c.num_evals + 1
-        new_width = jnp.abs(a_hi - a_lo)
+        new_width = width
         collapsed = zoom & (new_width <= x_eps * jnp.maximum(jnp.abs(a_lo), jnp.abs(a_hi)))
         done = wolfe | capped | (num_evals >= self.max_evals) | collapsed
         return _WolfeCarry(

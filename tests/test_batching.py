@@ -288,16 +288,18 @@ def test_batch_by_turns_with_bounds_warm_starts_pytrees_float32():
         with _form(mode):
             batches[mode] = jax.jit(jax.vmap(solve(fn_factory())))(starts, scales)
     # Against plain `vmap`. In float32 the forms' trial points, computed in different
-    # fusions, differ in the last bit, and a line search can then take one more step
-    # or one fewer near the end: the counts are compared to within one step (float64
-    # above compares them exactly), the answers to float32's gtol.
+    # fusions, differ in the last bit, and the solve can then take a step or two more
+    # or fewer near the end (the second element's warm-started solve: 17 steps by
+    # turns, 19 under plain `vmap`, the same value and both below gtol): the counts
+    # are compared to within two steps (float64 above compares them exactly), the
+    # answers to float32's gtol.
     pairs = [(got, ref) for form in FORMS for got, ref in zip(batches[form], batches["vmap"])]
     for got, ref in pairs:
         np.testing.assert_array_equal(got.result._value, ref.result._value)
         assert np.all(np.asarray(got.result == li.RESULTS.successful))
         for key in ("num_steps", "warm_pairs", "num_resets", "num_active"):
             diff = np.abs(np.asarray(got.stats[key]) - np.asarray(ref.stats[key]))
-            assert diff.max() <= (1 if key == "num_steps" else 0), (key, diff)
+            assert diff.max() <= (2 if key == "num_steps" else 0), (key, diff)
         for key in ("u", "v"):
             assert got.params[key].dtype == f32
             # Both within float32's gtol (2.4e-5) of stationarity, and the Hessian's

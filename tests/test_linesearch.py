@@ -172,3 +172,36 @@ def test_solve_reaches_gtol_where_values_round_to_zero():
     # A quadratic in two variables: a handful of steps, each accepted on its first trial
     # or two (a failed search costs `max_evals` = 20).
     assert int(sol.stats["num_fun_evals"]) <= 15, sol.stats
+
+
+def _exp_line(x):
+    # exp(2x) - 10x: from x = 0 along +x the minimum is at ln(5)/2 = 0.80, and a
+    # trial at x = 30 has a value of 1e26 with a slope of 2e26.
+    return jnp.sum(jnp.exp(2.0 * x) - 10.0 * x)
+
+
+def _cosh_line(x):
+    # cosh(3x) - 6x: minimum at asinh(2)/3 = 0.48; at x = 30 the value is 4e38.
+    return jnp.sum(jnp.cosh(3.0 * x) - 6.0 * x)
+
+
+@pytest.mark.parametrize("fn", [_exp_line, _cosh_line], ids=["exp", "cosh"])
+def test_far_overshoot_zooms_back_in_few_trials(fn):
+    # A first trial 40-60x past the minimum of a steeply growing function. The cubic
+    # through (0, f, f') and the trial's steep value and slope puts its minimiser high
+    # in the bracket, so a zoom on the cubic alone shrinks the bracket by about a
+    # third per trial: 8 and 9 evaluations here. The quadratic through f(0), f'(0) and
+    # the trial's value lies near the minimum; the midpoint of the two (Moré & Thuente's
+    # rule for a trial that was too long) reaches the Wolfe conditions in 4 and 5.
+    ls = li.StrongWolfe()
+    x = jnp.array([0.0])
+    f0, g0 = jax.value_and_grad(fn)(x)
+    p = jnp.array([1.0])
+    out = _search(ls, fn, x, p, 30.0)
+    assert bool(out.success)
+    a = float(out.step)
+    f1, g1 = jax.value_and_grad(fn)(x + a * p)
+    dg0 = float(g0 @ p)
+    assert float(f1) <= float(f0) + ls.c1 * a * dg0
+    assert abs(float(g1 @ p)) <= ls.c2 * abs(dg0)
+    assert int(out.num_evals) <= 5, int(out.num_evals)
