@@ -71,11 +71,11 @@ def num_lanes(num_tasks: int) -> int:
     with `python -m benchmarks.batching --forward --time --lanes 8 2` (forward solves,
     2 shared CPU cores, CPU seconds against plain `vmap`, interleaved; mixed batch /
     copies of its slowest task). 64 iMAML tasks in float64: T/8 lanes 0.22 / 0.73, T/4
-    0.21 / 0.62, T/2 0.29 / 0.63, one lane per task 0.58 / 0.84; in float32: T/8 0.28 /
-    1.10, T/4 0.24 / 0.94, T/2 0.37 / 0.94, one lane each 0.73 / 0.83. 16 tasks, where
-    only one lane per task stays below plain `vmap` on copies (float64: T/8 0.72 / 1.72,
-    T/2 0.64 / 1.31, one lane each 0.85 / 0.95; float32: T/2 0.64 / 1.18, one lane each
-    0.88 / 0.86): hence at least 16 lanes. 1,024 starts of the 20-parameter multi-start
+    0.21 / 0.62, T/2 0.29 / 0.63, one lane per task 0.58 / 0.84; in float32: T/8 0.32 /
+    1.57, T/4 0.30 / 1.12, T/2 0.35 / 0.99, one lane each 0.59 / 0.89. 16 tasks, where
+    fewer lanes than tasks lose most on copies (float64: T/8 0.72 / 1.72, T/2 0.64 /
+    1.31, one lane each 0.85 / 0.95; float32: T/2 0.95 / 1.49, one lane each 1.12 /
+    1.17): hence at least 16 lanes. 1,024 starts of the 20-parameter multi-start
     problem (`--problem multistart --tasks 1024 --forward --time --modes refill --lanes
     32 4`): 32 lanes 0.32 / 0.78, 64 lanes 0.28 / 0.63, 256 lanes 0.43 / 0.79: hence at
     most 64, whatever the task's size. In between, 32 iMAML tasks in float64: 16 lanes
@@ -102,7 +102,9 @@ def uses_turns(solver, num_tasks: int, num_bytes: int) -> bool:
     batch measured to gain (`python -m benchmarks.batching --forward --time`, see
     `num_lanes`) is 16 iMAML tasks of 481 parameters in float32, 30,784 bytes: by turns
     in one lane each, 0.88x the CPU time of plain `vmap` on the mixed batch and 0.86x on
-    copies of its slowest task. Smaller batches stay plain `vmap`.
+    copies of its slowest task at a load of 10-16, but 1.12x and 1.17x in a later run on
+    a quieter machine (`batching-imaml-float32-forward.json`): this threshold is at the
+    edge. Smaller batches stay plain `vmap`.
     """
     from ._solver import LBFGS
 
