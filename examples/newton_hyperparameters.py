@@ -78,8 +78,8 @@ hessian = jax.jit(jax.hessian(loss))
 
 def newton(rho, max_steps=20):
     history = []
+    f, g = value_and_grad(rho)
     for _ in range(max_steps):
-        f, g = value_and_grad(rho)
         history.append(float(jnp.max(jnp.abs(g))))
         if history[-1] <= TOL:
             break
@@ -87,10 +87,16 @@ def newton(rho, max_steps=20):
         step = -jnp.linalg.solve(H, g)
         if not float(g @ step) < 0:  # not a descent direction: use the gradient
             step = -g
+        # Backtrack until the value falls or the gradient shrinks. The value is only as
+        # exact as the inner solve (gtol 1e-10): near the answer a Newton step lowers it by
+        # about |g|^2 / H, below that noise, and a test on the value alone would refuse it.
         t = 1.0
-        while float(value_and_grad(rho + t * step)[0]) > float(f) and t > 1e-8:
+        while True:
+            f_new, g_new = value_and_grad(rho + t * step)
+            if f_new <= f or jnp.max(jnp.abs(g_new)) < history[-1] or t <= 1e-8:
+                break
             t /= 2
-        rho = rho + t * step
+        rho, f, g = rho + t * step, f_new, g_new
     return rho, history
 
 
