@@ -37,19 +37,25 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("fn, x, step0", CASES)
-def test_strong_wolfe_conditions_hold(fn, x, step0):
-    ls = li.StrongWolfe()
-    x = jnp.asarray(x)
-    f0, g0 = jax.value_and_grad(fn)(x)
-    p = -g0
-    out = _search(ls, fn, x, p, step0)
+def _assert_strong_wolfe(ls, fn, x, p, out):
+    """Check the accepted step against both strong Wolfe conditions, recomputed here."""
     assert bool(out.success)
+    f0, g0 = jax.value_and_grad(fn)(x)
     a = float(out.step)
     f1, g1 = jax.value_and_grad(fn)(x + a * p)
     dg0 = float(g0 @ p)
     assert float(f1) <= float(f0) + ls.c1 * a * dg0
     assert abs(float(g1 @ p)) <= ls.c2 * abs(dg0)
+    return f1, g1
+
+
+@pytest.mark.parametrize("fn, x, step0", CASES)
+def test_strong_wolfe_conditions_hold(fn, x, step0):
+    ls = li.StrongWolfe()
+    x = jnp.asarray(x)
+    p = -jax.grad(fn)(x)
+    out = _search(ls, fn, x, p, step0)
+    f1, g1 = _assert_strong_wolfe(ls, fn, x, p, out)
     # The accepted value and gradient are returned, not recomputed by the caller.
     np.testing.assert_allclose(out.f, f1, rtol=1e-12)
     np.testing.assert_allclose(out.g, g1, rtol=1e-10)
@@ -195,13 +201,7 @@ def test_far_overshoot_zooms_back_in_few_trials(fn):
     # rule for a trial that was too long) reaches the Wolfe conditions in 4 and 5.
     ls = li.StrongWolfe()
     x = jnp.array([0.0])
-    f0, g0 = jax.value_and_grad(fn)(x)
     p = jnp.array([1.0])
     out = _search(ls, fn, x, p, 30.0)
-    assert bool(out.success)
-    a = float(out.step)
-    f1, g1 = jax.value_and_grad(fn)(x + a * p)
-    dg0 = float(g0 @ p)
-    assert float(f1) <= float(f0) + ls.c1 * a * dg0
-    assert abs(float(g1 @ p)) <= ls.c2 * abs(dg0)
+    _assert_strong_wolfe(ls, fn, x, p, out)
     assert int(out.num_evals) <= 5, int(out.num_evals)
