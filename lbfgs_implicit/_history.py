@@ -77,6 +77,16 @@ def init_history(
     )
 
 
+def _wrap(i, m: int):
+    """`i % m` for `i >= 0` (slot arithmetic: `head` is in `[0, m)`).
+
+    `lax.rem` is one operation; `%` on integers also corrects the sign of negative
+    operands (five more, which XLA keeps), and the small programs of solves with a few
+    parameters sit near XLA:CPU's 1000-flop line for running on the calling thread.
+    """
+    return lax.rem(i, jnp.asarray(m, jnp.result_type(i)))
+
+
 def reset_history(h: History, pred) -> History:
     """Empty the history where `pred` holds (the buffers are kept, `count` zeroed)."""
     return eqx.tree_at(
@@ -196,7 +206,7 @@ def push_history(
         sy=new_sy,
         yy=new_yy,
         gamma=jnp.where(accept, sy / jnp.where(accept, yy, 1), h.gamma),
-        head=jnp.where(accept, (idx + 1) % m, idx),
+        head=jnp.where(accept, _wrap(idx + 1, m), idx),
         count=jnp.where(accept, jnp.minimum(h.count + 1, m), h.count),
         compact=h.compact,
     )
@@ -245,7 +255,7 @@ def apply_inverse_hessian(
     # Chronological position c (0 = oldest) lives in slot (head + c) % m; the newest
     # `count` positions hold pairs.
     positions = jnp.arange(m, dtype=jnp.int32)
-    order = (h.head + positions) % m
+    order = _wrap(h.head + positions, m)
     valid = positions >= m - h.count
     both = valid[:, None] & valid[None, :]
     sy = jnp.where(both, h.sy[order][:, order], 0)
@@ -257,7 +267,7 @@ def apply_inverse_hessian(
     w = jnp.diagonal(sy) * u + gamma * (yy @ u) - gamma * b
     p = jax.scipy.linalg.solve_triangular(r, w, lower=False, trans="T")
     # Back to slot order: slot i holds chronological position (i - head) % m.
-    back = (positions - h.head) % m
+    back = _wrap(positions - h.head + m, m)
     coef_s = p[back]
     coef_y = -gamma * u[back]
     return jtu.tree_map(
@@ -281,12 +291,12 @@ def _two_loop(h: History, v: PyTree[Array]) -> PyTree[Array]:
     m = h.size
     dtype = h.sy.dtype
     slots = jnp.arange(m, dtype=jnp.int32)
-    filled = (h.head - 1 - slots) % m < h.count
+    filled = _wrap(h.head - 1 - slots + m, m) < h.count
     rho = jnp.where(filled, 1 / jnp.where(filled, h.sy, 1), 0)
 
     def first(i, carry):
         q, alpha = carry
-        idx = (h.head - 1 - i) % m
+        idx = _wrap(h.head - 1 - i + m, m)
         a = rho[idx] * tree_dot(_slot(h.s, idx), q).astype(dtype)
         return tree_axpy(-a, _slot(h.y, idx), q), alpha.at[idx].set(a)
 
@@ -294,7 +304,7 @@ def _two_loop(h: History, v: PyTree[Array]) -> PyTree[Array]:
     r = tree_scale(h.gamma, q)
 
     def second(i, r):
-        idx = (h.head - m + i) % m
+        idx = _wrap(h.head + i, m)
         b = rho[idx] * tree_dot(_slot(h.y, idx), r).astype(dtype)
         return tree_axpy(alpha[idx] - b, _slot(h.s, idx), r)
 
@@ -359,7 +369,7 @@ def block_inverse(h: History) -> BlockInverse:
     dtype = h.sy.dtype
     m = h.size
     slots = jnp.arange(m, dtype=jnp.int32)
-    filled = (h.head - 1 - slots) % m < h.count
+    filled = _wrap(h.head - 1 - slots + m, m) < h.count
     ss = sum_widest(
         [
             jnp.sum(jnp.square(bs.astype(dtype)), axis=tuple(range(1, bs.ndim)))
