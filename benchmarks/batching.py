@@ -12,8 +12,8 @@ Modes, each compiled from a fresh function (`optimize` caches its trace per obje
 and the mode is read at trace time):
 - `refill`: the batch solved by turns in the policy's number of lanes, each lane loading
   the next pending element when its own has finished (`lbfgs_implicit/_batching.py`),
-  forced; `refill/D` in T/D lanes, `refill/D@W` also writing out and loading W lanes per
-  pass (`--lanes D@W`);
+  forced; `refill/D` in T/D lanes, `refill/D@W` also loading W lanes per pass
+  (`--lanes D@W`);
 - `turns`: by turns in one lane per element (one evaluation per element per turn, steps
   finished as each element's line search ends), forced;
 - `vmap`: plain `vmap` of the solver's loop and its nested line search, forced.
@@ -77,7 +77,7 @@ def _reset_mode(batching):
 
 def _refill_mode(spec):
     """`refill/D@W` for `--lanes D@W`: T/D lanes (the policy's without `D`), loaded
-    and written out W at a time (`LOAD_WIDTH`'s default without `@W`)."""
+    W at a time (`LOAD_WIDTH`'s default without `@W`)."""
     divisor, _, width = spec.partition("@")
     name = "refill" + (f"/{divisor}" if divisor else "") + (f"@{width}" if width else "")
     MODES[name] = ("refill", int(divisor) if divisor else None, int(width) if width else None)

@@ -49,7 +49,7 @@ MIN_BYTES = 30_720
 # most `MAX_LANES` (see `num_lanes`).
 MIN_LANES = 16
 MAX_LANES = 64
-# Lanes written out or loaded together (see `_load_width`).
+# Lanes loaded together (see `_load_width`).
 LOAD_WIDTH = 4
 
 # Read at trace time: "auto" (the policy of `uses_turns` and `num_lanes`), or "refill"
@@ -371,12 +371,12 @@ def _turns(solver, init, value_and_grad_of, finish, axes, dyn):
 
 
 def _load_width(num_lanes: int) -> int:
-    """How many lanes one pass of the refill's write-out and load loops handles.
+    """How many lanes one pass of the refill's load loop handles.
 
-    The loops batch their lanes (one `vmap`-ed `finish`, one `vmap`-ed `prepare`) and
-    run as many passes as lanes need them, none in most turns. A pass prepares all its
-    slots, used or not, so its width trades passes (each with the fixed cost of the
-    scatters into the lanes) against work for empty slots.
+    The loop batches its lanes (one `vmap`-ed `prepare`) and runs as many passes as
+    lanes need loading, none in most turns. A pass prepares all its slots, used or not,
+    so its width trades passes (each with the fixed cost of the scatters into the
+    lanes) against work for empty slots.
     """
     return max(1, min(num_lanes, LOAD_WIDTH))
 
@@ -411,8 +411,8 @@ def _refill(solver, init, value_and_grad_of, finish, batched, dyn, num_tasks, nu
     # `holding`: the lane's task is not written out yet.
     holding = jnp.zeros(num_lanes, bool)
     pending = jnp.zeros((), jnp.uint32)
-    row = jax.eval_shape(finish, lanes[0])
-    out = jtu.tree_map(lambda s: jnp.zeros((num_tasks,) + s.shape, s.dtype), row)
+    # The finished tasks' states, a row per task; `finish` runs on them after the loop.
+    out = jtu.tree_map(lambda s: jnp.zeros((num_tasks,) + s.shape, s.dtype), lanes[0])
 
     def first(mask):
         """The first `width` lanes where `mask`, then `num_lanes` (out of range, so a
@@ -459,13 +459,13 @@ def _refill(solver, init, value_and_grad_of, finish, batched, dyn, num_tasks, nu
             operands_of(tasks), axes, rest, buffers, search, k, running, new
         )
 
+        # Every lane's state is scattered to its task's row, dropped for the lanes
+        # still running: one scatter per leaf, where gathering the finished lanes first
+        # would add a gather per leaf and passes of `_load_width` lanes.
         def write_out(carry):
             out, idle = carry
-            index, real = first(idle)
-            lane = jnp.minimum(index, num_lanes - 1)
-            state = _join(*jtu.tree_map(lambda a: a[lane], (rest, buffers)))
-            out = put(out, jnp.where(real, tasks[lane], num_tasks), jax.vmap(finish)(state))
-            return out, idle.at[index].set(False, mode="drop")
+            out = put(out, jnp.where(idle, tasks, num_tasks), _join(rest, buffers))
+            return out, jnp.zeros_like(idle)
 
         idle = holding & ~running
         out, _ = lax.while_loop(lambda c: jnp.any(c[1]), write_out, (out, idle))
@@ -477,4 +477,4 @@ def _refill(solver, init, value_and_grad_of, finish, batched, dyn, num_tasks, nu
         return jnp.any(holding) | (pending < num_tasks)
 
     carry = (rest, buffers, search, k, running, tasks, holding, pending, out)
-    return lax.while_loop(cond, body, carry)[-1]
+    return jax.vmap(finish)(lax.while_loop(cond, body, carry)[-1])
