@@ -417,7 +417,12 @@ def _refill(solver, init, value_and_grad_of, finish, batched, dyn, num_tasks, nu
     def first(mask):
         """The first `width` lanes where `mask`, then `num_lanes` (out of range, so a
         scatter to it is dropped), and which of them are lanes."""
-        index = jnp.nonzero(mask, size=width, fill_value=num_lanes)[0].astype(jnp.uint32)
+        # Each lane's rank among the masked ones picks its slot: one scatter, fewer
+        # kernels to compile than `jnp.nonzero`'s.
+        rank = jnp.cumsum(mask, dtype=jnp.uint32) - 1
+        slot = jnp.where(mask & (rank < width), rank, width)
+        lanes = jnp.arange(num_lanes, dtype=jnp.uint32)
+        index = jnp.full(width, num_lanes, jnp.uint32).at[slot].set(lanes, mode="drop")
         return index, index < num_lanes
 
     def put(tree, index, new):
