@@ -45,6 +45,7 @@ from ._misc import (
     tree_norm_inf,
     tree_scale,
     tree_sub,
+    tree_where,
 )
 from ._solution import check_can_raise, raise_in_program, RESULTS
 from ._solver import iterate
@@ -174,11 +175,13 @@ class ImplicitAdjoint(AbstractAdjoint):
     `degenerate_tolerance`) means the implicit function theorem's linearisation does not
     hold at the returned point. `check_degenerate=False` skips this test, for objectives
     known to have a positive definite Hessian at their minimiser (a strongly convex
-    regulariser, as in iMAML): one Hessian-vector product less per backward solve, and
-    a smaller program, since the test linearises the gradient a second time and applies
-    the forward pass's memory once. Compiling the MLP hypergradient of
+    regulariser, as in iMAML): one linearisation of the gradient and one
+    Hessian-vector product less per backward solve, and a slightly smaller program
+    (the test applies the forward pass's memory once; with the default CG its
+    linearisation and product are CG's own, in a loop of two turns around the steps).
+    Compiling the MLP hypergradient of
     `python -m benchmarks.compile_mlp` (`benchmarks/results/compile_mlp.json`, with
-    `lbfgs_implicit_unchecked`) took 0.87x the CPU time for one task and 0.81x for 16
+    `lbfgs_implicit_unchecked`) took 0.95x the CPU time for one task and 0.81x for 16
     (medians of 3, loaded machine). A degenerate minimiser then gives a wrong
     hypergradient without an error.
     """
@@ -206,12 +209,17 @@ class ImplicitAdjoint(AbstractAdjoint):
                 f"atol=1e-10), got {self.linear_solver!r}."
             )
 
-    def solve(self, hessian, inverse_approx, v):
-        if self.damping > 0:
-            hessian = hessian + self.damping * lx.IdentityLinearOperator(hessian.in_structure())
-            hessian = lx.TaggedLinearOperator(
-                hessian, (lx.symmetric_tag, lx.positive_semidefinite_tag)
-            )
+    def solve(self, hessian, inverse_approx, v, newton_operator=None):
+        """As `AbstractAdjoint.solve`; `newton_operator` is for the degenerate check.
+
+        `newton_operator(i)`, for a traced int32 `i`, is `hessian` for `i = 0` and the
+        Hessian at the Newton point for `i = 1` (see `_newton_point`); with it the stats
+        have `hessian_change`, $\\|v - (H(x_k - \\delta) + \\lambda I) w\\|_2 / \\|v\\|_2$.
+        [`lbfgs_implicit.CG`][] takes both products in its loop (its option
+        `second_operator`), so the program traces the Hessian's linearisation and
+        product once for the solve and the check.
+        """
+        hessian = _damped(self.damping, hessian)
         dtype = common_dtype(v)
         solver = self.linear_solver
         if solver is None:
@@ -253,9 +261,22 @@ class ImplicitAdjoint(AbstractAdjoint):
             # The residual check's product taken inside CG's loop: one traced copy of
             # the Hessian-vector product instead of two.
             options["true_residual"] = True
+            if newton_operator is not None and "y0" not in options:
+                # From zero the loop's linearisation at x* is the program's only one at
+                # run time; a start from the memory takes products before the loop, with
+                # a linearisation of its own, so there the check keeps its product after
+                # the loop (one linearisation at x* as before, instead of two).
+                options["second_operator"] = jtu.Partial(_damped_at, self.damping, newton_operator)
         sol = lx.linear_solve(hessian, v, solver, options=options, throw=False)
         w = sol.value
         vnorm = tree_norm2(v)
+        if newton_operator is not None:
+            if "second_residual" in sol.stats:
+                change = sol.stats["second_residual"]
+            else:
+                shifted = _damped(self.damping, newton_operator(jnp.ones((), jnp.int32)))
+                change = tree_norm2(tree_sub(v, shifted.mv(w)))
+            stats["hessian_change"] = change / jnp.where(vnorm > 0, vnorm, 1)
         if "true_residual" in sol.stats:
             residual = sol.stats["true_residual"]
         else:
@@ -270,6 +291,17 @@ class ImplicitAdjoint(AbstractAdjoint):
         result = RESULTS.where(ok, RESULTS.successful, RESULTS.backward_failed)
         stats = {**stats, "num_steps": sol.stats.get("num_steps", jnp.zeros((), jnp.int32))}
         return w, result, {**stats, "residual": residual}
+
+
+def _damped(damping: float, hessian: lx.AbstractLinearOperator) -> lx.AbstractLinearOperator:
+    if damping > 0:
+        hessian = hessian + damping * lx.IdentityLinearOperator(hessian.in_structure())
+        hessian = lx.TaggedLinearOperator(hessian, (lx.symmetric_tag, lx.positive_semidefinite_tag))
+    return hessian
+
+
+def _damped_at(damping: float, operator_at: Callable, i) -> lx.AbstractLinearOperator:
+    return _damped(damping, operator_at(i))
 
 
 # `||r_0|| / ||v||` of the memory's start below which CG is preconditioned by the memory.
@@ -441,15 +473,16 @@ def degenerate_tolerance(dtype) -> float:
     return max(0.1, 10 * eps(dtype) ** (2 / 3))
 
 
-def _hessian_change(theta, x_star, g_star, inverse_approx, free):
-    """How much the Hessian, applied to `w`, changes between `x_star` and the minimiser.
+def _newton_point(x_star, g_star, inverse_approx, free):
+    """Where to measure how much the Hessian, applied to `w`, changes up to the minimiser.
 
     The implicit function theorem is applied at the returned point $x_k$ as if it were
     the minimiser $x^*$; the answer $w = H(x_k)^{-1} v$ is off by about
     $H^{-1}(H(x^*) - H(x_k))\\,w$. The distance to $x^*$ is estimated by the Newton step
     $\\delta = H_k \\nabla f(x_k)$ with the forward pass's memory (no extra solve), and
-    $\\|(H(x_k - \\delta) - H(x_k))\\,w\\|_2 / \\|H(x_k)\\,w\\|_2$ is returned: one more
-    Hessian-vector product. At a nondegenerate minimum it is of the order of the
+    $\\|(H(x_k - \\delta) - H(x_k))\\,w\\|_2 / \\|H(x_k)\\,w\\|_2$ is the test: one more
+    Hessian-vector product (`_hessian_change_of`, or CG's, see `ImplicitAdjoint.solve`).
+    At a nondegenerate minimum it is of the order of the
     gradient norm (the Hessian hardly changes over a step that small); at a degenerate
     one, such as that of $x^4$, the Hessian vanishes at the minimiser and the returned
     point is never close enough: the Newton step is a fixed fraction of the distance,
@@ -460,16 +493,44 @@ def _hessian_change(theta, x_star, g_star, inverse_approx, free):
     implicit function theorem is applied: the step and the change are taken there, and
     active coordinates stay on their bounds.
 
-    Returns the Hessian-vector product at the Newton point, linearised here (once per
-    linearisation of the solve, not in every backward solve), for `_hessian_change_of`.
+    Returns the Newton point $x_k - \\delta$ (`delta` stop-gradiented), where
+    `_hvp_between` or `_linearised` linearise the gradient.
     """
     if free is None:
         delta = inverse_approx.mv(g_star)
     else:
         delta = _keep(free, inverse_approx.mv(_keep(free, g_star)))
-    delta = lax.stop_gradient(delta)
-    _, vjp_shifted = jax.vjp(lambda x: _grad_x(x, theta), tree_sub(x_star, delta))
-    return jtu.Partial(_first_output, vjp_shifted)
+    return tree_sub(x_star, lax.stop_gradient(delta))
+
+
+def _linearised(theta, x: PyTree[Array]) -> jtu.Partial:
+    """The Hessian-vector product at `x` (reverse-over-reverse, linearised once)."""
+    _, vjp_grad = jax.vjp(lambda y: _grad_x(y, theta), x)
+    return jtu.Partial(_first_output, vjp_grad)
+
+
+def _in_mesh() -> bool:
+    """Whether tracing under a mesh (`jax.set_mesh`, `jax.shard_map`).
+
+    With explicit or manual axes lineax's shape evaluation calls the solver with
+    unsharded stand-ins for its operands, and `fn`'s closure conversion rejects them:
+    `_hvp_between`, which calls `fn` inside the solve, is then not used (the check
+    linearises before the solve, as other adjoints' do).
+    """
+    try:
+        return len(jax.sharding.get_abstract_mesh().axis_types) > 0
+    except AttributeError:
+        return False
+
+
+def _hvp_between(theta, x_star, x_newton, i) -> jtu.Partial:
+    """`_linearised` at `x_star` for `i = 0`, at `x_newton` for `i = 1` (`i` traced).
+
+    One traced linearisation for both points: CG calls it in the loop around its steps
+    (see `ImplicitAdjoint.solve`), so the program holds one copy of the gradient's
+    linearisation and of its product instead of two.
+    """
+    return _linearised(theta, tree_where(i == 0, x_star, x_newton))
 
 
 def _hessian_change_of(hvp_shifted, hvp, damping, free, w, v):
@@ -522,6 +583,17 @@ def _masked_mv(operator: lx.AbstractLinearOperator, free: PyTree[Array], u):
     return _keep(free, operator.mv(_keep(free, u)), u)
 
 
+def _operator_at(hvp_at: jtu.Partial, structure, free, i) -> lx.AbstractLinearOperator:
+    """The Hessian operator of `solve_hessian` from the product `hvp_at(i)`."""
+    operator = lx.FunctionLinearOperator(
+        hvp_at(i),
+        structure,
+        tags=(lx.symmetric_tag, lx.positive_semidefinite_tag),
+        closure_convert=False,
+    )
+    return operator if free is None else _masked(operator, free)
+
+
 def _masked(operator: lx.AbstractLinearOperator, free: PyTree[Array]):
     """$P_F A P_F + P_A$ for the free-set mask `free` (identity on the active set)."""
     return lx.FunctionLinearOperator(
@@ -541,6 +613,7 @@ def solve_hessian(
     verbose: bool,
     free: PyTree[Array] | None = None,
     check: Callable | None = None,
+    newton_hvp: jtu.Partial | None = None,
 ) -> PyTree[Array]:
     """$w = H^{-1} b$ at the solution: the one linear solve of every derivative.
 
@@ -556,8 +629,11 @@ def solve_hessian(
 
     With bounds, `free` masks the free coordinates and the operator is
     $P_F H P_F + P_A$ (its memory $P_F H_k P_F + P_A$): on the free set this
-    solves $H_{FF} w_F = b_F$, on the active set it returns $b_A$. `check(w, b)`, for
-    exact adjoints, is the degenerate-minimiser test (`_hessian_change`).
+    solves $H_{FF} w_F = b_F$, on the active set it returns $b_A$. The
+    degenerate-minimiser test (`_newton_point`), for exact adjoints, is either
+    `check(w, b)`, the relative change, or `newton_hvp(i)`, the Hessian-vector product
+    at the solution (`i = 0`) or the Newton point (`i = 1`), which `ImplicitAdjoint`
+    applies in CG's loop.
     """
     structure = jax.eval_shape(lambda: b)
     # A pytree function whose leaves are the linearisation's residuals, so lineax can
@@ -573,6 +649,9 @@ def solve_hessian(
     if free is not None:
         hessian = _masked(hessian, free)
         inverse_approx = _masked(inverse_approx, free)
+    newton_operator = None
+    if newton_hvp is not None:
+        newton_operator = jtu.Partial(_operator_at, newton_hvp, structure, free)
 
     def make_solve(direction: str):
         def solve(matvec, rhs):
@@ -585,10 +664,14 @@ def solve_hessian(
             scale = tree_norm_inf(rhs)
             safe = jnp.where(scale > 0, scale, 1)
             rhs = tree_scale(1 / safe, rhs)
-            w, result, stats = adjoint.solve(hessian, inverse_approx, rhs)
+            if newton_operator is None:
+                w, result, stats = adjoint.solve(hessian, inverse_approx, rhs)
+            else:
+                w, result, stats = adjoint.solve(hessian, inverse_approx, rhs, newton_operator)
             if check is not None:
-                change = check(w, rhs)
-                stats = {**stats, "hessian_change": change}
+                stats = {**stats, "hessian_change": check(w, rhs)}
+            if "hessian_change" in stats:
+                change = stats["hessian_change"]
                 ok = ~(change > degenerate_tolerance(common_dtype(w)))
                 result = RESULTS.where(ok, result, RESULTS.backward_failed)
             w = tree_scale(safe, w)
@@ -723,19 +806,31 @@ def _implicit_solve_jvp(primals, tangents, *, x0, solver, adjoint, throw, warm_s
     if t_leaves:
         zero = sum(jnp.sum(leaf * 0).astype(jnp.float32) for leaf in t_leaves)
         rhs = jtu.tree_map(lambda r: r + zero.astype(r.dtype), rhs)
-    check = None
+    check = newton_hvp = None
     if adjoint.exact and (not isinstance(adjoint, ImplicitAdjoint) or adjoint.check_degenerate):
-        hvp_shifted = _hessian_change(theta, x_star, g_x, inverse_approx, free)
-        full_rank = isinstance(adjoint, ImplicitAdjoint) and (
-            adjoint.linear_solver is None or adjoint.linear_solver.assume_full_rank()
-        )
-        if full_rank and free is None:
-            check = ft.partial(_hessian_change_of, hvp_shifted, None, adjoint.damping, None)
+        if (
+            isinstance(adjoint, ImplicitAdjoint)
+            and isinstance(adjoint.linear_solver, type(None) | CG)
+            and not _in_mesh()
+        ):
+            g_x = state.g
+            x_newton = _newton_point(x_star, g_x, inverse_approx, free)
+            newton_hvp = jtu.Partial(_hvp_between, theta, x_star, x_newton)
         else:
-            # A least-squares answer leaves the part of v outside H's range, and with
-            # bounds v is the masked operator's: the product itself is compared.
-            check = ft.partial(_hessian_change_of, hvp_shifted, hvp, 0.0, free)
-    w = solve_hessian(hvp, rhs, inverse_approx, adjoint, throw, solver.verbose, free, check)
+            x_newton = _newton_point(x_star, g_x, inverse_approx, free)
+            hvp_shifted = _linearised(theta, x_newton)
+            full_rank = isinstance(adjoint, ImplicitAdjoint) and (
+                adjoint.linear_solver is None or adjoint.linear_solver.assume_full_rank()
+            )
+            if full_rank and free is None:
+                check = ft.partial(_hessian_change_of, hvp_shifted, None, adjoint.damping, None)
+            else:
+                # A least-squares answer leaves the part of v outside H's range, and with
+                # bounds v is the masked operator's: the product itself is compared.
+                check = ft.partial(_hessian_change_of, hvp_shifted, hvp, 0.0, free)
+    w = solve_hessian(
+        hvp, rhs, inverse_approx, adjoint, throw, solver.verbose, free, check, newton_hvp
+    )
     t_x = tree_neg(w)
     if free is not None:
         # Masking after the solve too: transposed, this masks the cotangent before it,

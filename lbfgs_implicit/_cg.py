@@ -15,8 +15,11 @@ Differences from `lineax.CG`, and why:
    adjoint checks the true residual once at the end.
 """
 
+import functools as ft
+from collections.abc import Callable
 from typing import Any
 
+import equinox as eqx
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -35,7 +38,14 @@ class CG(lx.AbstractLinearSolver):
     solve that does not use the preconditioner pays nothing for it per step) and
     `true_residual` (a Python bool: also return $\\|b - Ay\\|_2$ of the answer as the
     stat `true_residual`, from one more product taken by the loop itself, so that a
-    program holds one copy of the operator's product instead of two).
+    program holds one copy of the operator's product instead of two) and
+    `second_operator` (with `true_residual`: a function of a traced int32 `i`
+    returning a linear operator, `A` itself for `i = 0` and a second operator `B` of
+    the same structure for `i = 1`; the stat `second_residual` is then
+    $\\|b - By\\|_2$ of the answer. The loop builds its operator by calling it, once for
+    its steps and once more for the product with `B`, so a program that makes its
+    operators by linearising a function at a point traces that linearisation and its
+    product once for both).
 
     **Arguments:**
 
@@ -79,10 +89,11 @@ class CG(lx.AbstractLinearSolver):
         preconditioner = options.get("preconditioner")
         use = options.get("precondition_if", True)
         want_residual = options.get("true_residual", False)
+        second = options.get("second_operator") if want_residual else None
         broke = jnp.array(False)
-        true_r = None
+        true_norm = second_norm = None
         if preconditioner is not None:
-            y, r, k, broke, rr = _cg_loop(
+            y, r, k, broke, rr, _ = _cg_loop(
                 operator, preconditioner.mv, y, r, k, target, max_steps, use
             )
         if preconditioner is None or "precondition_if" in options:
@@ -91,15 +102,22 @@ class CG(lx.AbstractLinearSolver):
             # from its iterate.
             enabled = ~jnp.asarray(use) | broke if preconditioner is not None else True
             b = vector if want_residual else None
-            y, r, k, broke, rr = _cg_loop(operator, None, y, r, k, target, max_steps, enabled, b)
-            true_r = r if want_residual else None
+            y, r, k, broke, rr, second_norm = _cg_loop(
+                operator, None, y, r, k, target, max_steps, enabled, b, second
+            )
+            true_norm = r if want_residual else None
         stats = {"num_steps": k}
         if want_residual:
-            if true_r is None:
+            if true_norm is None:
                 # The last loop was preconditioned: its turns apply the preconditioner,
                 # which a residual turn would not need.
-                true_r = tree_sub(vector, operator.mv(y))
-            stats["true_residual"] = tree_norm2(true_r)
+                true_norm = tree_norm2(tree_sub(vector, operator.mv(y)))
+            stats["true_residual"] = true_norm
+        if second is not None:
+            if second_norm is None:
+                second_op = second(jnp.ones((), jnp.int32))
+                second_norm = tree_norm2(tree_sub(vector, second_op.mv(y)))
+            stats["second_residual"] = second_norm
         # `rr` is the steps' own (recursive) residual's, which they stop on.
         converged = jnp.sqrt(rr) <= target
         result = lx.RESULTS.where(
@@ -119,6 +137,8 @@ class CG(lx.AbstractLinearSolver):
         for key in ("precondition_if", "true_residual"):
             if key in options:
                 transposed[key] = options[key]
+        if "second_operator" in options:
+            transposed["second_operator"] = _Transposed(options["second_operator"])
         return state.transpose(), transposed
 
     def conj(self, state, options):
@@ -128,24 +148,45 @@ class CG(lx.AbstractLinearSolver):
         for key in ("precondition_if", "true_residual"):
             if key in options:
                 conjugated[key] = options[key]
+        if "second_operator" in options:
+            conjugated["second_operator"] = _Conjugated(options["second_operator"])
         return lx.conj(state), conjugated
 
     def assume_full_rank(self):
         return True
 
 
-def _cg_loop(operator, precondition, y, r, k, target, max_steps, enabled, b=None):
+class _Transposed(eqx.Module):
+    at: Callable
+
+    def __call__(self, i):
+        return self.at(i).transpose()
+
+
+class _Conjugated(eqx.Module):
+    at: Callable
+
+    def __call__(self, i):
+        return lx.conj(self.at(i))
+
+
+def _cg_loop(operator, precondition, y, r, k, target, max_steps, enabled, b=None, second=None):
     """CG steps from `(y, r)` while `enabled` and unconverged; `precondition` None is plain.
 
-    Returns `(y, r, k, broke, rr)` with `rr` the squared norm of the steps' residual.
-    The preconditioner is applied at the top of a step, so a loop that does not run
-    (or stops converged) applies it no more often than it takes steps. `rr = r'r` is
-    carried for the stopping test, which for plain CG is also `r'z`.
+    Returns `(y, r, k, broke, rr, second)` with `rr` the squared norm of the steps'
+    residual. The preconditioner is applied at the top of a step, so a loop that does
+    not run (or stops converged) applies it no more often than it takes steps. `rr =
+    r'r` is carried for the stopping test, which for plain CG is also `r'z`.
 
     With `b` (plain CG only) the loop takes one more turn once the steps are over, whose
-    product is $Ay$ instead of $Ap$, and returns the true residual $b - Ay$ as `r` (and
-    still the steps' `rr`): the product of a check after the loop, with the operator
-    traced once.
+    product is $Ay$ instead of $Ap$, and returns the true residual's norm
+    $\\|b - Ay\\|_2$ as `r` (and still the steps' `rr`): the product of a check after the
+    loop, with the operator traced once. With `second` as well (see `CG`'s option
+    `second_operator`) an outer loop of two turns builds the operator as `second(i)`:
+    the steps and the residual turn with `second(0)`, then one turn with `second(1)`,
+    whose residual's norm is returned as `second`. The operator (a linearisation, say)
+    is built once per outer turn, so the steps pay nothing for the choice. Otherwise
+    `second` is None.
     """
     rr = tree_dot(r, r)
     zero = jtu.tree_map(jnp.zeros_like, y)
@@ -153,7 +194,7 @@ def _cg_loop(operator, precondition, y, r, k, target, max_steps, enabled, b=None
     one = jnp.ones((), rr.dtype)
     init = (y, r, zero, one, rr, k, jnp.array(False))
 
-    def stepping(carry):
+    def stepping(carry, enabled):
         *_, rr, k, broke = carry
         return enabled & (jnp.sqrt(rr) > target) & (k < max_steps) & ~broke
 
@@ -182,13 +223,15 @@ def _cg_loop(operator, precondition, y, r, k, target, max_steps, enabled, b=None
             p, gamma_new = direction(carry)
             return advance(carry, p, gamma_new, operator.mv(p))
 
-        y, r, _, _, rr, k, broke = lax.while_loop(stepping, body, init)
-        return y, r, k, broke, rr
+        y, r, _, _, rr, k, broke = lax.while_loop(
+            lambda carry: stepping(carry, enabled), body, init
+        )
+        return y, r, k, broke, rr, None
 
-    def body_with_residual(loop):
+    def body_with_residual(operator, enabled, loop):
         carry, _ = loop
         y, r, _, _, rr, k, broke = carry
-        go = stepping(carry)
+        go = stepping(carry, enabled)
         p, gamma_new = direction(carry)
         # One product a turn: A p for a step, A y for the residual turn, which ends the
         # loop, so only what the loop returns is kept through it.
@@ -204,6 +247,24 @@ def _cg_loop(operator, precondition, y, r, k, target, max_steps, enabled, b=None
         )
         return carry, ~go
 
-    carry, _ = lax.while_loop(lambda loop: ~loop[1], body_with_residual, (init, jnp.array(False)))
-    y, r, _, _, rr, k, broke = carry
-    return y, r, k, broke, rr
+    def run(operator, enabled, carry):
+        body = ft.partial(body_with_residual, operator, enabled)
+        carry, _ = lax.while_loop(lambda loop: ~loop[1], body, (carry, jnp.array(False)))
+        return carry
+
+    if second is None:
+        y, r, _, _, rr, k, broke = run(operator, enabled, init)
+        return y, tree_norm2(r), k, broke, rr, None
+
+    def outer(state):
+        i, carry, true_norm = state
+        # The second turn takes no step: its one product is B y.
+        carry = run(second(i), enabled & (i == 0), carry)
+        true_norm = jnp.where(i == 0, tree_norm2(carry[1]), true_norm)
+        return i + 1, carry, true_norm
+
+    i0 = jnp.zeros((), jnp.int32)
+    state = (i0, init, jnp.zeros((), rr.dtype))
+    _, carry, true_norm = lax.while_loop(lambda state: state[0] < 2, outer, state)
+    y, second_r, _, _, rr, k, broke = carry
+    return y, true_norm, k, broke, rr, tree_norm2(second_r)

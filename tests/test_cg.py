@@ -140,3 +140,48 @@ def test_true_residual_is_that_of_the_answer(options, max_steps):
     np.testing.assert_allclose(float(sol.stats["true_residual"]), expected, rtol=1e-6, atol=1e-13)
     if max_steps == 3:
         assert float(sol.stats["true_residual"]) > 1e-3
+
+
+def _between(a, c, i):
+    return _op(jnp.where(i == 0, a, c))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"precondition_if": jnp.array(False)},
+        {"precondition_if": jnp.array(True)},
+        {"preconditioned_only": True},
+    ],
+)
+@pytest.mark.parametrize("max_steps", [None, 3])
+def test_second_operator_residual(options, max_steps):
+    # `second_operator(i)` is the operator for i = 0 and another one, B, for i = 1: the
+    # steps are those with A (same answer and count as without the option), and the
+    # stat is ||b - B y|| of the answer. In the plain loop the product with B is the
+    # loop's own (an outer turn); after a preconditioned loop it is taken afterwards.
+    a = _spd(12, 1e3)
+    c = a + jnp.diag(jnp.linspace(0.5, 2.0, 12))
+    b = jnp.linspace(-1.0, 1.0, 12)
+    options = dict(options)
+    if options.pop("preconditioned_only", False) or "precondition_if" in options:
+        options["preconditioner"] = _op(jnp.diag(1 / jnp.diag(a)))
+    solver = li.CG(rtol=1e-12, max_steps=max_steps)
+    options = {**options, "true_residual": True}
+    plain = lx.linear_solve(_op(a), b, solver, options=options, throw=False)
+    second = jax.tree_util.Partial(_between, a, c)
+    sol = lx.linear_solve(
+        _op(a), b, solver, options={**options, "second_operator": second}, throw=False
+    )
+    np.testing.assert_allclose(sol.value, plain.value, rtol=1e-12, atol=1e-14)
+    assert int(sol.stats["num_steps"]) == int(plain.stats["num_steps"])
+    assert sol.result == plain.result
+    np.testing.assert_allclose(
+        float(sol.stats["true_residual"]), float(plain.stats["true_residual"]), rtol=1e-6
+    )
+    expected = float(jnp.linalg.norm(b - c @ sol.value))
+    # B y differs from b by about |B - A| |y|: far from the residual's size.
+    assert expected > 1e-2
+    np.testing.assert_allclose(float(sol.stats["second_residual"]), expected, rtol=1e-9)
+    assert "second_residual" not in plain.stats
