@@ -12,8 +12,10 @@ Modes, each compiled from a fresh function (`optimize` caches its trace per obje
 and the mode is read at trace time):
 - `refill`: the batch solved by turns in the policy's number of lanes, each lane loading
   the next pending element when its own has finished (`lbfgs_implicit/_batching.py`),
-  forced; `refill/D` in T/D lanes, `refill/D@W` also loading W lanes per pass
-  (`--lanes D@W`);
+  forced, and the backward CG in as many refilled lanes (`lbfgs_implicit/_cg.py`);
+  `refill/D` in T/D lanes, `refill/D@W` also loading W lanes per pass (`--lanes D@W`);
+- `refill-vmapcg`: `refill` with the backward CG under plain `vmap` (the backward of
+  the library before it had lanes);
 - `turns`: by turns in one lane per element (one evaluation per element per turn, steps
   finished as each element's line search ends), forced;
 - `vmap`: plain `vmap` of the solver's loop and its nested line search, forced.
@@ -51,26 +53,27 @@ from ._common import block, RESULTS_DIR, write_json
 SHOTS = 10
 _CALLS = [0]
 # name: (`_batching.MODE`, `_batching.LANES` as a divisor of T or None for the policy,
-# `_batching.LOAD_WIDTH` or None for its default)
+# `_batching.LOAD_WIDTH` or None for its default, `_batching.BACKWARD`)
 MODES = {
-    "refill": ("refill", None, None),
-    "turns": ("turns", None, None),
-    "vmap": ("vmap", None, None),
+    "refill": ("refill", None, None, "auto"),
+    "refill-vmapcg": ("refill", None, None, "vmap"),
+    "turns": ("turns", None, None, "auto"),
+    "vmap": ("vmap", None, None, "auto"),
 }
 _DEFAULT_WIDTH = []
 
 
 def _set_mode(batching, name, num):
-    mode, divisor, width = MODES[name]
+    mode, divisor, width, backward = MODES[name]
     if not _DEFAULT_WIDTH:
         _DEFAULT_WIDTH.append(batching.LOAD_WIDTH)
-    batching.MODE = mode
+    batching.MODE, batching.BACKWARD = mode, backward
     batching.LANES = None if divisor is None else max(1, num // divisor)
     batching.LOAD_WIDTH = _DEFAULT_WIDTH[0] if width is None else width
 
 
 def _reset_mode(batching):
-    batching.MODE, batching.LANES = "auto", None
+    batching.MODE, batching.LANES, batching.BACKWARD = "auto", None, "auto"
     if _DEFAULT_WIDTH:
         batching.LOAD_WIDTH = _DEFAULT_WIDTH[0]
 
@@ -80,7 +83,12 @@ def _refill_mode(spec):
     W at a time (`LOAD_WIDTH`'s default without `@W`)."""
     divisor, _, width = spec.partition("@")
     name = "refill" + (f"/{divisor}" if divisor else "") + (f"@{width}" if width else "")
-    MODES[name] = ("refill", int(divisor) if divisor else None, int(width) if width else None)
+    MODES[name] = (
+        "refill",
+        int(divisor) if divisor else None,
+        int(width) if width else None,
+        "auto",
+    )
     return name
 
 

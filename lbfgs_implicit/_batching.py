@@ -17,6 +17,9 @@ set; the lane's next turn evaluates it), so every turn works on unfinished tasks
 the batch pays about the sum of its tasks' evaluations divided among the lanes, plus
 the last tasks' tail.
 
+The lanes (`run_lanes`) also run the backward pass's CG under `vmap` (`_cg.py`), where
+plain `vmap` would take every element's CG steps until the slowest one's converged.
+
 Each element runs the same sequence of setups, trials and updates as the unbatched
 solve, so its iterates, `result` and `stats` are those of the solve alone (to the
 rounding of batched arithmetic, the same as plain `vmap`'s). The rule sits inside the
@@ -49,6 +52,13 @@ MIN_BYTES = 30_720
 # most `MAX_LANES` (see `num_lanes`).
 MIN_LANES = 16
 MAX_LANES = 64
+# The backward CG runs in lanes from this many bytes per element (see `backward_lanes`).
+# Measured on value_and_grad of 64 iMAML tasks (481 parameters; CPU time against plain
+# `vmap` of the backward, forward refilled, interleaved): in float64 (3,848 bytes) 0.86x
+# on the mixed batch and 0.94x on copies of its slowest task; in float32 (1,924 bytes)
+# 1.01x and 1.05-1.07x; 1,024 starts of the 20-parameter multi-start problem in float64
+# (160 bytes): 1.03x and 1.10x.
+BACKWARD_MIN_BYTES = 3_072
 # Lanes loaded together (see `_load_width`).
 LOAD_WIDTH = 4
 
@@ -59,6 +69,9 @@ MODE = "auto"
 # Read at trace time too: a fixed lane count for `benchmarks/batching.py` to compare
 # policies; `None` is the policy of `num_lanes`. Not a user setting.
 LANES = None
+# Read at trace time: "auto" (`backward_lanes`) or "vmap" (plain `vmap` of the backward
+# CG whatever `MODE`), for `benchmarks/batching.py`. Not a user setting.
+BACKWARD = "auto"
 
 
 def num_lanes(num_tasks: int) -> int:
@@ -116,6 +129,35 @@ def uses_turns(solver, num_tasks: int, num_bytes: int) -> bool:
     ):
         return False
     return MODE in ("turns", "refill") or num_tasks * num_bytes >= MIN_BYTES
+
+
+def backward_lanes(num_tasks: int, num_bytes: int) -> int:
+    """How many lanes the backward CG of a batch runs in (`num_tasks`: plain `vmap`).
+
+    Plain `vmap` of CG's loop already takes one operator product per element and turn,
+    but every element waits for the slowest one's convergence; refilled lanes
+    (`run_lanes`, as the forward's, `num_lanes` of them) pay about the sum of the
+    elements' steps, but each turn and each lane loaded has a fixed cost (a lane's
+    operator is linearised when it is loaded, a few lanes at a time, where plain `vmap`
+    linearises all elements at once). That pays off only where a product is dear
+    enough: from `BACKWARD_MIN_BYTES` per element (`num_bytes`, the right-hand side's).
+    """
+    if BACKWARD == "vmap" or MODE in ("vmap", "turns") or num_tasks < 2:
+        return num_tasks
+    if MODE != "refill" and (num_bytes < BACKWARD_MIN_BYTES or num_tasks * num_bytes < MIN_BYTES):
+        return num_tasks
+    return num_lanes(num_tasks)
+
+
+def batch_is_split(dyn: PyTree, batched: PyTree) -> bool:
+    """Whether a batched leaf of `dyn` is split along its batch axis over a mesh (lanes
+    would gather tasks across devices: such batches stay plain `vmap`)."""
+    for leaf, b in zip(jtu.tree_leaves(dyn), jtu.tree_leaves(batched)):
+        sharding = getattr(jax.typeof(leaf), "sharding", None) if b else None
+        spec = tuple(getattr(sharding, "spec", ()))
+        if spec and spec[0] is not None:
+            return True
+    return False
 
 
 class _Search(eqx.Module):
@@ -388,31 +430,83 @@ def _refill(solver, init, value_and_grad_of, finish, batched, dyn, num_tasks, nu
     `_machine`)."""
     prepare, turn = _machine(solver, init, value_and_grad_of)
     axes = jtu.tree_map(lambda b: 0 if b else None, batched)
-    width = _load_width(num_lanes)
-    # Task and lane indices are unsigned: `jnp` indexing then has no negative index to
-    # wrap, which costs a compare and a select for every leaf gathered or scattered.
-    slots = jnp.arange(width, dtype=jnp.uint32)
-
-    def operands_of(tasks):
-        """The operands of `tasks` (batched along `axes`)."""
-        return jtu.tree_map(lambda b, leaf: leaf[tasks] if b else leaf, batched, dyn)
+    operands_of = functools.partial(gather_tasks, batched, dyn)
 
     def fresh(d):
         return _split(prepare(d)[0])
 
     one = jtu.tree_map(lambda b, leaf: leaf[0] if b else leaf, batched, dyn)
-    lanes = jax.eval_shape(prepare, one)
+    shapes = jax.eval_shape(prepare, one)
     (rest, buffers), search = jtu.tree_map(
-        lambda s: jnp.zeros((num_lanes,) + s.shape, s.dtype), (_split(lanes[0]), lanes[1])
+        lambda s: jnp.zeros((num_lanes,) + s.shape, s.dtype), (_split(shapes[0]), shapes[1])
     )
     running = jnp.zeros(num_lanes, bool)
     k = jnp.zeros(num_lanes, jnp.int32)
+    # `new`: loaded in this turn, fresh (see `_machine`).
+    state = (rest, buffers, search, k, running, running)
+
+    def load(state, index, task, again):
+        del again
+        rest, buffers, search, k, running, new = state
+        new_rest, new_buffers = jax.vmap(fresh, in_axes=(axes,))(operands_of(task))
+        # The lane's first turn reads only its start (and the bounds its trial point is
+        # snapped to) and memory before `init` sets the rest of its state (`_machine`):
+        # the rest is not scattered, which saves a scatter kernel per leaf.
+        starts = put(_start(rest), index, _start(new_rest))
+        rest = eqx.tree_at(_start, rest, starts, is_leaf=lambda x: x is None)
+        buffers = put(buffers, index, new_buffers)
+        k = put(k, index, jnp.zeros(index.shape, k.dtype))
+        new = put(new, index, jnp.ones(index.shape, bool))
+        return rest, buffers, search, k, running, new
+
+    def lane_turn(tasks, state):
+        rest, buffers, search, k, running, new = state
+        rest, buffers, search, k, running = turn(
+            operands_of(tasks), axes, rest, buffers, search, k, running, new
+        )
+        return (rest, buffers, search, k, running, jnp.zeros_like(new)), running, None
+
+    def row(state):
+        return _join(*state[:2])
+
+    out = jtu.tree_map(lambda s: jnp.zeros((num_tasks,) + s.shape, s.dtype), shapes[0])
+    return jax.vmap(finish)(run_lanes(num_tasks, num_lanes, state, load, lane_turn, row, out))
+
+
+def gather_tasks(batched: PyTree[bool], dyn: PyTree, tasks: Array) -> PyTree:
+    """The operands `dyn` of `tasks` (the leaves where `batched`; the others as they are)."""
+    return jtu.tree_map(lambda b, leaf: leaf[tasks] if b else leaf, batched, dyn)
+
+
+def put(tree: PyTree, index: Array, new: PyTree) -> PyTree:
+    """`tree` with rows `index` set to `new` (an index out of range is dropped)."""
+    return jtu.tree_map(lambda a, b: a.at[index].set(b, mode="drop"), tree, new)
+
+
+def run_lanes(num_tasks, num_lanes, state, load, turn, row, out, reloads=False):
+    """Tasks `0 .. num_tasks - 1` run in `num_lanes` lanes, each holding one task at a
+    time; returns `out` with every task's row written (the shared lane machinery of the
+    forward solve, `_refill`, and of the backward CG, `_cg.py`).
+
+    `state` is the lanes' state (a leading lane axis). Each turn: lanes that are free
+    are loaded with the next pending tasks, `LOAD_WIDTH` at a time (`_load_width`), by
+    `load(state, index, task, again)`, which sets the rows `index` (`num_lanes` marks an
+    empty slot: a scatter to it is dropped) for the tasks `task`; then
+    `turn(tasks, state)` advances every lane (`tasks` the lanes' tasks) and returns
+    `(state, held, again)`: the lanes still holding their task, and (with `reloads`,
+    else None) those among them to be loaded again with the same task, `again` then
+    flagging those slots for `load`. Lanes that no longer hold their task have
+    `row(state)` written to the task's row of `out`, and are free.
+    """
+    width = _load_width(num_lanes)
+    # Task and lane indices are unsigned: `jnp` indexing then has no negative index to
+    # wrap, which costs a compare and a select for every leaf gathered or scattered.
+    slots = jnp.arange(width, dtype=jnp.uint32)
     tasks = jnp.zeros(num_lanes, jnp.uint32)
     # `holding`: the lane's task is not written out yet.
     holding = jnp.zeros(num_lanes, bool)
+    again = jnp.zeros(num_lanes, bool) if reloads else None
     pending = jnp.zeros((), jnp.uint32)
-    # The finished tasks' states, a row per task; `finish` runs on them after the loop.
-    out = jtu.tree_map(lambda s: jnp.zeros((num_tasks,) + s.shape, s.dtype), lanes[0])
 
     def first(mask):
         """The first `width` lanes where `mask`, then `num_lanes` (out of range, so a
@@ -425,61 +519,62 @@ def _refill(solver, init, value_and_grad_of, finish, batched, dyn, num_tasks, nu
         index = jnp.full(width, num_lanes, jnp.uint32).at[slot].set(lanes, mode="drop")
         return index, index < num_lanes
 
-    def put(tree, index, new):
-        return jtu.tree_map(lambda a, b: a.at[index].set(b, mode="drop"), tree, new)
-
     # Both loops run inside the turn's loop, so the arrays they update (the lanes' state,
     # the output) are updated in place; in a branch XLA would copy them.
-    def load(carry):
-        rest, buffers, k, new, tasks, holding, pending = carry
-        index, real = first(~holding)
-        real = real & (pending + slots < num_tasks)
-        task = jnp.minimum(pending + slots, num_tasks - 1)
-        new_rest, new_buffers = jax.vmap(fresh, in_axes=(axes,))(operands_of(task))
+    def load_pass(carry):
+        state, tasks, holding, again, pending = carry
+        if again is None:
+            index, real = first(~holding)
+            real = real & (pending + slots < num_tasks)
+            task = jnp.minimum(pending + slots, num_tasks - 1)
+            rerun = None
+            started = real
+        else:
+            index, real = first(again | (~holding & (pending < num_tasks)))
+            rerun = again.at[index].get(mode="fill", fill_value=False)
+            rank = pending + jnp.cumsum(real & ~rerun, dtype=jnp.uint32) - 1
+            real = real & (rerun | (rank < num_tasks))
+            own = tasks.at[index].get(mode="fill", fill_value=0)
+            task = jnp.where(rerun, own, jnp.minimum(rank, num_tasks - 1))
+            started = real & ~rerun
+            again = put(again, jnp.where(real, index, num_lanes), jnp.zeros_like(real))
         index = jnp.where(real, index, num_lanes)
-        # The lane's first turn reads only its start (and the bounds its trial point is
-        # snapped to) and memory before `init` sets the rest of its state (`_machine`):
-        # the rest is not scattered, which saves a scatter kernel per leaf.
-        starts = put(_start(rest), index, _start(new_rest))
-        rest = eqx.tree_at(_start, rest, starts, is_leaf=lambda x: x is None)
-        buffers = put(buffers, index, new_buffers)
-        k = put(k, index, jnp.zeros_like(slots, k.dtype))
-        new = put(new, index, jnp.ones_like(real))
+        state = load(state, index, task, rerun)
         tasks = put(tasks, index, task.astype(tasks.dtype))
         holding = put(holding, index, jnp.ones_like(real))
-        pending = pending + jnp.sum(real, dtype=pending.dtype)
-        return rest, buffers, k, new, tasks, holding, pending
+        pending = pending + jnp.sum(started, dtype=pending.dtype)
+        return state, tasks, holding, again, pending
 
     def loading(carry):
-        holding, pending = carry[5], carry[6]
-        return jnp.any(~holding) & (pending < num_tasks)
+        holding, again, pending = carry[2:]
+        wanted = jnp.any(~holding) & (pending < num_tasks)
+        return wanted if again is None else wanted | jnp.any(again)
 
     def body(carry):
-        rest, buffers, search, k, running, tasks, holding, pending, out = carry
-        # `new`: loaded in this turn, fresh (see `_machine`).
-        new = jnp.zeros_like(running)
-        loaded = lax.while_loop(loading, load, (rest, buffers, k, new, tasks, holding, pending))
-        rest, buffers, k, new, tasks, holding, pending = loaded
-        rest, buffers, search, k, running = turn(
-            operands_of(tasks), axes, rest, buffers, search, k, running, new
-        )
+        state, tasks, holding, again, pending, out = carry
+        loaded = lax.while_loop(loading, load_pass, (state, tasks, holding, again, pending))
+        state, tasks, holding, again, pending = loaded
+        state, held, again = turn(tasks, state)
 
-        # Every lane's state is scattered to its task's row, dropped for the lanes
-        # still running: one scatter per leaf, where gathering the finished lanes first
+        # Every lane's row is scattered to its task's row, dropped for the lanes still
+        # holding theirs: one scatter per leaf, where gathering the finished lanes first
         # would add a gather per leaf and passes of `_load_width` lanes.
         def write_out(carry):
             out, idle = carry
-            out = put(out, jnp.where(idle, tasks, num_tasks), _join(rest, buffers))
+            out = put(out, jnp.where(idle, tasks, num_tasks), row(state))
             return out, jnp.zeros_like(idle)
 
-        idle = holding & ~running
+        idle = holding & ~held
         out, _ = lax.while_loop(lambda c: jnp.any(c[1]), write_out, (out, idle))
-        holding = holding & running
-        return rest, buffers, search, k, running, tasks, holding, pending, out
+        holding = holding & held
+        if again is not None:
+            # Only a lane that holds a task can be loaded with it again.
+            again = again & holding
+        return state, tasks, holding, again, pending, out
 
     def cond(carry):
-        holding, pending = carry[6], carry[7]
+        holding, _, pending = carry[2:5]
         return jnp.any(holding) | (pending < num_tasks)
 
-    carry = (rest, buffers, search, k, running, tasks, holding, pending, out)
-    return jax.vmap(finish)(lax.while_loop(cond, body, carry)[-1])
+    carry = (state, tasks, holding, again, pending, out)
+    return lax.while_loop(cond, body, carry)[-1]

@@ -13,6 +13,9 @@ Differences from `lineax.CG`, and why:
 3. One operator product per step, also under `vmap` (no periodic true-residual
    recomputation, which `vmap` would turn into an extra product every step); the
    adjoint checks the true residual once at the end.
+4. Under `jax.vmap` (with `true_residual`, as the adjoint solves), large batches run in
+   refilled lanes, each system paying its own steps instead of the slowest one's
+   (`_plain_loop`; the lanes are the forward solve's, `_batching.run_lanes`).
 """
 
 import functools as ft
@@ -20,11 +23,15 @@ from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
+import jax
+import jax.extend
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import lineax as lx
+from jax.custom_batching import custom_vmap
 
+from . import _batching
 from ._misc import tree_axpy, tree_dot, tree_norm2, tree_sub, tree_where
 
 
@@ -102,8 +109,8 @@ class CG(lx.AbstractLinearSolver):
             # from its iterate.
             enabled = ~jnp.asarray(use) | broke if preconditioner is not None else True
             b = vector if want_residual else None
-            y, r, k, broke, rr, second_norm = _cg_loop(
-                operator, None, y, r, k, target, max_steps, enabled, b, second
+            y, r, k, broke, rr, second_norm = _plain_loop(
+                operator, y, r, k, target, max_steps, enabled, b, second
             )
             true_norm = r if want_residual else None
         stats = {"num_steps": k}
@@ -170,6 +177,31 @@ class _Conjugated(eqx.Module):
         return lx.conj(self.at(i))
 
 
+def _direction(precondition, carry):
+    """The next search direction of the CG carry `(y, r, p, gamma, rr, k, broke)`, and
+    its `r'z` (`precondition` None: plain)."""
+    y, r, p, gamma, rr, k, _ = carry
+    if precondition is None:
+        z, gamma_new = r, rr
+    else:
+        z = precondition(r)
+        gamma_new = tree_dot(r, z)
+    return tree_axpy(gamma_new / gamma, p, z), gamma_new
+
+
+def _advance(carry, p, gamma_new, ap):
+    """The CG carry after the step along `p`, whose product is `ap`."""
+    y, r, _, _, _, k, _ = carry
+    pap = tree_dot(p, ap)
+    # Not positive definite on the Krylov space (operator or preconditioner).
+    broke = ~(pap > 0) | ~jnp.isfinite(pap) | ~(gamma_new > 0)
+    alpha = jnp.where(broke, 0, gamma_new / jnp.where(broke, 1, pap))
+    y = tree_axpy(alpha, p, y)
+    r = tree_axpy(-alpha, ap, r)
+    gamma = jnp.where(broke, jnp.ones_like(gamma_new), gamma_new)
+    return y, r, p, gamma, tree_dot(r, r), k + 1, broke
+
+
 def _cg_loop(operator, precondition, y, r, k, target, max_steps, enabled, b=None, second=None):
     """CG steps from `(y, r)` while `enabled` and unconverged; `precondition` None is plain.
 
@@ -198,24 +230,8 @@ def _cg_loop(operator, precondition, y, r, k, target, max_steps, enabled, b=None
         *_, rr, k, broke = carry
         return enabled & (jnp.sqrt(rr) > target) & (k < max_steps) & ~broke
 
-    def direction(carry):
-        y, r, p, gamma, rr, k, _ = carry
-        if precondition is None:
-            z, gamma_new = r, rr
-        else:
-            z = precondition(r)
-            gamma_new = tree_dot(r, z)
-        return tree_axpy(gamma_new / gamma, p, z), gamma_new
-
-    def advance(carry, p, gamma_new, ap):
-        y, r, _, _, _, k, _ = carry
-        pap = tree_dot(p, ap)
-        # Not positive definite on the Krylov space (operator or preconditioner).
-        broke = ~(pap > 0) | ~jnp.isfinite(pap) | ~(gamma_new > 0)
-        alpha = jnp.where(broke, 0, gamma_new / jnp.where(broke, 1, pap))
-        y = tree_axpy(alpha, p, y)
-        r = tree_axpy(-alpha, ap, r)
-        return y, r, p, jnp.where(broke, one, gamma_new), tree_dot(r, r), k + 1, broke
+    direction = ft.partial(_direction, precondition)
+    advance = _advance
 
     if b is None:
 
@@ -268,3 +284,186 @@ def _cg_loop(operator, precondition, y, r, k, target, max_steps, enabled, b=None
     _, carry, true_norm = lax.while_loop(lambda state: state[0] < 2, outer, state)
     y, second_r, _, _, rr, k, broke = carry
     return y, true_norm, k, broke, rr, tree_norm2(second_r)
+
+
+def _plain_loop(operator, y, r, k, target, max_steps, enabled, b, second):
+    """`_cg_loop` unpreconditioned; under `jax.vmap` with a residual turn (`b`), the
+    batch runs in refilled lanes (`_lanes`) where `_batching.backward_lanes` says so.
+
+    Plain `vmap` of the loop runs every element's steps until the slowest element has
+    converged; in lanes each element pays its own steps, residual turn and second
+    product. The operands are passed explicitly (a `custom_vmap` cannot close over
+    batched values).
+    """
+    operands = (operator, y, r, k, target, enabled, b, second)
+    dyn, static = eqx.partition(operands, eqx.is_array)
+
+    def one(dyn):
+        operator, y, r, k, target, enabled, b, second = eqx.combine(dyn, static)
+        return _cg_loop(operator, None, y, r, k, target, max_steps, enabled, b, second)
+
+    loop = custom_vmap(one)
+    size = sum(leaf.size * leaf.dtype.itemsize for leaf in jtu.tree_leaves(y))
+
+    @loop.def_vmap
+    def rule(axis_size, in_batched, dyn):
+        (batched,) = in_batched
+        lanes = _batching.backward_lanes(axis_size, size)
+        if b is None or lanes >= axis_size or _batching.batch_is_split(dyn, batched):
+            axes = jtu.tree_map(lambda flag: 0 if flag else None, batched)
+            out = jax.vmap(one, in_axes=(axes,))(dyn)
+        else:
+            out = _lanes(static, max_steps, batched, dyn, axis_size, lanes)
+        return out, jtu.tree_map(lambda _: True, out)
+
+    return loop(dyn)
+
+
+def _dependent_outputs(jaxpr, flags: list[bool]) -> list[bool]:
+    """Which outputs of `jaxpr` may depend on its inputs where `flags` (through any of
+    its operations: an over-approximation)."""
+    var = jax.extend.core.Var
+    marked = {v for v, flag in zip(jaxpr.invars, flags) if flag}
+    for eqn in jaxpr.eqns:
+        if any(isinstance(v, var) and v in marked for v in eqn.invars):
+            marked.update(eqn.outvars)
+    return [isinstance(v, var) and v in marked for v in jaxpr.outvars]
+
+
+def _outputs_only(jaxpr, keep: list[bool]):
+    """`jaxpr` with the outputs where `keep` and only the operations they need."""
+    var = jax.extend.core.Var
+    outvars = [v for v, k in zip(jaxpr.outvars, keep) if k]
+    needed = {v for v in outvars if isinstance(v, var)}
+    eqns = []
+    for eqn in reversed(jaxpr.eqns):
+        if any(v in needed for v in eqn.outvars):
+            eqns.append(eqn)
+            needed.update(v for v in eqn.invars if isinstance(v, var))
+    effects = set().union(*(eqn.effects for eqn in eqns))
+    return jaxpr.replace(eqns=eqns[::-1], outvars=outvars, effects=effects)
+
+
+def _lanes(static, max_steps, batched, dyn, num_tasks, num_lanes):
+    """The unpreconditioned loop with a residual turn for a batch of `num_tasks`, in
+    `num_lanes` refilled lanes (`_batching.run_lanes`); the same steps and products per
+    element as `_cg_loop`.
+
+    A lane's turn is one product: with $p$ while it steps, with $y$ for its residual
+    turn, and (with a second operator) one more with $y$ after the lane is loaded again
+    with the second operator. A lane holds its operator's arrays, set when it is loaded
+    (for a second operator built by a linearisation, say, the linearisation runs only
+    for the lanes being loaded); the operator's arrays that depend on no batched operand
+    stay shared.
+    """
+    operands_of = ft.partial(_batching.gather_tasks, batched, dyn)
+    axes = jtu.tree_map(lambda flag: 0 if flag else None, batched)
+    has_second = eqx.combine(dyn, static)[-1] is not None
+
+    def task(d):
+        return eqx.combine(d, static)
+
+    def op_of(d, stage):
+        operator, *_, second = task(d)
+        return operator if second is None else second(stage)
+
+    def make_op(d, stage):
+        return jtu.tree_leaves(eqx.filter(op_of(d, stage), eqx.is_array))
+
+    one = jtu.tree_map(lambda flag, leaf: leaf[0] if flag else leaf, batched, dyn)
+    stage0 = jnp.zeros((), jnp.int32)
+    # One trace of the operator gives its structure and which of its arrays depend on
+    # the element (or the stage): those are the lanes', the others are computed once.
+    closed, shapes, op_static = eqx.filter_make_jaxpr(op_of)(one, stage0)
+    op_treedef = jtu.tree_structure(shapes)
+    own = _dependent_outputs(closed.jaxpr, jtu.tree_leaves((batched, True)))
+    shared = None
+    if not all(own):
+        shared_only = _outputs_only(closed.jaxpr, [not o for o in own])
+        run_shared = jax.extend.core.jaxpr_as_fun(
+            jax.extend.core.ClosedJaxpr(shared_only, closed.consts)
+        )
+        shared = iter(run_shared(*jtu.tree_leaves((one, stage0))))
+        shared = [None if o else next(shared) for o in own]
+
+    def lane_op(leaves):
+        if shared is not None:
+            it = iter(leaves)
+            leaves = [next(it) if o else s for o, s in zip(own, shared)]
+        return eqx.combine(jtu.tree_unflatten(op_treedef, leaves), op_static)
+
+    def own_op(d, stage):
+        return [leaf for leaf, o in zip(make_op(d, stage), own) if o]
+
+    def start(d):
+        _, y, r, k, target, enabled, b, _ = task(d)
+        zero = jtu.tree_map(jnp.zeros_like, y)
+        rr = tree_dot(r, r)
+        one = jnp.ones((), rr.dtype)
+        carry = (y, r, zero, one, rr, k, jnp.array(False))
+        enabled = jnp.asarray(enabled, bool)
+        return carry, (b, target, enabled), jnp.zeros((), rr.dtype)
+
+    shape_op = [leaf for leaf, o in zip(jtu.tree_leaves(shapes), own) if o]
+    shape_start = jax.eval_shape(start, one)
+    zeros = lambda s: jnp.zeros((num_lanes,) + s.shape, s.dtype)  # noqa: E731
+    state = (
+        jtu.tree_map(zeros, shape_op),
+        jtu.tree_map(zeros, shape_start),
+        jnp.zeros(num_lanes, jnp.int32),  # stage: 0 steps and residual turn, 1 second product
+        jnp.zeros(num_lanes, shape_start[2].dtype),  # the true residual's norm
+    )
+
+    def load(state, index, tasks, again):
+        ops, (carry, data, second_norm), stage, true_norm = state
+        d = operands_of(tasks)
+        new_stage = jnp.zeros(index.shape, jnp.int32) if again is None else again.astype(jnp.int32)
+        ops = _batching.put(ops, index, jax.vmap(own_op, in_axes=(axes, 0))(d, new_stage))
+        stage = _batching.put(stage, index, new_stage)
+        fresh = index if again is None else jnp.where(again, num_lanes, index)
+        new_carry, new_data, _ = jax.vmap(start, in_axes=(axes,))(d)
+        carry = _batching.put(carry, fresh, new_carry)
+        data = _batching.put(data, fresh, new_data)
+        return ops, (carry, data, second_norm), stage, true_norm
+
+    def advance_lane(leaves, carry, data, stage, true_norm, second_norm):
+        b, target, enabled = data
+        operator = lane_op(leaves)
+        y, r, _, _, rr, k, broke = carry
+        go = (stage == 0) & enabled & (jnp.sqrt(rr) > target) & (k < max_steps) & ~broke
+        p, gamma_new = _direction(None, carry)
+        au = operator.mv(tree_where(go, p, y))
+        stepped = _advance(carry, p, gamma_new, au)
+        residual = tree_sub(b, au)
+        norm = tree_norm2(residual)
+        carry = (
+            tree_where(go, stepped[0], y),
+            tree_where(go, stepped[1], residual),
+            *stepped[2:4],
+            jnp.where(go, stepped[4], rr),
+            k + go.astype(k.dtype),
+            broke | (go & stepped[6]),
+        )
+        true_norm = jnp.where((stage == 0) & ~go, norm, true_norm)
+        second_norm = jnp.where(stage == 1, norm, second_norm)
+        again = (stage == 0) & ~go & has_second
+        return carry, true_norm, second_norm, go | again, again
+
+    def turn(tasks, state):
+        ops, (carry, data, second_norm), stage, true_norm = state
+        carry, true_norm, second_norm, held, again = jax.vmap(advance_lane)(
+            ops, carry, data, stage, true_norm, second_norm
+        )
+        state = ops, (carry, data, second_norm), stage, true_norm
+        return state, held, again if has_second else None
+
+    def row(state):
+        _, (carry, _, second_norm), _, true_norm = state
+        y, _, _, _, rr, k, broke = carry
+        return y, true_norm, k, broke, rr, second_norm
+
+    shape_row = jax.eval_shape(row, jtu.tree_map(lambda a: a[0], state))
+    out = jtu.tree_map(lambda s: jnp.zeros((num_tasks,) + s.shape, s.dtype), shape_row)
+    out = _batching.run_lanes(num_tasks, num_lanes, state, load, turn, row, out, has_second)
+    y, true_norm, k, broke, rr, second_norm = out
+    return y, true_norm, k, broke, rr, second_norm if has_second else None

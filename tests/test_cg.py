@@ -1,3 +1,5 @@
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import lineax as lx
@@ -5,6 +7,7 @@ import numpy as np
 import pytest
 
 import lbfgs_implicit as li
+import lbfgs_implicit._batching as batching
 
 from helpers import spd
 
@@ -185,3 +188,53 @@ def test_second_operator_residual(options, max_steps):
     assert expected > 1e-2
     np.testing.assert_allclose(float(sol.stats["second_residual"]), expected, rtol=1e-9)
     assert "second_residual" not in plain.stats
+
+
+@pytest.mark.parametrize("second", [False, True])
+def test_batch_in_refilled_lanes_matches_each_solve(second):
+    # Under `vmap` the residual-turn loop runs in refilled lanes (`_cg._lanes`, forced
+    # here into 3 lanes for 8 systems): each system pays its own steps, yet its answer,
+    # step count, result and residuals are those of its own solve. The systems need
+    # from 1 to ~50 steps; one has a zero right-hand side (no step), one is indefinite
+    # (breakdown), and `max_steps` stops the worst conditioned (max_steps_reached).
+    n = 16
+    conds = [1.0, 1e4, 10.0, 1e2, 1e3, 3.0, 1e6, 30.0]
+    a = jnp.stack([_spd(n, c) for c in conds]).at[5].multiply(-1.0)
+    c = a + jnp.diag(jnp.linspace(0.5, 2.0, n))[None]
+    b = jnp.stack([jnp.linspace(-1.0, 1.0, n) * (i + 1) for i in range(len(conds))])
+    b = b.at[2].set(0.0)
+    solver = li.CG(rtol=1e-10, max_steps=30)
+
+    def solve(a, c, b):
+        options = {"true_residual": True}
+        if second:
+            options["second_operator"] = jax.tree_util.Partial(_between, a, c)
+        sol = lx.linear_solve(_op(a), b, solver, options=options, throw=False)
+        return sol.value, sol.result, sol.stats
+
+    with _batching_form("refill", 3):
+        batch = jax.jit(jax.vmap(solve)).lower(a, c, b).compile()(a, c, b)
+    steps = []
+    for i in range(len(conds)):
+        value, result, stats = jax.jit(solve)(a[i], c[i], b[i])
+        assert int(batch[1]._value[i]) == int(result._value), i
+        assert int(batch[2]["num_steps"][i]) == int(stats["num_steps"]), i
+        steps.append(int(stats["num_steps"]))
+        np.testing.assert_allclose(batch[0][i], value, rtol=1e-10, atol=1e-12)
+        keys = ("true_residual", "second_residual") if second else ("true_residual",)
+        assert set(batch[2]) == {"num_steps", *keys}
+        for key in keys:
+            np.testing.assert_allclose(batch[2][key][i], stats[key], rtol=1e-6, atol=1e-12)
+    assert steps[2] == 0 and max(steps) == 30 and len(set(steps)) >= 6, steps
+    assert int(batch[1]._value[5]) == int(lx.RESULTS.breakdown._value)
+    assert int(batch[1]._value[6]) == int(lx.RESULTS.max_steps_reached._value)
+
+
+@contextlib.contextmanager
+def _batching_form(mode, lanes):
+    old = batching.MODE, batching.LANES
+    batching.MODE, batching.LANES = mode, lanes
+    try:
+        yield
+    finally:
+        batching.MODE, batching.LANES = old
