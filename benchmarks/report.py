@@ -625,7 +625,10 @@ def batching_section(lines):
         "",
         "From `python -m benchmarks.batching` (one row per mode; each file's command below). "
         "`refill/D` solves the batch by turns in T/D lanes, each loading the next pending "
-        "task when its own has finished; `refill` is the library's lane count; `turns` is "
+        "task when its own has finished; `refill` is the library's lane count (and, in "
+        "value-and-gradient files, the backward CG in as many refilled lanes, forced: "
+        "the library does so only from 3 KiB per element; `refill-vmapcg` keeps it under "
+        "plain `vmap`); `turns` is "
         "one lane per task; `vmap` is plain `vmap`. Evaluations are counted on the host "
         "(deterministic); times are CPU seconds of the compiled program, the modes "
         "interleaved, and the ratios against plain `vmap` are the median over rounds of "
