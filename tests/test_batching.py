@@ -381,3 +381,37 @@ def test_backward_in_refilled_lanes_matches_each_solve():
         # Both CG solves stop at rtol 3.7e-11; batched and single arithmetic round
         # differently, which moves the answer within that tolerance.
         np.testing.assert_allclose(grads[i], grad, rtol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+def test_backward_in_refilled_lanes_with_bounds_pytrees_nested_vmap(dtype):
+    # Bounds (the backward's operator masked to the free coordinates, several of which
+    # sit on the upper bound at the minimiser), a pytree of parameters, float32, and a
+    # 2 x 8 grid of `vmap` of `vmap` (the inner level in lanes): each hypergradient is
+    # that of its problem alone.
+    def factory():
+        banana = _banana()
+
+        def fn(x, a):
+            return banana(jnp.concatenate([x["u"], x["v"]]), a)
+
+        def outer(a, x0):
+            x0 = {"u": x0[:2].astype(dtype), "v": x0[2:].astype(dtype)}
+            sol = li.optimize(fn, x0, a, bounds=(-1.0, 0.45), throw=False)
+            p = sol.params
+            return jnp.sum(jnp.sin(p["u"])) + jnp.sum(jnp.cos(p["v"]) * a)
+
+        return outer
+
+    starts = STARTS.at[1, 0].set(-1.1)
+    scales = jnp.stack([SCALES, SCALES[::-1]]).astype(dtype)
+    with _form("refill"):
+        grads = jax.jit(jax.vmap(jax.vmap(jax.grad(factory())), in_axes=(0, None)))(scales, starts)
+    assert grads.dtype == dtype
+    alone = jax.jit(jax.grad(factory()))
+    # Within the CG tolerance (3.7e-11 float64, 2.4e-5 float32): batched and single
+    # arithmetic round differently.
+    rtol = 1e-9 if dtype == jnp.float64 else 1e-4
+    for r in range(2):
+        for i in range(len(SCALES)):
+            np.testing.assert_allclose(grads[r, i], alone(scales[r, i], starts[i]), rtol=rtol)
