@@ -4,6 +4,7 @@ Each problem has an objective `fn(x, args)`, a start `x0`, `args`, and its known
 minimiser; hypergradient problems also carry an independent reference.
 """
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +15,8 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
+import lbfgs_implicit._batching as batching
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -22,6 +25,17 @@ class Problem:
     x0: Any
     args: Any
     solution: Any
+
+
+@contextlib.contextmanager
+def batching_form(mode, lanes):
+    """Trace batched solves with the batching form `mode` (`lanes` lanes if refilled)."""
+    old = batching.MODE, batching.LANES
+    batching.MODE, batching.LANES = mode, lanes
+    try:
+        yield
+    finally:
+        batching.MODE, batching.LANES = old
 
 
 def tree_allclose(x, y, *, rtol=1e-5, atol=1e-8):

@@ -12,8 +12,6 @@ differ between elements. Each configuration gets a fresh objective: `optimize` c
 its trace per function, and the form is chosen at trace time.
 """
 
-import contextlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +19,8 @@ import pytest
 
 import lbfgs_implicit as li
 import lbfgs_implicit._batching as batching
+
+from helpers import batching_form
 
 
 N = 4
@@ -49,15 +49,9 @@ def _solve(fn, max_steps=MAX_STEPS):
     return lambda x0, a: li.optimize(fn, x0, a, solver=solver, throw=False)
 
 
-@contextlib.contextmanager
 def _form(mode, lanes=LANES):
     """Trace with the batching form `mode` (`lanes` lanes if refilled)."""
-    old = batching.MODE, batching.LANES
-    batching.MODE, batching.LANES = mode, lanes
-    try:
-        yield
-    finally:
-        batching.MODE, batching.LANES = old
+    return batching_form(mode, lanes)
 
 
 def _batched(mode, fn_factory, transform=jax.vmap, lanes=LANES):

@@ -1,5 +1,3 @@
-import contextlib
-
 import jax
 import jax.numpy as jnp
 import lineax as lx
@@ -7,9 +5,8 @@ import numpy as np
 import pytest
 
 import lbfgs_implicit as li
-import lbfgs_implicit._batching as batching
 
-from helpers import spd
+from helpers import batching_form, spd
 
 
 def _spd(n, cond):
@@ -212,7 +209,7 @@ def test_batch_in_refilled_lanes_matches_each_solve(second):
         sol = lx.linear_solve(_op(a), b, solver, options=options, throw=False)
         return sol.value, sol.result, sol.stats
 
-    with _batching_form("refill", 3):
+    with batching_form("refill", 3):
         batch = jax.jit(jax.vmap(solve)).lower(a, c, b).compile()(a, c, b)
     steps = []
     for i in range(len(conds)):
@@ -228,13 +225,3 @@ def test_batch_in_refilled_lanes_matches_each_solve(second):
     assert steps[2] == 0 and max(steps) == 30 and len(set(steps)) >= 6, steps
     assert int(batch[1]._value[5]) == int(lx.RESULTS.breakdown._value)
     assert int(batch[1]._value[6]) == int(lx.RESULTS.max_steps_reached._value)
-
-
-@contextlib.contextmanager
-def _batching_form(mode, lanes):
-    old = batching.MODE, batching.LANES
-    batching.MODE, batching.LANES = mode, lanes
-    try:
-        yield
-    finally:
-        batching.MODE, batching.LANES = old
