@@ -149,15 +149,20 @@ def backward_lanes(num_tasks: int, num_bytes: int) -> int:
     return num_lanes(num_tasks)
 
 
-def batch_is_split(dyn: PyTree, batched: PyTree) -> bool:
-    """Whether a batched leaf of `dyn` is split along its batch axis over a mesh (lanes
-    would gather tasks across devices: such batches stay plain `vmap`)."""
+def _batch_splits(dyn: PyTree, batched: PyTree):
+    """`(mesh axis, sharding)` of each batched leaf of `dyn` whose type says it is split
+    along its batch axis over a mesh."""
     for leaf, b in zip(jtu.tree_leaves(dyn), jtu.tree_leaves(batched)):
         sharding = getattr(jax.typeof(leaf), "sharding", None) if b else None
         spec = tuple(getattr(sharding, "spec", ()))
         if spec and spec[0] is not None:
-            return True
-    return False
+            yield spec[0], sharding
+
+
+def batch_is_split(dyn: PyTree, batched: PyTree) -> bool:
+    """Whether a batched leaf of `dyn` is split along its batch axis over a mesh (lanes
+    would gather tasks across devices: such batches stay plain `vmap`)."""
+    return any(True for _ in _batch_splits(dyn, batched))
 
 
 class _Search(eqx.Module):
@@ -253,15 +258,10 @@ def _refuse_explicit_batch_axis(dyn: PyTree, batched: PyTree) -> None:
     batch's mesh axis fails deep inside JAX (jax 0.10 to 0.12) with "Resource axis ...
     is not found in mesh: ()". The message gives the program that works instead.
     """
-    for leaf, b in zip(jtu.tree_leaves(dyn), jtu.tree_leaves(batched)):
-        sharding = getattr(jax.typeof(leaf), "sharding", None) if b else None
-        spec = tuple(getattr(sharding, "spec", ()))
-        if not spec or spec[0] is None:
-            continue
-        names = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+    for axis, sharding in _batch_splits(dyn, batched):
+        names = axis if isinstance(axis, tuple) else (axis,)
         types = dict(zip(sharding.mesh.axis_names, sharding.mesh.axis_types))
         if any(types.get(name) == AxisType.Explicit for name in names):
-            axis = spec[0]
             raise ValueError(
                 "`jax.vmap` of `lbfgs_implicit.optimize` over a batch split along the "
                 f"mesh axis {axis!r}, which has explicit sharding (`jax.set_mesh`), is not "

@@ -189,6 +189,20 @@ def _direction(precondition, carry):
     return tree_axpy(gamma_new / gamma, p, z), gamma_new
 
 
+def _initial(y, r, k):
+    """The CG carry `(y, r, p, gamma, rr, k, broke)` before the first step from `(y, r)`."""
+    rr = tree_dot(r, r)
+    zero = jtu.tree_map(jnp.zeros_like, y)
+    # With p = 0 the first step's beta multiplies nothing; gamma = 1 keeps it finite.
+    return (y, r, zero, jnp.ones((), rr.dtype), rr, k, jnp.array(False))
+
+
+def _stepping(carry, enabled, target, max_steps):
+    """Whether the CG carry takes another step."""
+    *_, rr, k, broke = carry
+    return enabled & (jnp.sqrt(rr) > target) & (k < max_steps) & ~broke
+
+
 def _advance(carry, p, gamma_new, ap):
     """The CG carry after the step along `p`, whose product is `ap`."""
     y, r, _, _, _, k, _ = carry
@@ -200,6 +214,24 @@ def _advance(carry, p, gamma_new, ap):
     r = tree_axpy(-alpha, ap, r)
     gamma = jnp.where(broke, jnp.ones_like(gamma_new), gamma_new)
     return y, r, p, gamma, tree_dot(r, r), k + 1, broke
+
+
+def _step_or_residual(operator, carry, go, b):
+    """One turn of plain CG with a residual turn: the step along the next direction
+    where `go`, else the true residual $b - Ay$ written into `r`. One product either
+    way ($Ap$ or $Ay$), so the operator is traced once for both."""
+    y, _, _, _, rr, k, broke = carry
+    p, gamma_new = _direction(None, carry)
+    au = operator.mv(tree_where(go, p, y))
+    stepped = _advance(carry, p, gamma_new, au)
+    return (
+        tree_where(go, stepped[0], y),
+        tree_where(go, stepped[1], tree_sub(b, au)),
+        *stepped[2:4],
+        jnp.where(go, stepped[4], rr),
+        k + go.astype(k.dtype),
+        broke | (go & stepped[6]),
+    )
 
 
 def _cg_loop(operator, precondition, y, r, k, target, max_steps, enabled, b=None, second=None):
@@ -220,24 +252,16 @@ def _cg_loop(operator, precondition, y, r, k, target, max_steps, enabled, b=None
     is built once per outer turn, so the steps pay nothing for the choice. Otherwise
     `second` is None.
     """
-    rr = tree_dot(r, r)
-    zero = jtu.tree_map(jnp.zeros_like, y)
-    # With p = 0 the first step's beta multiplies nothing; gamma = 1 keeps it finite.
-    one = jnp.ones((), rr.dtype)
-    init = (y, r, zero, one, rr, k, jnp.array(False))
+    init = _initial(y, r, k)
 
     def stepping(carry, enabled):
-        *_, rr, k, broke = carry
-        return enabled & (jnp.sqrt(rr) > target) & (k < max_steps) & ~broke
-
-    direction = ft.partial(_direction, precondition)
-    advance = _advance
+        return _stepping(carry, enabled, target, max_steps)
 
     if b is None:
 
         def body(carry):
-            p, gamma_new = direction(carry)
-            return advance(carry, p, gamma_new, operator.mv(p))
+            p, gamma_new = _direction(precondition, carry)
+            return _advance(carry, p, gamma_new, operator.mv(p))
 
         y, r, _, _, rr, k, broke = lax.while_loop(
             lambda carry: stepping(carry, enabled), body, init
@@ -246,22 +270,10 @@ def _cg_loop(operator, precondition, y, r, k, target, max_steps, enabled, b=None
 
     def body_with_residual(operator, enabled, loop):
         carry, _ = loop
-        y, r, _, _, rr, k, broke = carry
         go = stepping(carry, enabled)
-        p, gamma_new = direction(carry)
-        # One product a turn: A p for a step, A y for the residual turn, which ends the
-        # loop, so only what the loop returns is kept through it.
-        au = operator.mv(tree_where(go, p, y))
-        stepped = advance(carry, p, gamma_new, au)
-        carry = (
-            tree_where(go, stepped[0], y),
-            tree_where(go, stepped[1], tree_sub(b, au)),
-            *stepped[2:4],
-            jnp.where(go, stepped[4], rr),
-            k + go.astype(k.dtype),
-            broke | (go & stepped[6]),
-        )
-        return carry, ~go
+        # The residual turn ends the loop, so only what the loop returns is kept
+        # through it.
+        return _step_or_residual(operator, carry, go, b), ~go
 
     def run(operator, enabled, carry):
         body = ft.partial(body_with_residual, operator, enabled)
@@ -280,7 +292,7 @@ def _cg_loop(operator, precondition, y, r, k, target, max_steps, enabled, b=None
         return i + 1, carry, true_norm
 
     i0 = jnp.zeros((), jnp.int32)
-    state = (i0, init, jnp.zeros((), rr.dtype))
+    state = (i0, init, jnp.zeros((), init[4].dtype))
     _, carry, true_norm = lax.while_loop(lambda state: state[0] < 2, outer, state)
     y, second_r, _, _, rr, k, broke = carry
     return y, true_norm, k, broke, rr, tree_norm2(second_r)
@@ -397,12 +409,9 @@ def _lanes(static, max_steps, batched, dyn, num_tasks, num_lanes):
 
     def start(d):
         _, y, r, k, target, enabled, b, _ = task(d)
-        zero = jtu.tree_map(jnp.zeros_like, y)
-        rr = tree_dot(r, r)
-        one = jnp.ones((), rr.dtype)
-        carry = (y, r, zero, one, rr, k, jnp.array(False))
+        carry = _initial(y, r, k)
         enabled = jnp.asarray(enabled, bool)
-        return carry, (b, target, enabled), jnp.zeros((), rr.dtype)
+        return carry, (b, target, enabled), jnp.zeros((), carry[4].dtype)
 
     shape_op = [leaf for leaf, o in zip(jtu.tree_leaves(shapes), own) if o]
     shape_start = jax.eval_shape(start, one)
@@ -428,22 +437,11 @@ def _lanes(static, max_steps, batched, dyn, num_tasks, num_lanes):
 
     def advance_lane(leaves, carry, data, stage, true_norm, second_norm):
         b, target, enabled = data
-        operator = lane_op(leaves)
-        y, r, _, _, rr, k, broke = carry
-        go = (stage == 0) & enabled & (jnp.sqrt(rr) > target) & (k < max_steps) & ~broke
-        p, gamma_new = _direction(None, carry)
-        au = operator.mv(tree_where(go, p, y))
-        stepped = _advance(carry, p, gamma_new, au)
-        residual = tree_sub(b, au)
-        norm = tree_norm2(residual)
-        carry = (
-            tree_where(go, stepped[0], y),
-            tree_where(go, stepped[1], residual),
-            *stepped[2:4],
-            jnp.where(go, stepped[4], rr),
-            k + go.astype(k.dtype),
-            broke | (go & stepped[6]),
-        )
+        go = (stage == 0) & _stepping(carry, enabled, target, max_steps)
+        carry = _step_or_residual(lane_op(leaves), carry, go, b)
+        # Where the lane took no step, `r` is now its true residual (stage 0) or the
+        # second operator's (stage 1).
+        norm = tree_norm2(carry[1])
         true_norm = jnp.where((stage == 0) & ~go, norm, true_norm)
         second_norm = jnp.where(stage == 1, norm, second_norm)
         again = (stage == 0) & ~go & has_second
