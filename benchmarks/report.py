@@ -680,6 +680,11 @@ def batching_section(lines):
         lines.append("")
 
 
+def _extra_evals(row):
+    """Evaluations per iteration that the longer solve added over the shorter one."""
+    return (row["long_evals"] - row["evals"]) / max(row["long_iters"] - row["iters"], 1)
+
+
 def scale_section(scale, path, by_shape, shape_path, lines):
     """Memory and time per iteration at large n against the peers."""
     lines += [
@@ -724,6 +729,39 @@ def scale_section(scale, path, by_shape, shape_path, lines):
             r = c["solvers"].get(p)
             row += f" {r['temp_per_n']:.0f} n |" if r else " - |"
         lines.append(row)
+    if all("steady_ms" in c["solvers"][OURS] for c in scale["cases"]):
+        lines += [
+            "",
+            f"Steady cost of an iteration: every solver also ran {2 * scale['iters']} "
+            "iterations, and the difference of the two solves' times over the difference "
+            "of their iteration counts (per round, median) leaves out what a solve pays "
+            "once: the evaluation at `x0` and the first line search, which has no "
+            "curvature to scale its step. Evaluations per iteration likewise: the longer solve's "
+            "extra evaluations over its extra iterations.",
+            "",
+        ]
+        head = "| n | leaf | dtype | m | ours ms/iter | ours evals/iter | ours / floor |"
+        rule = "| --- | --- | --- | --- | --- | --- | --- |"
+        for p in peers:
+            head += f" {p} ms/iter | {p} evals/iter | ours / {p} |"
+            rule += " --- | --- | --- |"
+        lines += [head, rule]
+        for c in scale["cases"]:
+            ours = c["solvers"][OURS]
+            row = (
+                f"| {c['n']:g} | {c['shape']} | {c['dtype']} | {c['history_size']} | "
+                f"{ours['steady_ms']:.1f} | {_extra_evals(ours):.2f} | "
+                f"{c['steady_ours_over_floor_median']:.2f} |"
+            )
+            for p in peers:
+                r = c["solvers"].get(p)
+                row += (
+                    f" {r['steady_ms']:.1f} | {_extra_evals(r):.2f} | "
+                    f"{r['steady_ours_over_this_median']:.2f} |"
+                    if r
+                    else " - | - | - |"
+                )
+            lines.append(row)
     lines += [
         "",
         "A dash: the solver failed to compile that case (the script prints why; "

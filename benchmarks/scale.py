@@ -5,7 +5,11 @@ square matrix (the layout of a network's weights):
 `f(x) = sum(a (x - b)^2 / 2 + log cosh(x)) + lam/2 sum(differences of x along each
 axis)^2`, not quadratic, so every solver's line search has work to do. Each solver runs
 a fixed number of iterations (stopping tests off), and time per iteration is the solve's
-wall time divided by the iterations it ran.
+wall time divided by the iterations it ran. Every solver is also compiled for twice the
+iterations, and the steady cost of an iteration is the difference of the two solves' times
+over the difference of their iteration counts: this leaves out what a solve pays once (the
+evaluation at `x0`, the first line search, which has no curvature to scale its step and
+takes several trials), which the plain mean spreads over the few iterations run.
 
 The floor is what one L-BFGS iteration cannot avoid: one value-and-gradient and two
 passes over the memory (`S'g, Y'g` and `S c_s + Y c_y`), timed as one jitted function.
@@ -141,10 +145,17 @@ def _timed(call):
     return time.perf_counter() - t0, out
 
 
+def _steady(row):
+    """Per round: the seconds one more iteration costs, from the two solves' times."""
+    extra = max(row["long_iters"] - row["iters"], 1)
+    return [(t2 - t1) / extra for t1, t2 in zip(row["times_s"], row["long_times_s"])]
+
+
 def case(n, shape, dtype, m, iters, rounds, names):
     fn, x0, args = _problem(n, shape, dtype)
     n_bytes = x0.size * x0.dtype.itemsize
     runs = {}
+    long_runs = {}
     rows = {}
     for name in list(names):
         t0 = time.perf_counter()
@@ -157,14 +168,20 @@ def case(n, shape, dtype, m, iters, rounds, names):
         seconds = time.perf_counter() - t0
         temp = compiled.memory_analysis().temp_size_in_bytes
         _, (x, steps, evals) = _timed(lambda c=compiled: c(x0, args))
+        longer = jax.jit(SOLVERS[name](fn, x0, args, m, 2 * iters)).lower(x0, args).compile()
+        _, (_, long_steps, long_evals) = _timed(lambda c=longer: c(x0, args))
         runs[name] = lambda c=compiled: c(x0, args)
+        long_runs[name] = lambda c=longer: c(x0, args)
         rows[name] = {
             "compile_s": seconds,
             "temp_per_n": temp / n_bytes,
             "iters": int(steps),
             "evals": int(evals),
+            "long_iters": int(long_steps),
+            "long_evals": int(long_evals),
             "value": float(fn(x, args)),
             "times_s": [],
+            "long_times_s": [],
         }
     floor_fn, floor_args = _floor(fn, x0, m)
     floor = floor_fn.lower(x0, args, *floor_args).compile()
@@ -173,11 +190,14 @@ def case(n, shape, dtype, m, iters, rounds, names):
     for _ in range(rounds):
         for name in names:
             rows[name]["times_s"].append(_timed(runs[name])[0])
+            rows[name]["long_times_s"].append(_timed(long_runs[name])[0])
         floor_times.append(_timed(lambda: floor(x0, args, *floor_args))[0])
     out = {"n": n, "shape": shape, "dtype": jnp.dtype(dtype).name, "history_size": m}
     ours = rows.get("lbfgs_implicit")
     for name, row in rows.items():
         row["per_iter_ms"] = 1e3 * statistics.median(row["times_s"]) / max(row["iters"], 1)
+        row["steady_s"] = _steady(row)
+        row["steady_ms"] = 1e3 * statistics.median(row["steady_s"])
         if ours is not None:
             ratios = [
                 (t_ours / ours["iters"]) / (t / row["iters"])
@@ -185,10 +205,16 @@ def case(n, shape, dtype, m, iters, rounds, names):
             ]
             row["ours_over_this_median"] = statistics.median(ratios)
             row["ours_over_this_min"] = min(ratios)
+            steady = [a / b for a, b in zip(ours["steady_s"], row["steady_s"])]
+            row["steady_ours_over_this_median"] = statistics.median(steady)
+            row["steady_ours_over_this_min"] = min(steady)
     if ours is not None:
         ratios = [t / ours["iters"] / f for t, f in zip(ours["times_s"], floor_times)]
         out["ours_over_floor_median"] = statistics.median(ratios)
         out["ours_over_floor_min"] = min(ratios)
+        steady = [t / f for t, f in zip(ours["steady_s"], floor_times)]
+        out["steady_ours_over_floor_median"] = statistics.median(steady)
+        out["steady_ours_over_floor_min"] = min(steady)
     out["floor_ms"] = 1e3 * statistics.median(floor_times)
     out["solvers"] = rows
     return out
@@ -223,7 +249,8 @@ def main(argv=None):
                     cases.append(res)
                     print(
                         f"n={n} {shape} {res['dtype']} m={m}: floor {res['floor_ms']:.1f} ms, "
-                        f"ours/floor median {res.get('ours_over_floor_median', float('nan')):.2f}",
+                        f"ours/floor median {res.get('ours_over_floor_median', float('nan')):.2f}, "
+                        f"steady {res.get('steady_ours_over_floor_median', float('nan')):.2f}",
                         flush=True,
                     )
                     for name, row in res["solvers"].items():
@@ -232,7 +259,10 @@ def main(argv=None):
                             f"({row['iters']} iters, {row['evals']} evals) "
                             f"temp {row['temp_per_n']:5.1f} n, compile {row['compile_s']:.1f} s, "
                             f"ours/this median {row.get('ours_over_this_median', 1):.2f} "
-                            f"min {row.get('ours_over_this_min', 1):.2f}",
+                            f"min {row.get('ours_over_this_min', 1):.2f}; steady "
+                            f"{row['steady_ms']:.1f} ms/iter ({row['long_iters']} iters, "
+                            f"{row['long_evals']} evals), ours/this "
+                            f"{row.get('steady_ours_over_this_median', 1):.2f}",
                             flush=True,
                         )
     out = {

@@ -60,8 +60,13 @@ def test_scale_rows(results):
         row = case["solvers"][name]
         # Stopping tests off: every solver runs the iterations it was given.
         assert row["iters"] == 3 and row["evals"] >= 3, name
+        # The steady cost comes from a second solve of twice the iterations.
+        assert row["long_iters"] == 6 and row["long_evals"] > row["evals"], name
+        assert len(row["steady_s"]) == len(row["times_s"]) == 1, name
         assert row["temp_per_n"] > 0, name
-    assert "## Scale: memory and time per iteration" in page.read_text()
+    text = page.read_text()
+    assert "## Scale: memory and time per iteration" in text
+    assert "Steady cost of an iteration: every solver also ran 6 iterations" in text
 
 
 def test_forward_rows(results):
