@@ -229,7 +229,8 @@ PROBLEMS = {"imaml": IMAML, "multistart": MultiStart}
 
 def count(li, batching, problem, mode, num):
     _set_mode(batching, mode, num)
-    lanes = batching.num_lanes(num) if batching.MODE == "refill" else num
+    size = sum(leaf.nbytes for leaf in jax.tree.leaves(problem.inputs()[0]))
+    lanes = batching.num_lanes(num, size) if batching.MODE == "refill" else num
     run = jax.jit(problem.batch_solve(li, problem.objective(counted=True)))
     run = run.lower(*problem.inputs()).compile()
     _reset_mode(batching)
@@ -348,7 +349,7 @@ def main(argv=None):
         row = {"problem": opts.problem, "tasks": num, "dtype": opts.dtype}
         size = sum(leaf.nbytes for leaf in jax.tree.leaves(problem.inputs()[0]))
         if batching.uses_turns(li.LBFGS(), num, size):
-            lanes = batching.num_lanes(num)
+            lanes = batching.num_lanes(num, size)
             row["auto"] = "turns" if lanes >= num else f"refill, {lanes} lanes"
         else:
             row["auto"] = "vmap"

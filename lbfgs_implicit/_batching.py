@@ -45,11 +45,12 @@ from ._linesearch import _evaluate, _WolfeCarry, StrongWolfe
 from ._misc import common_dtype, tree_where, tree_zeros_like
 
 
-# Batches run by turns when their parameters take this many bytes (see `uses_turns`).
-MIN_BYTES = 30_720
+# Batches run by turns when their parameters take this many bytes, in enough lanes
+# that one turn holds this many bytes of them (see `uses_turns` and `num_lanes`).
+MIN_BYTES = 61_440
 
-# Refilled batches run in a quarter as many lanes as tasks, at least `MIN_LANES` and at
-# most `MAX_LANES` (see `num_lanes`).
+# Refilled batches run in a quarter as many lanes as tasks, at least `MIN_LANES` (and
+# `MIN_BYTES` per turn) and at most `MAX_LANES` (see `num_lanes`).
 MIN_LANES = 16
 MAX_LANES = 64
 # The backward CG runs in lanes from this many bytes per element (see `backward_lanes`).
@@ -74,32 +75,44 @@ LANES = None
 BACKWARD = "auto"
 
 
-def num_lanes(num_tasks: int) -> int:
-    """How many lanes a batch solved by turns runs in (`num_tasks` when not refilled).
+def num_lanes(num_tasks: int, num_bytes: int) -> int:
+    """How many lanes a batch of `num_tasks` solved by turns runs in (`num_tasks` when
+    not refilled), each task's parameters taking `num_bytes` bytes.
 
-    A quarter of the batch, at least `MIN_LANES` and at most `MAX_LANES`. Fewer lanes
-    pay fewer evaluations for finished tasks, but each turn has a fixed cost (the loop,
-    its branches, the per-lane selects) that fewer lanes share, and a batch of equally
-    long tasks, where refilling has nothing to save, pays it in more turns. Measured
-    with `python -m benchmarks.batching --forward --time --lanes 8 2` (forward solves,
-    2 shared CPU cores, CPU seconds against plain `vmap`, interleaved; mixed batch /
-    copies of its slowest task). 64 iMAML tasks in float64: T/8 lanes 0.22 / 0.73, T/4
-    0.21 / 0.62, T/2 0.29 / 0.63, one lane per task 0.58 / 0.84; in float32: T/8 0.32 /
-    1.57, T/4 0.30 / 1.12, T/2 0.35 / 0.99, one lane each 0.59 / 0.89. 16 tasks, where
-    fewer lanes than tasks lose most on copies (float64: T/8 0.72 / 1.72, T/2 0.64 /
-    1.31, one lane each 0.85 / 0.95; float32: T/2 0.95 / 1.49, one lane each 1.12 /
-    1.17): hence at least 16 lanes. 1,024 starts of the 20-parameter multi-start
-    problem (`--problem multistart --tasks 1024 --forward --time --modes refill --lanes
-    32 4`): 32 lanes 0.32 / 0.78, 64 lanes 0.28 / 0.63, 256 lanes 0.43 / 0.79: hence at
-    most 64, whatever the task's size. In between, 32 iMAML tasks in float64: 16 lanes
-    0.43 / 0.92 (4 lanes 0.36 / 1.25); 256: 64 lanes 0.14 / 0.42, 32 lanes 0.09 / 0.42,
-    128 lanes 0.20 / 0.55.
+    A quarter of the batch, at least `MIN_LANES` and enough lanes for a turn to hold
+    `MIN_BYTES` of parameters, at most `MAX_LANES`. Fewer lanes pay fewer evaluations
+    for finished tasks, but each turn has a fixed cost (the loop, its branches, the
+    per-lane selects: some 130 small kernels, about as many as one iteration of plain
+    `vmap` runs, but 64 copies of one iMAML task in 16 lanes take 5.4 times as many
+    turns as plain `vmap` takes iterations). On two CPU cores XLA hands these kernels
+    from one core to the other, and in float32 that is what loses: the 64 copies' forward
+    solves in 16 lanes take 0.87x the CPU time of plain `vmap` in a process held to one
+    core (`taskset -c 1`), 1.16-1.18x on two.
+    Measured with `python -m benchmarks.batching --forward --time --lanes 8 2` (forward
+    solves, 2 shared CPU cores, CPU seconds against plain `vmap`, interleaved; mixed
+    batch / copies of its slowest task). 64 iMAML tasks in float64: T/8 lanes 0.22 /
+    0.73, T/4 0.21 / 0.62, T/2 0.29 / 0.63, one lane per task 0.58 / 0.84; in float32:
+    T/8 0.32 / 1.57, T/4 0.30 / 1.12, T/2 0.35 / 0.99, one lane each 0.59 / 0.89. 16
+    tasks, where fewer lanes than tasks lose most on copies (float64: T/8 0.72 / 1.72,
+    T/2 0.64 / 1.31, one lane each 0.85 / 0.95; float32: T/2 0.95 / 1.49, one lane
+    each 1.12 / 1.17): hence at least 16 lanes. 1,024 starts of the 20-parameter
+    multi-start problem (`--problem multistart --tasks 1024 --forward --time --modes
+    refill --lanes 32 4`): 32 lanes 0.32 / 0.78, 64 lanes 0.28 / 0.63, 256 lanes 0.43 /
+    0.79: hence at most 64, whatever the task's size. In between, 32 iMAML tasks in
+    float64: 16 lanes 0.43 / 0.92 (4 lanes 0.36 / 1.25); 256: 64 lanes 0.14 / 0.42, 32
+    lanes 0.09 / 0.42, 128 lanes 0.20 / 0.55. Turns of fewer bytes lose on copies:
+    value_and_grad of iMAML in float32 (1,924 bytes per task), against plain `vmap`:
+    64 tasks in 16 lanes (30,784 bytes a turn) 0.29-0.30 / 1.13-1.15, in 32 lanes
+    0.40-0.42 / 0.98-0.99; 32 tasks in 16 lanes 0.56 / 1.45, one lane each 0.74 /
+    0.97; 128 tasks in 32 lanes 0.26 / 0.76; float64, 16 tasks one lane each (61,568
+    bytes) 0.69 / 0.90.
     """
     if MODE == "turns":
         return num_tasks
     if LANES is not None:
         return max(1, min(LANES, num_tasks))
-    return min(num_tasks, max(num_tasks // 4, MIN_LANES), MAX_LANES)
+    enough = -(-MIN_BYTES // max(num_bytes, 1))
+    return min(num_tasks, max(num_tasks // 4, MIN_LANES, enough), MAX_LANES)
 
 
 def uses_turns(solver, num_tasks: int, num_bytes: int) -> bool:
@@ -111,13 +124,12 @@ def uses_turns(solver, num_tasks: int, num_bytes: int) -> bool:
     iterations of one solve). Then it depends on the batch's size: a turn has more
     operations than a plain iteration (two branches, per-element selects, the pair
     written outside the branch), a fixed cost that pays off once the batch's arrays are
-    large enough for the saved evaluations and steps to outweigh it. The smallest
-    batch measured to gain (`python -m benchmarks.batching --forward --time`, see
-    `num_lanes`) is 16 iMAML tasks of 481 parameters in float32, 30,784 bytes: by turns
-    in one lane each, 0.88x the CPU time of plain `vmap` on the mixed batch and 0.86x on
-    copies of its slowest task at a load of 10-16, but 1.12x and 1.17x in a later run on
-    a quieter machine (`batching-imaml-float32-forward.json`): this threshold is at the
-    edge. Smaller batches stay plain `vmap`.
+    large enough for the saved evaluations and steps to outweigh it (see `num_lanes`).
+    16 iMAML tasks of 481 parameters in float32, 30,784 bytes, measured 0.88x the CPU
+    time of plain `vmap` on the mixed batch and 0.86x on copies of its slowest task at
+    a load of 10-16, but 1.12x and 1.17x in a later run on a quieter machine
+    (`batching-imaml-float32-forward.json`), so they stay plain `vmap`; twice that, 32
+    tasks in float32 or 16 in float64 (61,568 bytes), gains on both batches.
     """
     from ._solver import LBFGS
 
@@ -146,7 +158,7 @@ def backward_lanes(num_tasks: int, num_bytes: int) -> int:
         return num_tasks
     if MODE != "refill" and (num_bytes < BACKWARD_MIN_BYTES or num_tasks * num_bytes < MIN_BYTES):
         return num_tasks
-    return num_lanes(num_tasks)
+    return num_lanes(num_tasks, num_bytes)
 
 
 def _batch_splits(dyn: PyTree, batched: PyTree):
@@ -236,7 +248,7 @@ def solve(
         _refuse_explicit_batch_axis(dyn, batched)
         axes = jtu.tree_map(lambda b: 0 if b else None, batched)
         if uses_turns(solver, axis_size, num_bytes):
-            lanes = num_lanes(axis_size)
+            lanes = num_lanes(axis_size, num_bytes)
             init_of = lambda d, vg=None: init(eqx.combine(d, static), vg)  # noqa: E731
             vg_of = lambda d: value_and_grad_of(eqx.combine(d, static))  # noqa: E731
             if lanes < axis_size:

@@ -307,22 +307,31 @@ def test_batch_by_turns_with_bounds_warm_starts_pytrees_float32():
 
 @pytest.mark.parametrize("mode", FORMS)
 def test_batch_of_one_and_nested_vmap(mode, single, singles):
+    f32, f64 = 481 * 4, 481 * 8  # bytes of an iMAML task's parameters
     assert not batching.uses_turns(li.LBFGS(), 1, 10**9)
-    assert batching.uses_turns(li.LBFGS(), 16, 481 * 4)  # iMAML tasks in float32
+    assert batching.uses_turns(li.LBFGS(), 16, f64)
+    assert batching.uses_turns(li.LBFGS(), 32, f32)
+    assert not batching.uses_turns(li.LBFGS(), 16, f32)  # 30,784 bytes: plain vmap
     assert batching.uses_turns(li.LBFGS(), 1024, 20 * 8)  # multi-start
-    assert not batching.uses_turns(li.LBFGS(), 8, 481 * 4)
-    assert not batching.uses_turns(li.LBFGS(linesearch=li.Backtracking()), 64, 481 * 8)
-    assert batching.num_lanes(8) == 8  # one lane each, not refilled
-    assert batching.num_lanes(16) == batching.MIN_LANES == 16
-    assert batching.num_lanes(32) == 16
-    assert batching.num_lanes(128) == 32
-    assert batching.num_lanes(1024) == batching.MAX_LANES
+    assert not batching.uses_turns(li.LBFGS(), 8, f32)
+    assert not batching.uses_turns(li.LBFGS(linesearch=li.Backtracking()), 64, f64)
+    assert batching.num_lanes(8, f64) == 8  # one lane each, not refilled
+    assert batching.num_lanes(16, f64) == batching.MIN_LANES == 16
+    assert batching.num_lanes(32, f64) == 16
+    assert batching.num_lanes(64, f64) == 16
+    assert batching.num_lanes(128, f64) == 32
+    assert batching.num_lanes(1024, 20 * 8) == batching.MAX_LANES
+    # In float32 a turn of 16 lanes holds half of `MIN_BYTES`: twice the lanes.
+    assert batching.num_lanes(64, f32) == 32
+    assert batching.num_lanes(32, f32) == 32  # one lane each
+    assert batching.num_lanes(128, f32) == 32
+    assert batching.num_lanes(256, f32) == batching.MAX_LANES
     # The backward CG: lanes for 64 iMAML tasks in float64, not in float32 (3,848 and
     # 1,924 bytes per element), nor for 1,024 multi-start elements of 160 bytes.
-    assert batching.backward_lanes(64, 481 * 8) == 16
-    assert batching.backward_lanes(64, 481 * 4) == 64
+    assert batching.backward_lanes(64, f64) == 16
+    assert batching.backward_lanes(64, f32) == 64
     assert batching.backward_lanes(1024, 20 * 8) == 1024
-    assert batching.backward_lanes(8, 481 * 8) == 8
+    assert batching.backward_lanes(8, f64) == 8
     one = jax.vmap(_solve(_banana()))(STARTS[:1], SCALES[:1])
     np.testing.assert_allclose(one.params[0], singles[0].params, rtol=1e-12, atol=1e-14)
     # vmap of vmap: a 2 x 8 grid (the inner level by turns, the outer by XLA's batching
