@@ -127,9 +127,9 @@ def uses_turns(solver, num_tasks: int, num_bytes: int) -> bool:
     large enough for the saved evaluations and steps to outweigh it (see `num_lanes`).
     16 iMAML tasks of 481 parameters in float32, 30,784 bytes, measured 0.88x the CPU
     time of plain `vmap` on the mixed batch and 0.86x on copies of its slowest task at
-    a load of 10-16, but 1.12x and 1.17x in a later run on a quieter machine
-    (`batching-imaml-float32-forward.json`), so they stay plain `vmap`; twice that, 32
-    tasks in float32 or 16 in float64 (61,568 bytes), gains on both batches.
+    a load of 10-16, but 1.12x and 1.17x in a later run on a quieter machine, so they
+    stay plain `vmap`; twice that, 32 tasks in float32 or 16 in float64 (61,568 bytes),
+    gains on both batches (see `num_lanes`).
     """
     from ._solver import LBFGS
 
