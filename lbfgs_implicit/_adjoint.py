@@ -37,6 +37,7 @@ from ._history import (
 from ._misc import (
     common_dtype,
     eps,
+    explicit_sharding,
     tree_allfinite,
     tree_axpy,
     tree_dot,
@@ -267,7 +268,7 @@ class ImplicitAdjoint(AbstractAdjoint):
                 # a linearisation of its own, so there the check keeps its product after
                 # the loop (one linearisation at x* as before, instead of two).
                 options["second_operator"] = jtu.Partial(_damped_at, self.damping, newton_operator)
-        sol = lx.linear_solve(hessian, v, solver, options=options, throw=False)
+        sol = _linear_solve(hessian, v, solver, options)
         w = sol.value
         vnorm = tree_norm2(v)
         if newton_operator is not None:
@@ -291,6 +292,30 @@ class ImplicitAdjoint(AbstractAdjoint):
         result = RESULTS.where(ok, RESULTS.successful, RESULTS.backward_failed)
         stats = {**stats, "num_steps": sol.stats.get("num_steps", jnp.zeros((), jnp.int32))}
         return w, result, {**stats, "residual": residual}
+
+
+def _linear_solve(operator, vector, solver, options) -> lx.Solution:
+    """`lineax.linear_solve(..., throw=False)`, except on vectors split along an explicit
+    mesh axis, where [`CG`][] is run directly and lineax's own solvers are refused.
+
+    lineax's shape evaluation of a solve drops its operands' shardings (lineax 0.1.1
+    makes them `ShapeDtypeStruct(shape, dtype)`), so the Hessian-vector product is traced
+    with an unsplit vector and JAX refuses it. Running `CG` directly loses nothing: the
+    solve runs inside `custom_linear_solve` (`solve_hessian`), which never
+    differentiates it.
+    """
+    if not any(explicit_sharding(leaf) is not None for leaf in jtu.tree_leaves(vector)):
+        return lx.linear_solve(operator, vector, solver, options=options, throw=False)
+    if not isinstance(solver, CG):
+        raise ValueError(
+            f"The backward pass cannot use {type(solver).__name__} with parameters split "
+            "along an explicit mesh axis: lineax's solves drop the shardings of their "
+            "operands (lineax's shape evaluation), which JAX then refuses. Use the default "
+            "`linear_solver=None` or `li.CG(rtol=...)`, or shard the parameters over "
+            "`AxisType.Auto` axes."
+        )
+    value, result, stats = solver.compute(solver.init(operator, options), vector, options)
+    return lx.Solution(value=value, result=result, stats=stats, state=None)
 
 
 def _damped(damping: float, hessian: lx.AbstractLinearOperator) -> lx.AbstractLinearOperator:
@@ -455,7 +480,7 @@ class QuasiNewtonAdjoint(AbstractAdjoint):
         else:
             solver = CG(rtol=0.0, max_steps=self.refine_steps)
             options = {"preconditioner": inverse_approx, "y0": lax.stop_gradient(w0)}
-            sol = lx.linear_solve(hessian, v, solver, options=options, throw=False)
+            sol = _linear_solve(hessian, v, solver, options)
             w, num_steps = sol.value, sol.stats["num_steps"]
         # Approximate by design: only a non-finite answer is a failure.
         result = RESULTS.where(tree_allfinite(w), RESULTS.successful, RESULTS.backward_failed)

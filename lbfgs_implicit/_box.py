@@ -33,7 +33,7 @@ import numpy as np
 from jaxtyping import Array, Bool, PyTree, Scalar
 
 from ._history import History, reset_history
-from ._misc import eps as _eps, tree_dot, tree_norm_inf
+from ._misc import eps as _eps, explicit_sharding, split_like, tree_dot, tree_norm_inf, unsplit
 
 
 class Box(eqx.Module):
@@ -112,10 +112,13 @@ def normalise_bounds(bounds, x0: PyTree[Array]) -> Box:
     lowers, uppers = _sides(bounds, x0)
     leaves, treedef = jtu.tree_flatten(x0)
 
+    # Split like the leaf along explicit mesh axes (elementwise with it from here on).
     def full(side, leaf, sign):
         if side is None:
-            return jnp.full(leaf.shape, sign * jnp.inf, leaf.dtype)
-        return jnp.broadcast_to(jnp.asarray(side).astype(leaf.dtype), leaf.shape)
+            return jnp.full(
+                leaf.shape, sign * jnp.inf, leaf.dtype, out_sharding=explicit_sharding(leaf)
+            )
+        return split_like(jnp.broadcast_to(jnp.asarray(side).astype(leaf.dtype), leaf.shape), leaf)
 
     lower = [full(s, leaf, -1) for s, leaf in zip(lowers, leaves)]
     upper = [full(s, leaf, 1) for s, leaf in zip(uppers, leaves)]
@@ -199,13 +202,20 @@ def snap(x, d, xt, box: Box):
 # The direction: Cauchy point and subspace minimisation, on the flattened vector
 
 
+# Leaves split along an explicit mesh axis are gathered (`unsplit`) before they are
+# flattened, and the direction split like them again (`split_like`): what the compiler
+# does by itself for `AxisType.Auto` axes, which JAX asks to be said for explicit ones.
+
+
 def _flat(tree, dtype) -> Array:
-    return jnp.concatenate([jnp.ravel(leaf).astype(dtype) for leaf in jtu.tree_leaves(tree)])
+    return jnp.concatenate(
+        [jnp.ravel(unsplit(leaf)).astype(dtype) for leaf in jtu.tree_leaves(tree)]
+    )
 
 
 def _flat_buf(buf, m: int, dtype) -> Array:
     return jnp.concatenate(
-        [leaf.reshape(m, -1).astype(dtype) for leaf in jtu.tree_leaves(buf)], axis=1
+        [unsplit(leaf).reshape(m, -1).astype(dtype) for leaf in jtu.tree_leaves(buf)], axis=1
     )
 
 
@@ -213,7 +223,8 @@ def _unflat(vec: Array, like: PyTree[Array]) -> PyTree[Array]:
     leaves, treedef = jtu.tree_flatten(like)
     out, start = [], 0
     for leaf in leaves:
-        out.append(vec[start : start + leaf.size].reshape(leaf.shape).astype(leaf.dtype))
+        part = vec[start : start + leaf.size].reshape(leaf.shape).astype(leaf.dtype)
+        out.append(split_like(part, leaf))
         start += leaf.size
     return jtu.tree_unflatten(treedef, out)
 

@@ -27,7 +27,15 @@ import jax.tree_util as jtu
 import lineax as lx
 from jaxtyping import Array, Float, Int, PyTree, Scalar
 
-from ._misc import sum_widest, tree_axpy, tree_dot, tree_scale
+from ._misc import (
+    explicit_sharding,
+    reduced_sharding,
+    stacked_sharding,
+    sum_widest,
+    tree_axpy,
+    tree_dot,
+    tree_scale,
+)
 
 
 # Parameters (summed over leaves) from which the compact representation is used.
@@ -64,7 +72,13 @@ def init_history(
     """An empty memory shaped like `x`; `compact=None` chooses the form from the size."""
     if compact is None:
         compact = sum(jnp.size(leaf) for leaf in jtu.tree_leaves(x)) >= COMPACT_MIN_SIZE
-    stacked = jtu.tree_map(lambda leaf: jnp.zeros((history_size,) + leaf.shape, leaf.dtype), x)
+    # Split like the parameters along an explicit mesh axis, the history axis unsplit.
+    stacked = jtu.tree_map(
+        lambda leaf: jnp.zeros(
+            (history_size,) + leaf.shape, leaf.dtype, out_sharding=stacked_sharding(leaf)
+        ),
+        x,
+    )
     return History(
         s=stacked,
         y=stacked,
@@ -105,7 +119,13 @@ def _project(buf: PyTree[Array], v: PyTree[Array], dtype) -> Float[Array, " m"]:
     return sum_widest(
         [
             # `preferred_element_type`: bfloat16 buffers accumulate in `dtype` (>= float32).
-            jnp.tensordot(b, x.astype(b.dtype), axes=x.ndim, preferred_element_type=dtype)
+            jnp.tensordot(
+                b,
+                x.astype(b.dtype),
+                axes=x.ndim,
+                preferred_element_type=dtype,
+                out_sharding=reduced_sharding(x),
+            )
             for b, x in zip(jtu.tree_leaves(buf), jtu.tree_leaves(v))
         ]
     )
@@ -116,7 +136,11 @@ def _project2(buf: PyTree[Array], v: PyTree[Array], w: PyTree[Array], dtype):
     both = []
     for b, x, z in zip(jtu.tree_leaves(buf), jtu.tree_leaves(v), jtu.tree_leaves(w)):
         xz = jnp.stack([x.astype(b.dtype), z.astype(b.dtype)], axis=-1)
-        both.append(jnp.tensordot(b, xz, axes=x.ndim, preferred_element_type=dtype))
+        both.append(
+            jnp.tensordot(
+                b, xz, axes=x.ndim, preferred_element_type=dtype, out_sharding=reduced_sharding(x)
+            )
+        )
     both = sum_widest(both)
     return both[:, 0], both[:, 1]
 
@@ -229,7 +253,15 @@ def write_pair(s_buf: PyTree[Array], y_buf: PyTree[Array], pair: Pair):
 
     def write(buf, new):
         old = lax.dynamic_index_in_dim(buf, pair.slot, keepdims=False)
-        return buf.at[pair.slot].set(jnp.where(pair.accept, new.astype(buf.dtype), old))
+        row = jnp.where(pair.accept, new.astype(buf.dtype), old)
+        if explicit_sharding(buf) is not None:
+            # A scatter into a buffer split along an explicit mesh axis is refused
+            # without `out_sharding=`, and given one it gathers the whole buffer, scatters
+            # and splits it again; an update of the slot's slice keeps every device's part.
+            return lax.dynamic_update_index_in_dim(
+                buf, row, pair.slot, 0, allow_negative_indices=False
+            )
+        return buf.at[pair.slot].set(row)
 
     return jtu.tree_map(write, s_buf, pair.s), jtu.tree_map(write, y_buf, pair.y)
 
@@ -384,8 +416,17 @@ def block_inverse(h: History) -> BlockInverse:
         sy, yy = [], []
         for bs, by in zip(jtu.tree_leaves(h.s), jtu.tree_leaves(h.y)):
             axes = tuple(range(1, bs.ndim))
-            sy.append(jnp.tensordot(bs, by, axes=(axes, axes), preferred_element_type=dtype))
-            yy.append(jnp.tensordot(by, by, axes=(axes, axes), preferred_element_type=dtype))
+            out = reduced_sharding(bs)
+            sy.append(
+                jnp.tensordot(
+                    bs, by, axes=(axes, axes), preferred_element_type=dtype, out_sharding=out
+                )
+            )
+            yy.append(
+                jnp.tensordot(
+                    by, by, axes=(axes, axes), preferred_element_type=dtype, out_sharding=out
+                )
+            )
         sy, yy = sum_widest(sy), sum_widest(yy)
     ok = filled & (ss > 0) & jnp.isfinite(jnp.sum(sy, axis=1) + jnp.sum(yy, axis=1))
     # Steps of very different lengths: normalised, so that the threshold below compares

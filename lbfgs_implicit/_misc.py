@@ -118,3 +118,46 @@ def tree_where(pred: Bool[Array, ""], a: Y, b: Y) -> Y:
 
 def tree_zeros_like(a: Y) -> Y:
     return jtu.tree_map(jnp.zeros_like, a)
+
+
+def explicit_sharding(x: Array) -> jax.sharding.NamedSharding | None:
+    """The sharding `x`'s type states, when it splits `x` along an explicit mesh axis.
+
+    Only `AxisType.Explicit` axes appear in a traced value's type; then every operation
+    must be able to tell its output's sharding, and arrays the solver creates (the
+    memory's buffers) must be created split like the parameters they hold. `None` on
+    one device, for `AxisType.Auto` axes (the compiler propagates those) and for
+    replicated values: callers then build the same program as without a mesh.
+    """
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if spec is None or all(axis is None for axis in spec):
+        return None
+    return sharding
+
+
+def reduced_sharding(x: Array) -> jax.sharding.NamedSharding | None:
+    """Replicated on `x`'s mesh when `x` is split along an explicit axis, else `None`: the
+    sharding of a contraction over all of `x`'s axes, which JAX does not infer."""
+    sharding = explicit_sharding(x)
+    return None if sharding is None else sharding.update(spec=jax.sharding.PartitionSpec())
+
+
+def unsplit(x: Array) -> Array:
+    """`x` replicated, where it is split along an explicit mesh axis (a gather); else `x`."""
+    sharding = reduced_sharding(x)
+    return x if sharding is None else jax.sharding.reshard(x, sharding)
+
+
+def split_like(x: Array, like: Array) -> Array:
+    """`x` split as `like` is along explicit mesh axes; else `x` as it is."""
+    sharding = explicit_sharding(like)
+    return x if sharding is None else jax.sharding.reshard(x, sharding)
+
+
+def stacked_sharding(x: Array, lead: int = 1) -> jax.sharding.NamedSharding | None:
+    """`explicit_sharding(x)` for an array of `lead` more (unsplit) leading axes."""
+    sharding = explicit_sharding(x)
+    if sharding is None:
+        return None
+    return sharding.update(spec=jax.sharding.PartitionSpec(*((None,) * lead), *sharding.spec))
