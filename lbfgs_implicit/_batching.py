@@ -171,10 +171,32 @@ def _batch_splits(dyn: PyTree, batched: PyTree):
             yield spec[0], sharding
 
 
+def _spans_devices(leaf) -> bool:
+    """Whether `leaf`'s type puts it on a mesh of several devices that the compiler
+    partitions (axes other than `shard_map`'s manual ones, whose parts are local)."""
+    mesh = getattr(getattr(jax.typeof(leaf), "sharding", None), "mesh", None)
+    devices = 1
+    for size, kind in zip(getattr(mesh, "axis_sizes", ()), getattr(mesh, "axis_types", ())):
+        if kind != AxisType.Manual:
+            devices *= size
+    return devices > 1
+
+
 def batch_is_split(dyn: PyTree, batched: PyTree) -> bool:
-    """Whether a batched leaf of `dyn` is split along its batch axis over a mesh (lanes
-    would gather tasks across devices: such batches stay plain `vmap`)."""
-    return any(True for _ in _batch_splits(dyn, batched))
+    """Whether the batch may be split across devices: a batched leaf of `dyn` is split
+    along its batch axis over a mesh (explicit axes say so in its type), or lives on a
+    mesh of several devices with `AxisType.Auto` axes (whose splits types do not show).
+
+    Such batches stay plain `vmap`, which the compiler partitions along the batch's split
+    (each device solves its part, and the results keep the split; a replicated batch is
+    solved whole on every device, in lanes or not). Lanes would gather
+    tasks from every device: the compiler cannot split them along the batch, so every
+    device would advance every lane and the results would come back replicated.
+    """
+    return any(True for _ in _batch_splits(dyn, batched)) or any(
+        b and _spans_devices(leaf)
+        for leaf, b in zip(jtu.tree_leaves(dyn), jtu.tree_leaves(batched))
+    )
 
 
 class _Search(eqx.Module):
@@ -247,7 +269,7 @@ def solve(
         (batched,) = in_batched  # one flag per leaf of `dyn`
         _refuse_explicit_batch_axis(dyn, batched)
         axes = jtu.tree_map(lambda b: 0 if b else None, batched)
-        if uses_turns(solver, axis_size, num_bytes):
+        if uses_turns(solver, axis_size, num_bytes) and not batch_is_split(dyn, batched):
             lanes = num_lanes(axis_size, num_bytes)
             init_of = lambda d, vg=None: init(eqx.combine(d, static), vg)  # noqa: E731
             vg_of = lambda d: value_and_grad_of(eqx.combine(d, static))  # noqa: E731

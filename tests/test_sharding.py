@@ -8,6 +8,8 @@ checked on the host when `optimize` is called eagerly and refused at trace time 
 multi-device program, where a failure would stall the other devices (docs page).
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import lineax as lx
@@ -447,3 +449,56 @@ def test_lineax_solver_refused_for_parameters_split_on_an_explicit_axis():
         t = {"w": jnp.asarray(_TARGETS["w"])}
         with pytest.raises(ValueError, match=r"cannot use CG.*explicit mesh axis.*li\.CG"):
             jax.jit(jax.grad(loss)).trace(jnp.asarray(0.7), t, x0)
+
+
+# A batch split along an `Auto` axis, large enough to be solved by turns in refilled
+# lanes on one device (32 tasks of 384 float64 parameters). Lanes would hold tasks of
+# every device, so on several devices the batch stays plain `vmap`, which the compiler
+# splits: each device solves its own tasks, and the solutions and hypergradients keep
+# the batch's split.
+_TB, _NB = 32, 384
+_TT = _rng.normal(size=(_TB, _NB))
+_SB = np.geomspace(0.2, 5.0, _TB)
+
+
+def _task_outer(s, t):
+    solver = li.LBFGS(gtol=1e-10)
+    sol = li.optimize(_separable, {"w": jnp.zeros(_NB)}, ({"w": t}, s), solver=solver, throw=False)
+    w = sol.params["w"]
+    return jnp.sum(jnp.cos(w) * w), w
+
+
+_tasks_value_and_grad = jax.jit(
+    jax.vmap(jax.value_and_grad(_task_outer, argnums=(0, 1), has_aux=True))
+)
+
+
+def test_batch_split_on_an_auto_axis_keeps_its_split():
+    from lbfgs_implicit import _batching
+
+    # On one device: by turns in refilled lanes.
+    assert (
+        _batching.uses_turns(li.LBFGS(), _TB, _NB * 8) and _batching.num_lanes(_TB, _NB * 8) < _TB
+    )
+    (_, w1), (gs1, gt1) = _tasks_value_and_grad(jnp.asarray(_SB), jnp.asarray(_TT))
+    mesh = _mesh_1d()
+    s = jax.device_put(jnp.asarray(_SB), NamedSharding(mesh, P("d")))
+    t = jax.device_put(jnp.asarray(_TT), NamedSharding(mesh, P("d", None)))
+    compiled = _tasks_value_and_grad.lower(s, t).compile()
+    # Each device holds only its own tasks: no per-device array of a task's parameters
+    # has more rows than the device's part of the batch (lanes, 16 of them, would hold
+    # tasks of all devices on every device).
+    rows = re.findall(rf"f64\[(\d+),(?:\d+,)*{_NB}\]", compiled.as_text())
+    assert rows and max(int(r) for r in rows) == _TB // 8
+    (_, w), (gs, gt) = compiled(s, t)
+    _assert_kept(w, mesh, P("d", None))
+    _assert_kept(gs, mesh, P("d"))
+    _assert_kept(gt, mesh, P("d", None))
+    # The single-device batch ran in lanes, this one in plain `vmap`: the same solves.
+    np.testing.assert_allclose(np.asarray(w), np.asarray(w1), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(gs), np.asarray(gs1), rtol=1e-7)
+    np.testing.assert_allclose(np.asarray(gt), np.asarray(gt1), rtol=1e-7, atol=1e-9)
+    for i in (0, _TB - 1):
+        ds, dt = _closed_form_grads(_SB[i], {"w": _TT[i]}, {"w": np.asarray(w[i])})
+        np.testing.assert_allclose(float(gs[i]), ds, rtol=1e-7)
+        np.testing.assert_allclose(np.asarray(gt[i]), dt["w"], rtol=1e-7, atol=1e-9)
