@@ -33,7 +33,7 @@ import numpy as np
 from jaxtyping import Array, Bool, PyTree, Scalar
 
 from ._history import History, reset_history
-from ._misc import eps as _eps, explicit_sharding, split_like, tree_dot, tree_norm_inf, unsplit
+from ._misc import eps as _eps, split_like, tree_dot, tree_norm_inf, unsplit
 
 
 class Box(eqx.Module):
@@ -115,9 +115,7 @@ def normalise_bounds(bounds, x0: PyTree[Array]) -> Box:
     # Split like the leaf along explicit mesh axes (elementwise with it from here on).
     def full(side, leaf, sign):
         if side is None:
-            return jnp.full(
-                leaf.shape, sign * jnp.inf, leaf.dtype, out_sharding=explicit_sharding(leaf)
-            )
+            return split_like(jnp.full(leaf.shape, sign * jnp.inf, leaf.dtype), leaf)
         return split_like(jnp.broadcast_to(jnp.asarray(side).astype(leaf.dtype), leaf.shape), leaf)
 
     lower = [full(s, leaf, -1) for s, leaf in zip(lowers, leaves)]
