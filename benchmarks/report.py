@@ -680,6 +680,14 @@ def batching_section(lines):
         lines.append("")
 
 
+def _table(rows, columns):
+    """A Markdown table: one line per row, one cell per `(header, cell_of_row)` column."""
+    lines = ["| " + " | ".join(head for head, _ in columns) + " |"]
+    lines.append("|" + " --- |" * len(columns))
+    lines += ["| " + " | ".join(cell(row) for _, cell in columns) + " |" for row in rows]
+    return lines
+
+
 def _extra_evals(row):
     """Evaluations per iteration that the longer solve added over the shorter one."""
     return (row["long_evals"] - row["evals"]) / max(row["long_iters"] - row["iters"], 1)
@@ -702,33 +710,45 @@ def scale_section(scale, path, by_shape, shape_path, lines):
         "",
     ]
     peers = [p for p in JAX_PEERS if any(p in c["solvers"] for c in scale["cases"])]
-    head = "| n | leaf | dtype | m | ours ms/iter | ours / floor |"
-    rule = "| --- | --- | --- | --- | --- | --- |"
-    for p in peers:
-        head += f" {p} ms/iter | ours / {p} |"
-        rule += " --- | --- |"
-    head += " temporaries: ours | " + " | ".join(peers) + " |"
-    rule += " --- |" + " --- |" * len(peers)
-    lines += [head, rule]
-    for c in scale["cases"]:
-        ours = c["solvers"][OURS]
-        row = (
-            f"| {c['n']:g} | {c['shape']} | {c['dtype']} | {c['history_size']} | "
-            f"{ours['per_iter_ms']:.1f} | {c['ours_over_floor_median']:.2f} |"
-        )
-        for p in peers:
-            r = c["solvers"].get(p)
-            row += (
-                f" {r['per_iter_ms']:.1f} | {r['ours_over_this_median']:.2f} "
-                f"({r['ours_over_this_min']:.2f}) |"
-                if r
-                else " - | - |"
+
+    def ours(fmt):
+        return lambda c: fmt(c["solvers"][OURS], c)
+
+    def peer(p, fmt):
+        return lambda c: fmt(c["solvers"][p]) if p in c["solvers"] else "-"
+
+    case = [
+        ("n", lambda c: f"{c['n']:g}"),
+        ("leaf", lambda c: c["shape"]),
+        ("dtype", lambda c: c["dtype"]),
+        ("m", lambda c: str(c["history_size"])),
+    ]
+    lines += _table(
+        scale["cases"],
+        case
+        + [
+            ("ours ms/iter", ours(lambda r, c: f"{r['per_iter_ms']:.1f}")),
+            ("ours / floor", ours(lambda r, c: f"{c['ours_over_floor_median']:.2f}")),
+        ]
+        + [
+            column
+            for p in peers
+            for column in (
+                (f"{p} ms/iter", peer(p, lambda r: f"{r['per_iter_ms']:.1f}")),
+                (
+                    f"ours / {p}",
+                    peer(
+                        p,
+                        lambda r: (
+                            f"{r['ours_over_this_median']:.2f} ({r['ours_over_this_min']:.2f})"
+                        ),
+                    ),
+                ),
             )
-        row += f" {ours['temp_per_n']:.0f} n |"
-        for p in peers:
-            r = c["solvers"].get(p)
-            row += f" {r['temp_per_n']:.0f} n |" if r else " - |"
-        lines.append(row)
+        ]
+        + [("temporaries: ours", ours(lambda r, c: f"{r['temp_per_n']:.0f} n"))]
+        + [(p, peer(p, lambda r: f"{r['temp_per_n']:.0f} n")) for p in peers],
+    )
     if all("steady_ms" in c["solvers"][OURS] for c in scale["cases"]):
         lines += [
             "",
@@ -740,28 +760,24 @@ def scale_section(scale, path, by_shape, shape_path, lines):
             "extra evaluations over its extra iterations.",
             "",
         ]
-        head = "| n | leaf | dtype | m | ours ms/iter | ours evals/iter | ours / floor |"
-        rule = "| --- | --- | --- | --- | --- | --- | --- |"
-        for p in peers:
-            head += f" {p} ms/iter | {p} evals/iter | ours / {p} |"
-            rule += " --- | --- | --- |"
-        lines += [head, rule]
-        for c in scale["cases"]:
-            ours = c["solvers"][OURS]
-            row = (
-                f"| {c['n']:g} | {c['shape']} | {c['dtype']} | {c['history_size']} | "
-                f"{ours['steady_ms']:.1f} | {_extra_evals(ours):.2f} | "
-                f"{c['steady_ours_over_floor_median']:.2f} |"
-            )
-            for p in peers:
-                r = c["solvers"].get(p)
-                row += (
-                    f" {r['steady_ms']:.1f} | {_extra_evals(r):.2f} | "
-                    f"{r['steady_ours_over_this_median']:.2f} |"
-                    if r
-                    else " - | - | - |"
+        lines += _table(
+            scale["cases"],
+            case
+            + [
+                ("ours ms/iter", ours(lambda r, c: f"{r['steady_ms']:.1f}")),
+                ("ours evals/iter", ours(lambda r, c: f"{_extra_evals(r):.2f}")),
+                ("ours / floor", ours(lambda r, c: f"{c['steady_ours_over_floor_median']:.2f}")),
+            ]
+            + [
+                column
+                for p in peers
+                for column in (
+                    (f"{p} ms/iter", peer(p, lambda r: f"{r['steady_ms']:.1f}")),
+                    (f"{p} evals/iter", peer(p, lambda r: f"{_extra_evals(r):.2f}")),
+                    (f"ours / {p}", peer(p, lambda r: f"{r['steady_ours_over_this_median']:.2f}")),
                 )
-            lines.append(row)
+            ],
+        )
     lines += [
         "",
         "A dash: the solver failed to compile that case (the script prints why; "

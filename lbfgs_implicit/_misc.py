@@ -155,9 +155,9 @@ def split_like(x: Array, like: Array) -> Array:
     return x if sharding is None else jax.sharding.reshard(x, sharding)
 
 
-def stacked_sharding(x: Array, lead: int = 1) -> jax.sharding.NamedSharding | None:
-    """`explicit_sharding(x)` for an array of `lead` more (unsplit) leading axes."""
+def stacked_sharding(x: Array) -> jax.sharding.NamedSharding | None:
+    """`explicit_sharding(x)` for an array of one more (unsplit) leading axis."""
     sharding = explicit_sharding(x)
     if sharding is None:
         return None
-    return sharding.update(spec=jax.sharding.PartitionSpec(*((None,) * lead), *sharding.spec))
+    return sharding.update(spec=jax.sharding.PartitionSpec(None, *sharding.spec))
