@@ -14,8 +14,10 @@ Each compile wraps the objective in a new function object, so nothing is served 
 JAX's caches; the solvers take turns within each of `--rounds` rounds, and the median
 and minimum are reported, as wall seconds (trace + lower + compile) and as the process's
 CPU seconds (less sensitive to a shared machine's load, but counting XLA's threads).
+With `--calls K`, each compiled program is also called K times after one untimed call,
+and the median CPU seconds per call is reported (`run_cpu_median_s`).
 
-    python -m benchmarks.compile_mlp [--rounds 3] [--tasks 16] [--out FILE]
+    python -m benchmarks.compile_mlp [--rounds 3] [--tasks 16] [--calls K] [--out FILE]
 """
 
 import argparse
@@ -127,7 +129,8 @@ def _loss(name, tasks):
 
 
 def compile_seconds(name, tasks, w_meta, data, lam):
-    """(wall, CPU) seconds of trace + lower + compile of the loss's value_and_grad."""
+    """(wall, CPU) seconds of trace + lower + compile of the loss's value_and_grad, and
+    the compiled program."""
     from lbfgs_implicit import _optimize
 
     f = _loss(name, tasks)
@@ -136,13 +139,24 @@ def compile_seconds(name, tasks, w_meta, data, lam):
     _optimize._FLATTEN = name != "lbfgs_implicit_leafwise"
     try:
         wall0, cpu0 = time.perf_counter(), time.process_time()
-        jax.jit(f).lower(w_meta, *data, lam).compile()
-        return time.perf_counter() - wall0, time.process_time() - cpu0
+        compiled = jax.jit(f).lower(w_meta, *data, lam).compile()
+        return time.perf_counter() - wall0, time.process_time() - cpu0, compiled
     finally:
         _optimize._FLATTEN = True
 
 
-def run(rounds, batch, solvers=SOLVERS):
+def run_seconds(compiled, args, calls):
+    """Median CPU seconds of this process per call of `compiled`, after one untimed call."""
+    jax.block_until_ready(compiled(*args))
+    cpus = []
+    for _ in range(calls):
+        cpu0 = time.process_time()
+        jax.block_until_ready(compiled(*args))
+        cpus.append(time.process_time() - cpu0)
+    return statistics.median(cpus)
+
+
+def run(rounds, batch, solvers=SOLVERS, calls=0):
     setup()
     dtype = jnp.float64
     lam = jnp.asarray(1.0, dtype)
@@ -152,6 +166,7 @@ def run(rounds, batch, solvers=SOLVERS):
     for name in solvers:  # one-off start-up (imports, first traces) out of the numbers
         compile_seconds(name, 1, w_meta, data, lam)
     samples = {(name, t): [] for t, _ in cases for name in solvers}
+    run_cpus = {key: [] for key in samples}
     errors = {}
     for _ in range(rounds):
         for tasks, d in cases:
@@ -159,13 +174,18 @@ def run(rounds, batch, solvers=SOLVERS):
                 if (name, tasks) in errors:
                     continue
                 try:
-                    wall, cpu = compile_seconds(name, tasks, w_meta, d, lam)
+                    wall, cpu, compiled = compile_seconds(name, tasks, w_meta, d, lam)
+                    if calls:
+                        args = (w_meta, *d, lam)
+                        run_cpus[(name, tasks)].append(run_seconds(compiled, args, calls))
                 except Exception as e:  # a peer failing is a result
                     errors[(name, tasks)] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                     print(f"tasks={tasks:3d} {name:15s} failed: {errors[(name, tasks)]}")
                     continue
                 samples[(name, tasks)].append((wall, cpu))
                 line = f"tasks={tasks:3d} {name:15s} wall {wall:6.2f} s cpu {cpu:6.2f} s"
+                if calls:
+                    line += f" run cpu {run_cpus[(name, tasks)][-1] * 1e3:8.2f} ms/call"
                 print(line, flush=True)
     rows = [{"solver": n, "tasks": t, "error": e} for (n, t), e in errors.items()]
     for (name, tasks), s in samples.items():
@@ -182,6 +202,8 @@ def run(rounds, batch, solvers=SOLVERS):
                 "cpu_min_s": min(cpus),
             }
         )
+        if run_cpus[(name, tasks)]:
+            rows[-1]["run_cpu_median_s"] = statistics.median(run_cpus[(name, tasks)])
     return {"rounds": rounds, "rows": rows, "machine": machine(), "gd_steps": GD_STEPS}
 
 
@@ -215,9 +237,10 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tasks", type=int, default=16)
     parser.add_argument("--solvers", default=",".join(SOLVERS))
+    parser.add_argument("--calls", type=int, default=0, help="also time K calls of each")
     parser.add_argument("--out", default=str(RESULTS_DIR / "compile_mlp.json"))
     opts = parser.parse_args(argv)
-    out = run(opts.rounds, opts.tasks, tuple(opts.solvers.split(",")))
+    out = run(opts.rounds, opts.tasks, tuple(opts.solvers.split(",")), opts.calls)
     out["command"] = "python -m benchmarks.compile_mlp " + " ".join(argv or sys.argv[1:])
     print("\n".join(table_lines(out)))
     write_json(opts.out, out)
