@@ -172,7 +172,7 @@ def main(argv=None):
         "rows": rows,
     }
     t_start = time.perf_counter()
-    for load in problems.problem_set(opts.mode):
+    for load in problems.problem_set(opts.mode, keep):
         try:
             problem = load()
         except Exception as e:

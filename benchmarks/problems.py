@@ -171,12 +171,16 @@ ROSENBROCK_FULL = (2, 1000, 10_000, 100_000)
 ROSENBROCK_QUICK = (2, 1000)
 
 
-def problem_set(mode: str) -> list[Callable[[], Problem]]:
-    """Loaders (so a failing problem is recorded, not fatal) for `mode` in full/quick/smoke."""
+def problem_set(mode: str, keep=None) -> list[Callable[[], Problem]]:
+    """Loaders (so a failing problem is recorded, not fatal) for `mode` in full/quick/smoke.
+
+    With a set `keep` of names, the CUTEST problems outside it are left out before
+    loading, so that a run of the other problems never imports sif2jax."""
     if mode == "smoke":
         return [lambda: rosenbrock(2), lambda: logistic()]
     sizes = ROSENBROCK_FULL if mode == "full" else ROSENBROCK_QUICK
     names = CUTEST if mode == "full" else CUTEST_QUICK
+    names = names if keep is None else [name for name in names if name in keep]
     loaders = [lambda n=n: rosenbrock(n) for n in sizes] + [logistic]
     loaders += [lambda name=name: cutest(name) for name in names]
     return loaders
