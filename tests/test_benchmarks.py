@@ -144,6 +144,22 @@ def test_closure_compile_reports_both_ways():
     assert float(found.group(1)) > 0 and float(found.group(2)) > 0, line
 
 
+def test_xla_settings_runs_each_setting_in_its_own_process(tmp_path):
+    out = tmp_path / "xla_settings.json"
+    forward = ("benchmarks.forward", "--mode", "smoke", "--problems", "rosenbrock-2")
+    _run(
+        "benchmarks.xla_settings",
+        *("--name", "smoke", "--rounds", "1", "--settings", "default,1thread-O0"),
+        *("--out", str(out), "--", *forward, "--solvers", "lbfgs_implicit"),
+    )
+    data = json.loads(out.read_text())
+    assert data["settings"]["1thread-O0"]["XLA_FLAGS"].endswith("optimization_level=0")
+    key = "rows/lbfgs_implicit,rosenbrock-2,2/run_cpu_s"
+    for setting in ("default", "1thread-O0"):
+        assert data["medians"][setting][key] > 0 and data["medians"][setting]["process_cpu_s"] > 0
+    assert data["ratios_to_default"]["default"][key] == 1.0
+
+
 def test_per_problem_ratios_take_the_fastest_peer_that_converged():
     from benchmarks.report import per_problem_ratios
 
