@@ -273,10 +273,13 @@ def test_batch_by_turns_with_bounds_warm_starts_pytrees_float32():
 
         return both
 
-    # Not the stiffest element (1000): in float32 its values cannot resolve the valley
-    # and its solve fails, in either form; this test is about solves that succeed.
-    starts = STARTS.at[1, 0].set(-1.1).astype(f32)[:-1]
-    scales = SCALES.astype(f32)[:-1]
+    # Not the two stiffest elements (300 and 1000): in float32 their values barely
+    # resolve the valley, and whether a solve ends at gtol or in a failed line search
+    # turns on the last bit of the objective's rounding (for every form and plain `vmap`
+    # alike); this test is about solves that succeed.
+    keep = jnp.asarray([0, 1, 2, 3, 4, 6])
+    starts = STARTS.at[1, 0].set(-1.1).astype(f32)[keep]
+    scales = SCALES.astype(f32)[keep]
     batches = {}
     for mode in (*FORMS, "vmap"):
         with _form(mode):

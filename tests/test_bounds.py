@@ -123,7 +123,14 @@ def test_nnls_matches_scipy_nnls(solved):
 def test_matches_scipy_lbfgsb(solved, name):
     sol, res = solved[name]
     assert sol.result == li.RESULTS.successful
-    assert res.success, res.message
+    # SciPy's reference solved the problem: converged, or its line search stopped
+    # ("ABNORMAL") where the decrease left is below f's rounding noise. The last bit of
+    # the objective's rounding decides which (it flips with how XLA compiles the
+    # gradient). On the quadratic, f = -233 and L = 100: a step can gain at most
+    # |g|^2 / (2 L), which is below eps |f| = 5e-14 for |g| < 3e-6.
+    lower, upper = (np.broadcast_to(b, res.x.shape) for b in _bounds(name))
+    projected = np.clip(res.x - res.jac, lower, upper) - res.x
+    assert res.success or np.max(np.abs(projected)) < 3e-6, (res.message, projected)
     np.testing.assert_allclose(float(sol.value), res.fun, rtol=1e-8, atol=1e-12)
     # Several bounds active, the same ones as SciPy's.
     x = np.asarray(sol.params)
