@@ -28,6 +28,7 @@ solve's custom derivative rule (`implicit_solve` calls `iterate`, which calls
 """
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -172,26 +173,38 @@ def _batch_splits(dyn: PyTree, batched: PyTree):
 
 
 def _spans_devices(leaf) -> bool:
-    """Whether `leaf`'s type puts it on a mesh of several devices that the compiler
-    partitions (axes other than `shard_map`'s manual ones, whose parts are local)."""
-    mesh = getattr(getattr(jax.typeof(leaf), "sharding", None), "mesh", None)
-    devices = 1
-    for size, kind in zip(getattr(mesh, "axis_sizes", ()), getattr(mesh, "axis_types", ())):
-        if kind != AxisType.Manual:
-            devices *= size
-    return devices > 1
+    """Whether `leaf` may be split across devices: its type puts it on a mesh of several
+    devices that the compiler partitions (axes other than `shard_map`'s manual ones,
+    whose parts are local), with an `AxisType.Auto` axis (whose splits types do not
+    show) or split along an explicit axis. On a mesh whose axes are all explicit (or
+    manual), a leaf whose type shows no split is replicated: every device holds it all."""
+    sharding = getattr(jax.typeof(leaf), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    names = getattr(mesh, "axis_names", ())
+    kinds = dict(zip(names, getattr(mesh, "axis_types", ())))
+    sizes = dict(zip(names, getattr(mesh, "axis_sizes", ())))
+    partitioned = {name for name in names if kinds[name] != AxisType.Manual}
+    if math.prod(sizes[name] for name in partitioned) == 1:
+        return False
+    if any(kinds[name] == AxisType.Auto for name in partitioned):
+        return True
+    named = set()
+    for entry in getattr(sharding, "spec", ()):
+        named.update(entry if isinstance(entry, tuple) else (entry,))
+    return bool(named & partitioned)
 
 
 def batch_is_split(dyn: PyTree, batched: PyTree) -> bool:
-    """Whether the batch may be split across devices: a batched leaf of `dyn` is split
-    along its batch axis over a mesh (explicit axes say so in its type), or lives on a
-    mesh of several devices with `AxisType.Auto` axes (whose splits types do not show).
+    """Whether the batch may be split across devices: a batched leaf of `dyn` may be
+    split (`_spans_devices`), along its batch axis or another.
 
     Such batches stay plain `vmap`, which the compiler partitions along the batch's split
-    (each device solves its part, and the results keep the split; a replicated batch is
-    solved whole on every device, in lanes or not). Lanes would gather
+    (each device solves its part, and the results keep the split). Lanes would gather
     tasks from every device: the compiler cannot split them along the batch, so every
-    device would advance every lane and the results would come back replicated.
+    device would advance every lane and the results would come back replicated. A batch
+    replicated on an explicit mesh (no batched leaf's type shows a split) is solved whole
+    on every device either way, so it runs as on one device: in lanes where
+    `uses_turns` and `backward_lanes` say so.
     """
     return any(True for _ in _batch_splits(dyn, batched)) or any(
         b and _spans_devices(leaf)
@@ -291,6 +304,14 @@ def _refuse_explicit_batch_axis(dyn: PyTree, batched: PyTree) -> None:
     count, a flag) is typed on no mesh, and making it one value per element along the
     batch's mesh axis fails deep inside JAX (jax 0.10 to 0.12) with "Resource axis ...
     is not found in mesh: ()". The message gives the program that works instead.
+
+    This rule cannot run that program itself (a `jax.shard_map` over the batch's axes
+    around its own `vmap`): `fn` was traced with the batch's explicit-mesh types when
+    `optimize` closure-converted it, and a function traced there cannot be evaluated
+    inside `shard_map`, where those axes are manual (equinox refuses the changed
+    argument types; JAX each traced operation's recorded context mesh, "context mesh
+    ... should match the aval mesh", jax 0.10.2 and 0.12). Inside the user's
+    `shard_map`, `optimize` traces `fn` for the manual axes.
     """
     for axis, sharding in _batch_splits(dyn, batched):
         names = axis if isinstance(axis, tuple) else (axis,)

@@ -466,7 +466,7 @@ def _task_outer(s, t):
     solver = li.LBFGS(gtol=1e-10)
     sol = li.optimize(_separable, {"w": jnp.zeros(_NB)}, ({"w": t}, s), solver=solver, throw=False)
     w = sol.params["w"]
-    return jnp.sum(jnp.cos(w) * w), w
+    return jnp.sum(jnp.cos(w) * w), (w, sol.stats["num_steps"])
 
 
 _tasks_value_and_grad = jax.jit(
@@ -474,14 +474,24 @@ _tasks_value_and_grad = jax.jit(
 )
 
 
-def test_batch_split_on_an_auto_axis_keeps_its_split():
+@pytest.fixture(scope="module")
+def tasks_single_device():
     from lbfgs_implicit import _batching
 
-    # On one device: by turns in refilled lanes.
-    assert (
-        _batching.uses_turns(li.LBFGS(), _TB, _NB * 8) and _batching.num_lanes(_TB, _NB * 8) < _TB
+    # On one device: by turns in refilled lanes, forward and backward.
+    num_bytes = _NB * 8
+    assert _batching.uses_turns(li.LBFGS(), _TB, num_bytes)
+    assert _batching.num_lanes(_TB, num_bytes) < _TB
+    assert _batching.backward_lanes(_TB, num_bytes) < _TB
+    dev = jax.devices()[0]
+    (_, (w, steps)), grads = _tasks_value_and_grad(
+        jax.device_put(jnp.asarray(_SB), dev), jax.device_put(jnp.asarray(_TT), dev)
     )
-    (_, w1), (gs1, gt1) = _tasks_value_and_grad(jnp.asarray(_SB), jnp.asarray(_TT))
+    return w, steps, grads
+
+
+def test_batch_split_on_an_auto_axis_keeps_its_split(tasks_single_device):
+    w1, _, (gs1, gt1) = tasks_single_device
     mesh = _mesh_1d()
     s = jax.device_put(jnp.asarray(_SB), NamedSharding(mesh, P("d")))
     t = jax.device_put(jnp.asarray(_TT), NamedSharding(mesh, P("d", None)))
@@ -491,7 +501,7 @@ def test_batch_split_on_an_auto_axis_keeps_its_split():
     # tasks of all devices on every device).
     rows = re.findall(rf"f64\[(\d+),(?:\d+,)*{_NB}\]", compiled.as_text())
     assert rows and max(int(r) for r in rows) == _TB // 8
-    (_, w), (gs, gt) = compiled(s, t)
+    (_, (w, _)), (gs, gt) = compiled(s, t)
     _assert_kept(w, mesh, P("d", None))
     _assert_kept(gs, mesh, P("d"))
     _assert_kept(gt, mesh, P("d", None))
@@ -503,3 +513,38 @@ def test_batch_split_on_an_auto_axis_keeps_its_split():
         ds, dt = _closed_form_grads(_SB[i], {"w": _TT[i]}, {"w": np.asarray(w[i])})
         np.testing.assert_allclose(float(gs[i]), ds, rtol=1e-7)
         np.testing.assert_allclose(np.asarray(gt[i]), dt["w"], rtol=1e-7, atol=1e-9)
+
+
+def test_batch_replicated_on_an_explicit_mesh_runs_in_lanes(tasks_single_device, monkeypatch):
+    # Replicated on an explicit mesh, the batch's types show that every device holds all
+    # of it: it runs as on one device, in refilled lanes forward and backward (each
+    # device solving the whole batch, as plain `vmap` would), with each task's own
+    # iterations.
+    from lbfgs_implicit import _batching, _cg
+
+    traced = []
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            traced.append(name)
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(_batching, "_refill", counted("forward", _batching._refill))
+    monkeypatch.setattr(_cg, "_lanes", counted("backward", _cg._lanes))
+    w1, steps1, (gs1, gt1) = tasks_single_device
+    mesh = jax.make_mesh((8,), ("d",), axis_types=(AxisType.Explicit,))
+    with jax.set_mesh(mesh):
+        s = jax.device_put(jnp.asarray(_SB), NamedSharding(mesh, P()))
+        t = jax.device_put(jnp.asarray(_TT), NamedSharding(mesh, P()))
+        (_, (w, steps)), (gs, gt) = _tasks_value_and_grad(s, t)
+    assert set(traced) == {"forward", "backward"}
+    _assert_kept(w, mesh, P())
+    _assert_kept(gt, mesh, P())
+    # The tasks need different numbers of steps (lanes pay off), each its own.
+    assert len(set(np.asarray(steps1).tolist())) > 1
+    np.testing.assert_array_equal(np.asarray(steps), np.asarray(steps1))
+    np.testing.assert_allclose(np.asarray(w), np.asarray(w1), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(np.asarray(gs), np.asarray(gs1), rtol=1e-10)
+    np.testing.assert_allclose(np.asarray(gt), np.asarray(gt1), rtol=1e-10, atol=1e-12)
