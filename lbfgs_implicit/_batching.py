@@ -50,8 +50,8 @@ from ._misc import common_dtype, tree_where, tree_zeros_like
 # that one turn holds this many bytes of them (see `uses_turns` and `num_lanes`).
 MIN_BYTES = 61_440
 
-# Refilled batches run in a quarter as many lanes as tasks, at least `MIN_LANES` (and
-# `MIN_BYTES` per turn) and at most `MAX_LANES` (see `num_lanes`).
+# Refilled batches run in as few lanes as hold `MIN_BYTES` of parameters per turn, at
+# least `MIN_LANES` and at most `MAX_LANES` (see `num_lanes`).
 MIN_LANES = 16
 MAX_LANES = 64
 # The backward CG runs in lanes from this many bytes per element (see `backward_lanes`).
@@ -80,9 +80,11 @@ def num_lanes(num_tasks: int, num_bytes: int) -> int:
     """How many lanes a batch of `num_tasks` solved by turns runs in (`num_tasks` when
     not refilled), each task's parameters taking `num_bytes` bytes.
 
-    A quarter of the batch, at least `MIN_LANES` and enough lanes for a turn to hold
-    `MIN_BYTES` of parameters, at most `MAX_LANES`. Fewer lanes pay fewer evaluations
-    for finished tasks, but each turn has a fixed cost (the loop, its branches, the
+    Enough lanes for a turn to hold `MIN_BYTES` of parameters, at least `MIN_LANES`, at
+    most `MAX_LANES`, whatever the batch's size. Fewer lanes pay fewer evaluations
+    for finished tasks (a lane waits idle once the queue is empty, so the last tasks'
+    tail costs about the lanes times the slowest task's turns), but each turn has a
+    fixed cost (the loop, its branches, the
     per-lane selects: some 130 small kernels, about as many as one iteration of plain
     `vmap` runs, but 64 copies of one iMAML task in 16 lanes take 5.4 times as many
     turns as plain `vmap` takes iterations). On two CPU cores XLA hands these kernels
@@ -107,13 +109,20 @@ def num_lanes(num_tasks: int, num_bytes: int) -> int:
     0.40-0.42 / 0.98-0.99; 32 tasks in 16 lanes 0.56 / 1.45, one lane each 0.74 /
     0.97; 128 tasks in 32 lanes 0.26 / 0.76; float64, 16 tasks one lane each (61,568
     bytes) 0.69 / 0.90.
+    More lanes than a turn of `MIN_BYTES` needs only lengthen that tail: the forward
+    solves of 128 iMAML tasks in float64 cost 0.77x the CPU time in 16 lanes that they
+    cost in 32 (T/4), and 0.98x on copies of the slowest task; 256 tasks in 16 lanes
+    0.73x of 64 lanes (copies 0.91x); in float32 (1,924 bytes, so 32 lanes) 256 tasks
+    0.87x of 64 lanes (copies 1.10x). Measured with `python -m benchmarks.batching
+    --problem imaml --tasks 128 --forward --time --rounds 3 --modes refill --lanes 4`
+    (`refill/4`: T/4 lanes) and `--tasks 256 --rounds 2 --lanes 4 8` in both dtypes.
     """
     if MODE == "turns":
         return num_tasks
     if LANES is not None:
         return max(1, min(LANES, num_tasks))
     enough = -(-MIN_BYTES // max(num_bytes, 1))
-    return min(num_tasks, max(num_tasks // 4, MIN_LANES, enough), MAX_LANES)
+    return min(num_tasks, max(MIN_LANES, enough), MAX_LANES)
 
 
 def uses_turns(solver, num_tasks: int, num_bytes: int) -> bool:
