@@ -244,9 +244,10 @@ def test_gradient_under_explicit_mesh(single_device, data):
 
 # A batch of solves split across the devices under an explicit mesh. JAX cannot batch
 # the solver's loops along an explicit mesh axis, so `vmap` over the split batch is
-# refused with the program that works, which is checked here against one device.
+# refused with the program that works, which is checked here against one device. (Data
+# scaled per task so that the tasks take different numbers of steps.)
 _T = 16
-_XB = _rng.normal(size=(_T, 12, 5))
+_XB = _rng.normal(size=(_T, 12, 5)) * np.geomspace(0.1, 10, _T)[:, None, None]
 _YB = _rng.normal(size=(_T, 12))
 
 
@@ -259,17 +260,22 @@ def _solve_batch(lam, X, Y):
     def solve(X, y):
         return li.optimize(_small_ridge, jnp.zeros(5), (X, y, lam), solver=SOLVER, throw=False)
 
-    return jax.vmap(solve)(X, Y).params
+    sols = jax.vmap(solve)(X, Y)
+    return sols.params, sols.stats["num_steps"]
 
 
 def _batch_loss(lam, X, Y):
-    return jnp.sum(_solve_batch(lam, X, Y) ** 2)
+    w, steps = _solve_batch(lam, X, Y)
+    return jnp.sum(w**2), steps
 
 
-def test_vmap_over_a_batch_split_on_an_explicit_mesh_axis():
-    value1, grads1 = jax.jit(jax.value_and_grad(_batch_loss, argnums=(0, 1)))(
+def test_vmap_over_a_batch_split_on_an_explicit_mesh_axis(monkeypatch):
+    from lbfgs_implicit import _batching, _cg
+
+    (value1, steps1), grads1 = jax.jit(jax.value_and_grad(_batch_loss, (0, 1), has_aux=True))(
         jnp.asarray(LAM), jnp.asarray(_XB), jnp.asarray(_YB)
     )
+    assert len(set(np.asarray(steps1).tolist())) > 1
     mesh = jax.make_mesh((8,), ("d",), axis_types=(AxisType.Explicit,))
     with jax.set_mesh(mesh):
         X_s = jax.device_put(jnp.asarray(_XB), NamedSharding(mesh, P("d", None, None)))
@@ -285,10 +291,30 @@ def test_vmap_over_a_batch_split_on_an_explicit_mesh_axis():
                 out_specs=P("d"),
                 check_vma=False,
             )
-            return jnp.sum(split(lam, X, Y) ** 2)
+            w, steps = split(lam, X, Y)
+            return jnp.sum(w**2), steps
 
-        value, grads = jax.jit(jax.value_and_grad(per_device, argnums=(0, 1)))(lam, X_s, Y_s)
+        # Each device runs its own 2 tasks in a refilled lane, forward and backward
+        # (forced: the policy leaves 2 tasks this small to plain `vmap`).
+        local = []
+
+        def counted(fn):
+            def wrapper(*args):
+                local.append((fn.__name__, args[-2]))  # (lanes, its number of tasks)
+                return fn(*args)
+
+            return wrapper
+
+        monkeypatch.setattr(_batching, "MODE", "refill")
+        monkeypatch.setattr(_batching, "LANES", 1)
+        monkeypatch.setattr(_batching, "_refill", counted(_batching._refill))
+        monkeypatch.setattr(_cg, "_lanes", counted(_cg._lanes))
+        program = jax.jit(jax.value_and_grad(per_device, (0, 1), has_aux=True))
+        (value, steps), grads = program(lam, X_s, Y_s)
+    assert set(local) == {("_refill", _T // 8), ("_lanes", _T // 8)}
     _assert_kept(grads[1], mesh, P("d", None, None))
+    _assert_kept(steps, mesh, P("d"))
+    np.testing.assert_array_equal(np.asarray(steps), np.asarray(steps1))
     np.testing.assert_allclose(float(value), float(value1), rtol=1e-10)
     for g, g1 in zip(grads, grads1):
         np.testing.assert_allclose(np.asarray(g), np.asarray(g1), rtol=1e-7, atol=1e-12)
