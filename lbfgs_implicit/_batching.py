@@ -537,6 +537,98 @@ def _refill(solver, init, value_and_grad_of, finish, batched, dyn, num_tasks, nu
     return jax.vmap(finish)(run_lanes(num_tasks, num_lanes, state, load, lane_turn, row, out))
 
 
+def nested_vmap(one: Callable, dyn: PyTree, run: Callable) -> PyTree:
+    """`one(dyn)`, whose `jax.vmap` calls `run(num_tasks, batched, gather)` with the
+    batch as one list of `num_tasks` tasks, where `vmap`s nest too.
+
+    `run(num_tasks, batched, gather, batch)` returns the outputs of every task (a
+    leading axis of `num_tasks`), or `None` for plain `vmap`; `batched` flags the
+    leaves of `dyn` that differ between tasks, `gather(tasks)` is `dyn` with those
+    leaves' rows for `tasks` (a `uint32` vector), and `batch` is `dyn` as batched (the
+    flagged leaves with the batch's leading axes).
+
+    Where `run` answers `None`, the plain `vmap` it stands for is batchable the same
+    way, so an enclosing `vmap` calls `run` again with both levels as one batch (tasks
+    in row-major order over the levels; a leaf batched on some levels only is indexed
+    without being broadcast). That is the case of a `vmap` of `jax.jacfwd`, whose
+    inner `vmap` over the tangents' basis holds a few tasks, too few for lanes, while
+    the outer one holds the batch's elements.
+    """
+
+    def level(sizes, levels, dyn):
+        """`one` batched over the grid `sizes`; `levels` gives, per leaf of `dyn`, the
+        grid levels its leading axes are."""
+        if not sizes:
+            return one(dyn)
+        num_tasks = 1
+        for size in sizes:
+            num_tasks *= size
+        batched = jtu.tree_map(lambda ls: bool(ls.levels), levels)
+        gather = functools.partial(_gather_grid, sizes, levels, dyn)
+        out = run(num_tasks, batched, gather, dyn)
+        if out is not None:
+            return jtu.tree_map(lambda a: a.reshape(tuple(sizes) + a.shape[1:]), out)
+        return _plain_grid(one, sizes, levels)(dyn)
+
+    def batchable(sizes, levels):
+        def plain(dyn):
+            return level(sizes, levels, dyn)
+
+        f = custom_vmap(plain)
+
+        @f.def_vmap
+        def rule(axis_size, in_batched, dyn):
+            (flags,) = in_batched
+
+            def outer(ls, flag):
+                inner = tuple(j + 1 for j in ls.levels)
+                return _Levels(((0,) if flag else ()) + inner)
+
+            new = jtu.tree_map(outer, levels, flags)
+            out = batchable((axis_size,) + tuple(sizes), new)(dyn)
+            return out, jtu.tree_map(lambda _: True, out)
+
+        return f
+
+    return batchable((), jtu.tree_map(lambda _: _Levels(()), dyn))(dyn)
+
+
+class _Levels:
+    """The grid levels a leaf's leading axes are, outermost first (a pytree leaf)."""
+
+    def __init__(self, levels: tuple[int, ...]):
+        self.levels = levels
+
+
+def _plain_grid(one, sizes, levels):
+    """`one` under plain `vmap`s over the grid `sizes`, outermost level first."""
+    f = one
+    for j in reversed(range(len(sizes))):
+        axes = jtu.tree_map(lambda ls, j=j: 0 if j in ls.levels else None, levels)
+        f = jax.vmap(f, in_axes=(axes,))
+    return f
+
+
+def _gather_grid(sizes, levels, dyn, tasks):
+    """`dyn`'s rows of the grid's flat `tasks` (row-major over `sizes`)."""
+    strides = [1] * len(sizes)
+    for j in reversed(range(len(sizes) - 1)):
+        strides[j] = strides[j + 1] * sizes[j + 1]
+
+    def rows(ls, leaf):
+        if not ls.levels:
+            return leaf
+        if len(sizes) == 1:
+            return leaf[tasks]
+        index, scale = jnp.zeros_like(tasks), 1
+        for j in reversed(ls.levels):
+            index = index + (tasks // strides[j]) % sizes[j] * scale
+            scale *= sizes[j]
+        return leaf.reshape((scale,) + leaf.shape[len(ls.levels) :])[index]
+
+    return jtu.tree_map(rows, levels, dyn)
+
+
 def gather_tasks(batched: PyTree[bool], dyn: PyTree, tasks: Array) -> PyTree:
     """The operands `dyn` of `tasks` (the leaves where `batched`; the others as they are)."""
     return jtu.tree_map(lambda b, leaf: leaf[tasks] if b else leaf, batched, dyn)

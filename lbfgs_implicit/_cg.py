@@ -29,7 +29,6 @@ import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import lineax as lx
-from jax.custom_batching import custom_vmap
 
 from . import _batching
 from ._misc import tree_axpy, tree_dot, tree_norm2, tree_sub, tree_where
@@ -305,7 +304,9 @@ def _plain_loop(operator, y, r, k, target, max_steps, enabled, b, second):
     Plain `vmap` of the loop runs every element's steps until the slowest element has
     converged; in lanes each element pays its own steps, residual turn and second
     product. The operands are passed explicitly (a `custom_vmap` cannot close over
-    batched values).
+    batched values). Nested `vmap`s run as one batch (`_batching.nested_vmap`): under
+    `jax.vmap` of `jax.jacfwd` or `jax.hessian` the tangents' basis alone is too small
+    for lanes, the basis times the batch's elements is not.
     """
     operands = (operator, y, r, k, target, enabled, b, second)
     dyn, static = eqx.partition(operands, eqx.is_array)
@@ -314,21 +315,15 @@ def _plain_loop(operator, y, r, k, target, max_steps, enabled, b, second):
         operator, y, r, k, target, enabled, b, second = eqx.combine(dyn, static)
         return _cg_loop(operator, None, y, r, k, target, max_steps, enabled, b, second)
 
-    loop = custom_vmap(one)
     size = sum(leaf.size * leaf.dtype.itemsize for leaf in jtu.tree_leaves(y))
 
-    @loop.def_vmap
-    def rule(axis_size, in_batched, dyn):
-        (batched,) = in_batched
-        lanes = _batching.backward_lanes(axis_size, size)
-        if b is None or lanes >= axis_size or _batching.batch_is_split(dyn, batched):
-            axes = jtu.tree_map(lambda flag: 0 if flag else None, batched)
-            out = jax.vmap(one, in_axes=(axes,))(dyn)
-        else:
-            out = _lanes(static, max_steps, batched, dyn, axis_size, lanes)
-        return out, jtu.tree_map(lambda _: True, out)
+    def run(num_tasks, batched, gather, batch):
+        lanes = _batching.backward_lanes(num_tasks, size)
+        if b is None or lanes >= num_tasks or _batching.batch_is_split(batch, batched):
+            return None
+        return _lanes(static, max_steps, batched, gather, num_tasks, lanes)
 
-    return loop(dyn)
+    return _batching.nested_vmap(one, dyn, run)
 
 
 def _dependent_outputs(jaxpr, flags: list[bool]) -> list[bool]:
@@ -356,7 +351,7 @@ def _outputs_only(jaxpr, keep: list[bool]):
     return jaxpr.replace(eqns=eqns[::-1], outvars=outvars, effects=effects)
 
 
-def _lanes(static, max_steps, batched, dyn, num_tasks, num_lanes):
+def _lanes(static, max_steps, batched, operands_of, num_tasks, num_lanes):
     """The unpreconditioned loop with a residual turn for a batch of `num_tasks`, in
     `num_lanes` refilled lanes (`_batching.run_lanes`); the same steps and products per
     element as `_cg_loop`.
@@ -368,9 +363,7 @@ def _lanes(static, max_steps, batched, dyn, num_tasks, num_lanes):
     for the lanes being loaded); the operator's arrays that depend on no batched operand
     stay shared.
     """
-    operands_of = ft.partial(_batching.gather_tasks, batched, dyn)
     axes = jtu.tree_map(lambda flag: 0 if flag else None, batched)
-    has_second = eqx.combine(dyn, static)[-1] is not None
 
     def task(d):
         return eqx.combine(d, static)
@@ -382,7 +375,12 @@ def _lanes(static, max_steps, batched, dyn, num_tasks, num_lanes):
     def make_op(d, stage):
         return jtu.tree_leaves(eqx.filter(op_of(d, stage), eqx.is_array))
 
-    one = jtu.tree_map(lambda flag, leaf: leaf[0] if flag else leaf, batched, dyn)
+    one = jtu.tree_map(
+        lambda flag, leaf: leaf[0] if flag else leaf,
+        batched,
+        operands_of(jnp.zeros(1, jnp.uint32)),
+    )
+    has_second = task(one)[-1] is not None
     stage0 = jnp.zeros((), jnp.int32)
     # One trace of the operator gives its structure and which of its arrays depend on
     # the element (or the stage): those are the lanes', the others are computed once.

@@ -423,3 +423,51 @@ def test_backward_in_refilled_lanes_with_bounds_pytrees_nested_vmap(dtype):
     for r in range(2):
         for i in range(len(SCALES)):
             np.testing.assert_allclose(grads[r, i], alone(scales[r, i], starts[i]), rtol=rtol)
+
+
+def test_forward_mode_and_hessians_in_refilled_lanes(monkeypatch):
+    # Under `vmap` of `jax.jacfwd` (and of `jax.hessian`) the backward's CG is batched
+    # twice: over the tangents' basis (2 hyperparameters, too few for lanes), then over
+    # the 8 elements. The two levels run as one batch of 16 solves in lanes
+    # (`_batching.nested_vmap`), each row its own element's and tangent's: every
+    # Jacobian and Hessian is that of its problem alone.
+    import lbfgs_implicit._cg as cg
+
+    sizes = []
+    lanes = cg._lanes
+
+    def spy(static, max_steps, batched, operands_of, num_tasks, num_lanes):
+        sizes.append(num_tasks)
+        return lanes(static, max_steps, batched, operands_of, num_tasks, num_lanes)
+
+    monkeypatch.setattr(cg, "_lanes", spy)
+
+    def factory():
+        banana = _banana()
+
+        def fn(x, h):
+            a, w = h[0], h[1]
+            return banana(x, a) + w * jnp.sum((x - 0.3) ** 4) + 0.1 * w * jnp.sum(x**2)
+
+        def outer(h, x0):
+            sol = li.optimize(fn, x0, h, solver=li.LBFGS(max_steps=1000), throw=False)
+            return jnp.sum(jnp.sin(sol.params) * jnp.arange(1.0, N + 1))
+
+        return outer
+
+    hs = jnp.stack([SCALES, 0.5 + SCALES / 100], axis=1)
+    starts = STARTS.at[1, 0].set(-1.1)
+    with _form("refill"):
+        jac = jax.jit(jax.vmap(jax.jacfwd(factory())))(hs, starts)
+        assert sizes == [2 * len(SCALES)]
+        hess = jax.jit(jax.vmap(jax.hessian(factory())))(hs, starts)
+        # The Hessian's forward-over-reverse: the reverse pass's solve (8 elements) and
+        # the forward pass's two solves of its tangents (2 x 8 each).
+        assert sorted(sizes[1:]) == [len(SCALES), 2 * len(SCALES), 2 * len(SCALES)]
+    jac_alone = jax.jit(jax.jacfwd(factory()))
+    hess_alone = jax.jit(jax.hessian(factory()))
+    for i in range(len(SCALES)):
+        # Within the CG tolerance (3.7e-11): batched and single arithmetic round
+        # differently, which moves the answers within it.
+        np.testing.assert_allclose(jac[i], jac_alone(hs[i], starts[i]), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(hess[i], hess_alone(hs[i], starts[i]), rtol=1e-8, atol=1e-11)
