@@ -17,10 +17,19 @@ CPU seconds (less sensitive to a shared machine's load, but counting XLA's threa
 With `--calls K`, each compiled program is also called K times after one untimed call,
 and the median CPU seconds per call is reported (`run_cpu_median_s`).
 
-    python -m benchmarks.compile_mlp [--rounds 3] [--tasks 16] [--calls K] [--out FILE]
+With `--split`, every row also has the medians of the three stages' CPU seconds:
+`trace_cpu_median_s` (`jax.jit(f).trace`: Python tracing and autodiff),
+`lower_cpu_median_s` (`.lower()`: the jaxpr to StableHLO) and `xla_cpu_median_s`
+(`.compile()`: XLA's HLO passes, kernel emission and LLVM), and the program's size:
+`stablehlo_ops` (operations in the lowered module) and `kernels` (the compiled HLO's
+instructions outside fusion bodies, less parameters, tuples and constants: about one
+kernel or runtime step each); a second table prints them.
+
+    python -m benchmarks.compile_mlp [--rounds 3] [--tasks 16] [--calls K] [--split] [--out FILE]
 """
 
 import argparse
+import re
 import statistics
 import sys
 import time
@@ -129,8 +138,8 @@ def _loss(name, tasks):
 
 
 def compile_seconds(name, tasks, w_meta, data, lam):
-    """(wall, CPU) seconds of trace + lower + compile of the loss's value_and_grad, and
-    the compiled program."""
+    """(wall, CPU) seconds of trace + lower + compile of the loss's value_and_grad, the
+    compiled program, and the split (see `--split`)."""
     from lbfgs_implicit import _optimize
 
     f = _loss(name, tasks)
@@ -139,10 +148,44 @@ def compile_seconds(name, tasks, w_meta, data, lam):
     _optimize._FLATTEN = name != "lbfgs_implicit_leafwise"
     try:
         wall0, cpu0 = time.perf_counter(), time.process_time()
-        compiled = jax.jit(f).lower(w_meta, *data, lam).compile()
-        return time.perf_counter() - wall0, time.process_time() - cpu0, compiled
+        traced = jax.jit(f).trace(w_meta, *data, lam)
+        cpu1 = time.process_time()
+        lowered = traced.lower()
+        cpu2 = time.process_time()
+        compiled = lowered.compile()
+        wall, cpu3 = time.perf_counter() - wall0, time.process_time()
     finally:
         _optimize._FLATTEN = True
+    split = {"trace": cpu1 - cpu0, "lower": cpu2 - cpu1, "xla": cpu3 - cpu2}
+    return wall, cpu3 - cpu0, compiled, split, lowered
+
+
+def stablehlo_ops(lowered) -> int:
+    """Operations in the lowered StableHLO module (lines that assign a result)."""
+    return sum(" = " in line for line in lowered.as_text().splitlines())
+
+
+_BOOKKEEPING = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast"}
+
+
+def kernels(compiled) -> int:
+    """Instructions of the compiled HLO outside fusion bodies and reducers, less
+    parameters, tuples and constants: fusions, copies, dots, loops, conditionals, custom
+    calls. XLA:CPU emits and compiles code for each, so its compile time follows them."""
+    text = compiled.as_text()
+    # Fusion bodies and reducers (`to_apply` of anything but a `call`, which is how
+    # XLA:CPU wraps a small loop) are parts of one kernel.
+    bodies = set(re.findall(r"calls=%([\w.\-]+)", text))
+    bodies.update(re.findall(r" (?!call\()[a-z\-]+\(.*to_apply=%([\w.\-]+)", text))
+    count, inside = 0, False
+    for line in text.splitlines():
+        header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if header:
+            inside = header[1] in bodies
+        elif not inside and line.startswith("  ") and " = " in line:
+            op = re.search(r"\s([a-z][a-z\-]*)\(", line.split(" = ", 1)[1])
+            count += op is not None and op[1] not in _BOOKKEEPING
+    return count
 
 
 def run_seconds(compiled, args, calls):
@@ -156,7 +199,7 @@ def run_seconds(compiled, args, calls):
     return statistics.median(cpus)
 
 
-def run(rounds, batch, solvers=SOLVERS, calls=0):
+def run(rounds, batch, solvers=SOLVERS, calls=0, split=False):
     setup()
     dtype = jnp.float64
     lam = jnp.asarray(1.0, dtype)
@@ -167,6 +210,8 @@ def run(rounds, batch, solvers=SOLVERS, calls=0):
         compile_seconds(name, 1, w_meta, data, lam)
     samples = {(name, t): [] for t, _ in cases for name in solvers}
     run_cpus = {key: [] for key in samples}
+    splits = {key: [] for key in samples}
+    sizes = {}
     errors = {}
     for _ in range(rounds):
         for tasks, d in cases:
@@ -174,7 +219,12 @@ def run(rounds, batch, solvers=SOLVERS, calls=0):
                 if (name, tasks) in errors:
                     continue
                 try:
-                    wall, cpu, compiled = compile_seconds(name, tasks, w_meta, d, lam)
+                    wall, cpu, compiled, parts, lowered = compile_seconds(
+                        name, tasks, w_meta, d, lam
+                    )
+                    if split and (name, tasks) not in sizes:
+                        sizes[(name, tasks)] = (stablehlo_ops(lowered), kernels(compiled))
+                    splits[(name, tasks)].append(parts)
                     if calls:
                         args = (w_meta, *d, lam)
                         run_cpus[(name, tasks)].append(run_seconds(compiled, args, calls))
@@ -186,6 +236,8 @@ def run(rounds, batch, solvers=SOLVERS, calls=0):
                 line = f"tasks={tasks:3d} {name:15s} wall {wall:6.2f} s cpu {cpu:6.2f} s"
                 if calls:
                     line += f" run cpu {run_cpus[(name, tasks)][-1] * 1e3:8.2f} ms/call"
+                if split:
+                    line += " (trace {trace:.2f}, lower {lower:.2f}, xla {xla:.2f})".format(**parts)
                 print(line, flush=True)
     rows = [{"solver": n, "tasks": t, "error": e} for (n, t), e in errors.items()]
     for (name, tasks), s in samples.items():
@@ -204,6 +256,11 @@ def run(rounds, batch, solvers=SOLVERS, calls=0):
         )
         if run_cpus[(name, tasks)]:
             rows[-1]["run_cpu_median_s"] = statistics.median(run_cpus[(name, tasks)])
+        if split:
+            for stage in ("trace", "lower", "xla"):
+                values = [p[stage] for p in splits[(name, tasks)]]
+                rows[-1][f"{stage}_cpu_median_s"] = statistics.median(values)
+            rows[-1]["stablehlo_ops"], rows[-1]["kernels"] = sizes[(name, tasks)]
     return {"rounds": rounds, "rows": rows, "machine": machine(), "gd_steps": GD_STEPS}
 
 
@@ -232,17 +289,38 @@ def table_lines(data):
     return lines
 
 
+def split_lines(data):
+    """Per program: median CPU seconds of each stage, and the program's size."""
+    lines = [
+        "| solver | tasks | trace | lower | XLA compile | StableHLO ops | kernels |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in sorted(data["rows"], key=lambda r: (r["tasks"], r["solver"])):
+        if "trace_cpu_median_s" in r:
+            lines.append(
+                f"| {r['solver']} | {r['tasks']} | {r['trace_cpu_median_s']:.2f} | "
+                f"{r['lower_cpu_median_s']:.2f} | {r['xla_cpu_median_s']:.2f} | "
+                f"{r['stablehlo_ops']} | {r['kernels']} |"
+            )
+    return lines
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tasks", type=int, default=16)
     parser.add_argument("--solvers", default=",".join(SOLVERS))
     parser.add_argument("--calls", type=int, default=0, help="also time K calls of each")
+    parser.add_argument(
+        "--split", action="store_true", help="also CPU s of trace, lower and XLA, and sizes"
+    )
     parser.add_argument("--out", default=str(RESULTS_DIR / "compile_mlp.json"))
     opts = parser.parse_args(argv)
-    out = run(opts.rounds, opts.tasks, tuple(opts.solvers.split(",")), opts.calls)
+    out = run(opts.rounds, opts.tasks, tuple(opts.solvers.split(",")), opts.calls, opts.split)
     out["command"] = "python -m benchmarks.compile_mlp " + " ".join(argv or sys.argv[1:])
     print("\n".join(table_lines(out)))
+    if opts.split:
+        print("\n".join(split_lines(out)))
     write_json(opts.out, out)
     return out
 

@@ -4,6 +4,7 @@ The scripts run in subprocesses (their own JAX configuration, no strict promotio
 never import sif2jax. Nothing here looks at a timing.
 """
 
+import functools as ft
 import json
 import re
 import subprocess
@@ -142,6 +143,36 @@ def test_closure_compile_reports_both_ways():
     found = re.search(r"n=\s*1000 .*args\s+([\d.]+) s, closed over\s+([\d.]+) s", line)
     assert found, line
     assert float(found.group(1)) > 0 and float(found.group(2)) > 0, line
+
+
+def test_compile_mlp_split_adds_up_and_counts_the_program(tmp_path):
+    out = tmp_path / "compile_mlp.json"
+    args = ("--rounds", "1", "--tasks", "2", "--solvers", "unrolled_gd", "--split")
+    stdout = _run("benchmarks.compile_mlp", *args, "--out", str(out)).stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert sorted(row["tasks"] for row in rows) == [1, 2]
+    for row in rows:
+        stages = [row[f"{stage}_cpu_median_s"] for stage in ("trace", "lower", "xla")]
+        assert all(s > 0 for s in stages) and sum(stages) == pytest.approx(row["cpu_median_s"])
+        # The unrolled loop's program: two while loops (forward, backward) and a few
+        # dozen kernels around them.
+        assert row["stablehlo_ops"] > row["kernels"] > 20, row
+    assert "| unrolled_gd | 2 |" in stdout
+
+
+def test_kernels_counts_fusions_and_loops_not_bookkeeping():
+    import jax
+    import jax.numpy as jnp
+    from benchmarks.compile_mlp import kernels
+
+    x = jnp.ones(3)
+    elementwise = jax.jit(lambda x, y: jnp.sin(x) * y + 1).lower(x, x).compile()
+    body = lambda i, v, y: jnp.sin(v) * y  # noqa: E731
+    loop = jax.jit(lambda x, y: jax.lax.fori_loop(0, 3, ft.partial(body, y=y), x))
+    # One fusion; the loop adds its own instruction, copies of its carry, and the
+    # kernels of its body and condition.
+    assert kernels(elementwise) == 1
+    assert kernels(loop.lower(x, x).compile()) > 3
 
 
 def test_xla_settings_runs_each_setting_in_its_own_process(tmp_path):
