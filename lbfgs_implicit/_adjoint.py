@@ -9,7 +9,6 @@ solve; the rule around the solve is shared.
 """
 
 import abc
-import functools as ft
 import math
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -295,18 +294,21 @@ class ImplicitAdjoint(AbstractAdjoint):
 
 
 def _linear_solve(operator, vector, solver, options) -> lx.Solution:
-    """`lineax.linear_solve(..., throw=False)`, except on vectors split along an explicit
-    mesh axis, where [`CG`][] is run directly and lineax's own solvers are refused.
+    """`lineax.linear_solve(..., throw=False)`, except for [`CG`][], which is run directly.
 
-    lineax's shape evaluation of a solve drops its operands' shardings (lineax 0.1.1
-    makes them `ShapeDtypeStruct(shape, dtype)`), so the Hessian-vector product is traced
-    with an unsplit vector and JAX refuses it. Running `CG` directly loses nothing: the
-    solve runs inside `custom_linear_solve` (`solve_hessian`), which never
-    differentiates it.
+    Running `CG` directly loses nothing: the solve runs inside `custom_linear_solve`
+    (`solve_hessian`), which never differentiates it, and the callers judge the answer
+    by its residual, not by lineax's `result`. It saves two traces of the CG loop
+    (lineax's shape evaluation of its solve, and its lowering, which traces the solve
+    again) and lineax's unused checks of the answer. On vectors split along an explicit
+    mesh axis it is also the only way: lineax's shape evaluation drops its operands'
+    shardings (lineax 0.1.1 makes them `ShapeDtypeStruct(shape, dtype)`), so the
+    Hessian-vector product would be traced with an unsplit vector, which JAX refuses.
     """
-    if not any(explicit_sharding(leaf) is not None for leaf in jtu.tree_leaves(vector)):
-        return lx.linear_solve(operator, vector, solver, options=options, throw=False)
-    if not isinstance(solver, CG):
+    if isinstance(solver, CG):
+        value, result, stats = solver.compute(solver.init(operator, options), vector, options)
+        return lx.Solution(value=value, result=result, stats=stats, state=None)
+    if any(explicit_sharding(leaf) is not None for leaf in jtu.tree_leaves(vector)):
         raise ValueError(
             f"The backward pass cannot use {type(solver).__name__} with parameters split "
             "along an explicit mesh axis: lineax's solves drop the shardings of their "
@@ -314,8 +316,7 @@ def _linear_solve(operator, vector, solver, options) -> lx.Solution:
             "`linear_solver=None` or `li.CG(rtol=...)`, or shard the parameters over "
             "`AxisType.Auto` axes."
         )
-    value, result, stats = solver.compute(solver.init(operator, options), vector, options)
-    return lx.Solution(value=value, result=result, stats=stats, state=None)
+    return lx.linear_solve(operator, vector, solver, options=options, throw=False)
 
 
 def _damped(damping: float, hessian: lx.AbstractLinearOperator) -> lx.AbstractLinearOperator:
@@ -684,44 +685,69 @@ def solve_hessian(
             # which lineax could only carry by closure conversion (see above); the
             # operator itself is the same linear map.
             del matvec
-            # Scale the right-hand side to unit infinity norm so absolute tolerances
-            # mean the same thing whatever the size of the (co)tangent.
-            scale = tree_norm_inf(rhs)
-            safe = jnp.where(scale > 0, scale, 1)
-            rhs = tree_scale(1 / safe, rhs)
-            if newton_operator is None:
-                w, result, stats = adjoint.solve(hessian, inverse_approx, rhs)
-            else:
-                w, result, stats = adjoint.solve(hessian, inverse_approx, rhs, newton_operator)
-            if check is not None:
-                stats = {**stats, "hessian_change": check(w, rhs)}
-            if "hessian_change" in stats:
-                change = stats["hessian_change"]
-                ok = ~(change > degenerate_tolerance(common_dtype(w)))
-                result = RESULTS.where(ok, result, RESULTS.backward_failed)
-            w = tree_scale(safe, w)
-            failed = result != RESULTS.successful
-            if verbose:
-                jax.debug.print(
-                    f"implicit {direction}: "
-                    "{n} linear-solve steps, relative residual {r:.3e}, "
-                    "Hessian change to the Newton point {c:.3e}",
-                    n=stats["num_steps"],
-                    r=stats.get("residual", jnp.nan),
-                    c=stats.get("hessian_change", jnp.nan),
-                    ordered=True,
-                )
-            if throw:
-                # A scalar through the error check, as in `optimize`: passing `w` itself
-                # would gather a sharded `w` onto one device.
-                failed = raise_in_program(failed, result._value, "backward")
-            return jtu.tree_map(lambda leaf: jnp.where(failed, jnp.nan, leaf), w)
+            return _scaled_solve(
+                adjoint,
+                hessian,
+                inverse_approx,
+                newton_operator,
+                check,
+                rhs,
+                throw=throw,
+                direction=direction if verbose else None,
+            )
 
         return solve
 
     return lax.custom_linear_solve(
         hessian.mv, b, make_solve("tangent"), make_solve("backward"), symmetric=True
     )
+
+
+# `custom_linear_solve` traces the tangent solve and its transpose (the backward one),
+# which for a symmetric Hessian are the same solve. As one jitted function called with the
+# same operands, the second is served from jit's trace cache, and so is its batching under
+# `jax.vmap`: one trace of the linear solve per program instead of two or more. XLA
+# inlines the call, so the compiled program is the same.
+@eqx.filter_jit
+def _scaled_solve(
+    adjoint, hessian, inverse_approx, newton_operator, check, rhs, *, throw, direction
+):
+    """`adjoint`'s solve of `hessian w = rhs`, with the checks of `solve_hessian`.
+
+    `direction` is `None` without `verbose`, else the name the printout gives the solve.
+    """
+    # Scale the right-hand side to unit infinity norm so absolute tolerances
+    # mean the same thing whatever the size of the (co)tangent.
+    scale = tree_norm_inf(rhs)
+    safe = jnp.where(scale > 0, scale, 1)
+    rhs = tree_scale(1 / safe, rhs)
+    if newton_operator is None:
+        w, result, stats = adjoint.solve(hessian, inverse_approx, rhs)
+    else:
+        w, result, stats = adjoint.solve(hessian, inverse_approx, rhs, newton_operator)
+    if check is not None:
+        stats = {**stats, "hessian_change": check(w, rhs)}
+    if "hessian_change" in stats:
+        change = stats["hessian_change"]
+        ok = ~(change > degenerate_tolerance(common_dtype(w)))
+        result = RESULTS.where(ok, result, RESULTS.backward_failed)
+    w = tree_scale(safe, w)
+    failed = result != RESULTS.successful
+    if direction is not None:
+        jax.debug.print(
+            f"implicit {direction}: "
+            "{n} linear-solve steps, relative residual {r:.3e}, "
+            "Hessian change to the Newton point {c:.3e}",
+            n=stats["num_steps"],
+            r=stats.get("residual", jnp.nan),
+            c=stats.get("hessian_change", jnp.nan),
+            ordered=True,
+        )
+    if throw:
+        # A scalar through the error check, as in `optimize`: passing `w` itself
+        # would gather a sharded `w` onto one device.
+        failed = raise_in_program(failed, result._value, "backward")
+    return jtu.tree_map(lambda leaf: jnp.where(failed, jnp.nan, leaf), w)
 
 
 def _is_none(x) -> bool:
@@ -848,11 +874,11 @@ def _implicit_solve_jvp(primals, tangents, *, x0, solver, adjoint, throw, warm_s
                 adjoint.linear_solver is None or adjoint.linear_solver.assume_full_rank()
             )
             if full_rank and free is None:
-                check = ft.partial(_hessian_change_of, hvp_shifted, None, adjoint.damping, None)
+                check = jtu.Partial(_hessian_change_of, hvp_shifted, None, adjoint.damping, None)
             else:
                 # A least-squares answer leaves the part of v outside H's range, and with
                 # bounds v is the masked operator's: the product itself is compared.
-                check = ft.partial(_hessian_change_of, hvp_shifted, hvp, 0.0, free)
+                check = jtu.Partial(_hessian_change_of, hvp_shifted, hvp, 0.0, free)
     w = solve_hessian(
         hvp, rhs, inverse_approx, adjoint, throw, solver.verbose, free, check, newton_hvp
     )
