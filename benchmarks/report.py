@@ -584,7 +584,7 @@ def bounds_section(mode, lines):
 
 def compile_mlp_section(lines):
     """Compile time of an MLP hypergradient (`python -m benchmarks.compile_mlp`)."""
-    from .compile_mlp import table_lines
+    from .compile_mlp import split_lines, table_lines
 
     path = RESULTS_DIR / "compile_mlp.json"
     if not path.exists():
@@ -611,6 +611,25 @@ def compile_mlp_section(lines):
         ),
         "",
         *table_lines(data),
+        "",
+    ]
+    path = RESULTS_DIR / "compile_mlp-split.json"
+    if not path.exists():
+        return
+    data = json.loads(path.read_text())
+    lines += [
+        "### Where the compile goes",
+        "",
+        f"From `{data['command'].strip()}` (`benchmarks/results/{path.name}`): the "
+        "median CPU seconds of each stage, `jax.jit(f).trace` (Python: tracing, "
+        "autodiff, batching), `.lower()` (to StableHLO) and `.compile()` (XLA), and the "
+        "size of each program: StableHLO operations, and the compiled HLO's kernels "
+        "(instructions outside fusion bodies, less parameters, tuples and constants). "
+        "XLA:CPU's compile follows the kernels: its HLO passes take a few percent of it, "
+        "and emitting and compiling each kernel's code with LLVM the rest (seen with "
+        "`TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=cpu_compiler=2`).",
+        "",
+        *split_lines(data),
         "",
     ]
 
