@@ -284,26 +284,20 @@ def solve(
     def one(dyn):
         return single(eqx.combine(dyn, static))
 
-    batched_solve = custom_vmap(one)
-
-    @batched_solve.def_vmap
-    def rule(axis_size, in_batched, dyn):
-        (batched,) = in_batched  # one flag per leaf of `dyn`
-        _refuse_explicit_batch_axis(dyn, batched)
+    def run(num_tasks, batched, gather, batch):
+        # one flag per leaf of `dyn`
+        _refuse_explicit_batch_axis(batch, batched)
+        if not uses_turns(solver, num_tasks, num_bytes) or batch_is_split(batch, batched):
+            return None
+        lanes = num_lanes(num_tasks, num_bytes)
+        init_of = lambda d, vg=None: init(eqx.combine(d, static), vg)  # noqa: E731
+        vg_of = lambda d: value_and_grad_of(eqx.combine(d, static))  # noqa: E731
+        if lanes < num_tasks:
+            return _refill(solver, init_of, vg_of, finish, batched, gather, num_tasks, lanes)
         axes = jtu.tree_map(lambda b: 0 if b else None, batched)
-        if uses_turns(solver, axis_size, num_bytes) and not batch_is_split(dyn, batched):
-            lanes = num_lanes(axis_size, num_bytes)
-            init_of = lambda d, vg=None: init(eqx.combine(d, static), vg)  # noqa: E731
-            vg_of = lambda d: value_and_grad_of(eqx.combine(d, static))  # noqa: E731
-            if lanes < axis_size:
-                out = _refill(solver, init_of, vg_of, finish, batched, dyn, axis_size, lanes)
-            else:
-                out = _turns(solver, init_of, vg_of, finish, axes, dyn)
-        else:
-            out = jax.vmap(one, in_axes=(axes,))(dyn)
-        return out, jtu.tree_map(lambda _: True, out)
+        return _turns(solver, init_of, vg_of, finish, axes, gather(None))
 
-    return batched_solve(dyn)
+    return nested_vmap(one, dyn, run)
 
 
 def _refuse_explicit_batch_axis(dyn: PyTree, batched: PyTree) -> None:
@@ -487,19 +481,19 @@ def _load_width(num_lanes: int) -> int:
     return max(1, min(num_lanes, LOAD_WIDTH))
 
 
-def _refill(solver, init, value_and_grad_of, finish, batched, dyn, num_tasks, num_lanes):
+def _refill(solver, init, value_and_grad_of, finish, batched, operands_of, num_tasks, num_lanes):
     """`_turns` on `num_lanes` lanes, each holding one task at a time (see the module
     docstring): every task that finished in a turn is written out at its end, and every
     free lane loaded with a pending task at the start of the next (fresh, see
     `_machine`)."""
     prepare, turn = _machine(solver, init, value_and_grad_of)
     axes = jtu.tree_map(lambda b: 0 if b else None, batched)
-    operands_of = functools.partial(gather_tasks, batched, dyn)
 
     def fresh(d):
         return _split(prepare(d)[0])
 
-    one = jtu.tree_map(lambda b, leaf: leaf[0] if b else leaf, batched, dyn)
+    first = operands_of(jnp.zeros(1, jnp.uint32))
+    one = jtu.tree_map(lambda b, leaf: leaf[0] if b else leaf, batched, first)
     shapes = jax.eval_shape(prepare, one)
     (rest, buffers), search = jtu.tree_map(
         lambda s: jnp.zeros((num_lanes,) + s.shape, s.dtype), (_split(shapes[0]), shapes[1])
@@ -610,7 +604,22 @@ def _plain_grid(one, sizes, levels):
 
 
 def _gather_grid(sizes, levels, dyn, tasks):
-    """`dyn`'s rows of the grid's flat `tasks` (row-major over `sizes`)."""
+    """`dyn`'s rows of the grid's flat `tasks` (row-major over `sizes`; `None`: all of
+    them, in order)."""
+    if tasks is None:
+        if all(len(ls.levels) in (0, len(sizes)) for ls in jtu.tree_leaves(levels)):
+            # Every batched leaf spans the whole grid: its rows in order are a reshape.
+            return jtu.tree_map(
+                lambda ls, leaf: (
+                    leaf.reshape((-1,) + leaf.shape[len(sizes) :]) if ls.levels else leaf
+                ),
+                levels,
+                dyn,
+            )
+        total = 1
+        for size in sizes:
+            total *= size
+        tasks = jnp.arange(total, dtype=jnp.uint32)
     strides = [1] * len(sizes)
     for j in reversed(range(len(sizes) - 1)):
         strides[j] = strides[j + 1] * sizes[j + 1]
@@ -627,11 +636,6 @@ def _gather_grid(sizes, levels, dyn, tasks):
         return leaf.reshape((scale,) + leaf.shape[len(ls.levels) :])[index]
 
     return jtu.tree_map(rows, levels, dyn)
-
-
-def gather_tasks(batched: PyTree[bool], dyn: PyTree, tasks: Array) -> PyTree:
-    """The operands `dyn` of `tasks` (the leaves where `batched`; the others as they are)."""
-    return jtu.tree_map(lambda b, leaf: leaf[tasks] if b else leaf, batched, dyn)
 
 
 def put(tree: PyTree, index: Array, new: PyTree) -> PyTree:

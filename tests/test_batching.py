@@ -471,3 +471,32 @@ def test_forward_mode_and_hessians_in_refilled_lanes(monkeypatch):
         # differently, which moves the answers within it.
         np.testing.assert_allclose(jac[i], jac_alone(hs[i], starts[i]), rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(hess[i], hess_alone(hs[i], starts[i]), rtol=1e-8, atol=1e-11)
+
+
+def test_nested_vmap_runs_as_one_batch(single, monkeypatch):
+    # An inner `vmap` too small for turns (here: under 4 elements) is plain `vmap`,
+    # batchable in turn: the enclosing `vmap` runs both levels as one batch of 4 x 2,
+    # refilled in 3 lanes, the scales batched on the outer level only. Each element as
+    # alone.
+    sizes = []
+    refill, uses_turns = batching._refill, batching.uses_turns
+
+    def spy(*args):
+        sizes.append(args[-2])
+        return refill(*args)
+
+    monkeypatch.setattr(batching, "_refill", spy)
+    monkeypatch.setattr(batching, "uses_turns", lambda s, t, b: t >= 4 and uses_turns(s, t, b))
+    starts = STARTS.reshape(4, 2, N)
+    scales = SCALES[::2]
+    solve = _solve(_banana())
+    with _form("refill"):
+        grid = jax.jit(jax.vmap(jax.vmap(solve, in_axes=(0, None))))(starts, scales)
+    assert sizes == [len(SCALES)]
+    for r in range(4):
+        for c in range(2):
+            alone = single(starts[r, c], scales[r])
+            assert int(grid.stats["num_steps"][r, c]) == int(alone.stats["num_steps"])
+            assert _code(grid.result, (r, c)) == _code(alone.result)
+            if bool(alone.result == li.RESULTS.successful):
+                np.testing.assert_allclose(grid.params[r, c], alone.params, rtol=1e-12, atol=1e-14)
