@@ -109,13 +109,16 @@ def num_lanes(num_tasks: int, num_bytes: int) -> int:
     0.40-0.42 / 0.98-0.99; 32 tasks in 16 lanes 0.56 / 1.45, one lane each 0.74 /
     0.97; 128 tasks in 32 lanes 0.26 / 0.76; float64, 16 tasks one lane each (61,568
     bytes) 0.69 / 0.90.
-    More lanes than a turn of `MIN_BYTES` needs only lengthen that tail: the forward
+    Beyond a turn of `MIN_BYTES`, more lanes mostly lengthen that tail: the forward
     solves of 128 iMAML tasks in float64 cost 0.77x the CPU time in 16 lanes that they
     cost in 32 (T/4), and 0.98x on copies of the slowest task; 256 tasks in 16 lanes
-    0.73x of 64 lanes (copies 0.91x); in float32 (1,924 bytes, so 32 lanes) 256 tasks
-    0.87x of 64 lanes (copies 1.10x). Measured with `python -m benchmarks.batching
-    --problem imaml --tasks 128 --forward --time --rounds 3 --modes refill --lanes 4`
-    (`refill/4`: T/4 lanes) and `--tasks 256 --rounds 2 --lanes 4 8` in both dtypes.
+    0.74x of 64 lanes (copies 0.96x), and against 32 lanes 1.00x (copies 1.08x: two
+    turns' worth of lanes still gain a little where no lane waits); in float32 (1,924
+    bytes, so 32 lanes) 256 tasks 0.87x of 64 lanes (copies 1.10x). The policy favours
+    the mixed batch, which is what users' batches are. Measured with `python -m
+    benchmarks.batching --problem imaml --tasks 128 --forward --time --rounds 3 --modes
+    refill --lanes 4` (`refill/4`: T/4 lanes) and `--tasks 256 --rounds 2 --lanes 4 8`
+    in both dtypes (float64: `benchmarks/results/batching-imaml-float64-forward-t256.json`).
     """
     if MODE == "turns":
         return num_tasks
