@@ -288,7 +288,6 @@ def solve(
         return single(eqx.combine(dyn, static))
 
     def run(num_tasks, batched, gather, batch):
-        # one flag per leaf of `dyn`
         _refuse_explicit_batch_axis(batch, batched)
         if not uses_turns(solver, num_tasks, num_bytes) or batch_is_split(batch, batched):
             return None
@@ -535,8 +534,8 @@ def _refill(solver, init, value_and_grad_of, finish, batched, operands_of, num_t
 
 
 def nested_vmap(one: Callable, dyn: PyTree, run: Callable) -> PyTree:
-    """`one(dyn)`, whose `jax.vmap` calls `run(num_tasks, batched, gather)` with the
-    batch as one list of `num_tasks` tasks, where `vmap`s nest too.
+    """`one(dyn)`, whose `jax.vmap` calls `run` with the batch as one list of tasks,
+    where `vmap`s nest too.
 
     `run(num_tasks, batched, gather, batch)` returns the outputs of every task (a
     leading axis of `num_tasks`), or `None` for plain `vmap`; `batched` flags the
@@ -557,9 +556,7 @@ def nested_vmap(one: Callable, dyn: PyTree, run: Callable) -> PyTree:
         grid levels its leading axes are."""
         if not sizes:
             return one(dyn)
-        num_tasks = 1
-        for size in sizes:
-            num_tasks *= size
+        num_tasks = math.prod(sizes)
         batched = jtu.tree_map(lambda ls: bool(ls.levels), levels)
         gather = functools.partial(_gather_grid, sizes, levels, dyn)
         out = run(num_tasks, batched, gather, dyn)
@@ -619,10 +616,7 @@ def _gather_grid(sizes, levels, dyn, tasks):
                 levels,
                 dyn,
             )
-        total = 1
-        for size in sizes:
-            total *= size
-        tasks = jnp.arange(total, dtype=jnp.uint32)
+        tasks = jnp.arange(math.prod(sizes), dtype=jnp.uint32)
     strides = [1] * len(sizes)
     for j in reversed(range(len(sizes) - 1)):
         strides[j] = strides[j + 1] * sizes[j + 1]
