@@ -494,8 +494,7 @@ def _refill(solver, init, value_and_grad_of, finish, batched, operands_of, num_t
     def fresh(d):
         return _split(prepare(d)[0])
 
-    first = operands_of(jnp.zeros(1, jnp.uint32))
-    one = jtu.tree_map(lambda b, leaf: leaf[0] if b else leaf, batched, first)
+    one = first_task(batched, operands_of)
     shapes = jax.eval_shape(prepare, one)
     (rest, buffers), search = jtu.tree_map(
         lambda s: jnp.zeros((num_lanes,) + s.shape, s.dtype), (_split(shapes[0]), shapes[1])
@@ -540,7 +539,8 @@ def nested_vmap(one: Callable, dyn: PyTree, run: Callable) -> PyTree:
     `run(num_tasks, batched, gather, batch)` returns the outputs of every task (a
     leading axis of `num_tasks`), or `None` for plain `vmap`; `batched` flags the
     leaves of `dyn` that differ between tasks, `gather(tasks)` is `dyn` with those
-    leaves' rows for `tasks` (a `uint32` vector), and `batch` is `dyn` as batched (the
+    leaves' rows for `tasks` (a `uint32` vector; `None`: every row in order, which
+    copies a leaf batched on some levels only), and `batch` is `dyn` as batched (the
     flagged leaves with the batch's leading axes).
 
     Where `run` answers `None`, the plain `vmap` it stands for is batchable the same
@@ -633,6 +633,13 @@ def _gather_grid(sizes, levels, dyn, tasks):
         return leaf.reshape((scale,) + leaf.shape[len(ls.levels) :])[index]
 
     return jtu.tree_map(rows, levels, dyn)
+
+
+def first_task(batched: PyTree[bool], gather: Callable) -> PyTree:
+    """The operands of the batch's first task, one element's shapes (`gather` as
+    `nested_vmap` gives it to `run`)."""
+    rows = gather(jnp.zeros(1, jnp.uint32))
+    return jtu.tree_map(lambda b, leaf: leaf[0] if b else leaf, batched, rows)
 
 
 def put(tree: PyTree, index: Array, new: PyTree) -> PyTree:

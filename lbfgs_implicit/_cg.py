@@ -375,11 +375,7 @@ def _lanes(static, max_steps, batched, operands_of, num_tasks, num_lanes):
     def make_op(d, stage):
         return jtu.tree_leaves(eqx.filter(op_of(d, stage), eqx.is_array))
 
-    one = jtu.tree_map(
-        lambda flag, leaf: leaf[0] if flag else leaf,
-        batched,
-        operands_of(jnp.zeros(1, jnp.uint32)),
-    )
+    one = _batching.first_task(batched, operands_of)
     has_second = task(one)[-1] is not None
     stage0 = jnp.zeros((), jnp.int32)
     # One trace of the operator gives its structure and which of its arrays depend on
