@@ -17,6 +17,7 @@ from ._linesearch import (
 )
 from ._optimize import optimize as optimize
 from ._predict import newton_start as newton_start
+from ._sharding import vmap_split as vmap_split
 from ._solution import RESULTS as RESULTS, Solution as Solution, SolveError as SolveError
 from ._solver import AbstractMinimiser as AbstractMinimiser, LBFGS as LBFGS
 

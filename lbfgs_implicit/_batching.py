@@ -315,8 +315,8 @@ def _refuse_explicit_batch_axis(dyn: PyTree, batched: PyTree) -> None:
     `optimize` closure-converted it, and a function traced there cannot be evaluated
     inside `shard_map`, where those axes are manual (equinox refuses the changed
     argument types; JAX each traced operation's recorded context mesh, "context mesh
-    ... should match the aval mesh", jax 0.10.2 and 0.12). Inside the user's
-    `shard_map`, `optimize` traces `fn` for the manual axes.
+    ... should match the aval mesh", jax 0.10.2 and 0.12). `vmap_split` (`_sharding.py`)
+    writes that program around `optimize`, so `fn` is traced for the manual axes.
     """
     for axis, sharding in _batch_splits(dyn, batched):
         names = axis if isinstance(axis, tuple) else (axis,)
@@ -327,10 +327,12 @@ def _refuse_explicit_batch_axis(dyn: PyTree, batched: PyTree) -> None:
                 f"mesh axis {axis!r}, which has explicit sharding (`jax.set_mesh`), is not "
                 "supported: JAX cannot batch the solver's loops along an explicit mesh "
                 "axis. Give each device its part of the batch instead: "
-                f"`jax.shard_map(jax.vmap(solve), in_specs=P({axis!r}), "
-                f"out_specs=P({axis!r}), check_vma=False)` (shared operands with "
-                "`P()`), which also lets every device stop when its own solves are "
-                "done; or replicate the batch, or use `AxisType.Auto`."
+                "`lbfgs_implicit.vmap_split(solve, in_axes)(*args)` in place of "
+                "`jax.vmap(solve, in_axes)(*args)` runs `jax.shard_map(jax.vmap(solve), "
+                f"in_specs=P({axis!r}), out_specs=P({axis!r}), check_vma=False)` with the "
+                "specs read from the arguments' types, which also lets every device stop "
+                "when its own solves are done; or replicate the batch, or use "
+                "`AxisType.Auto`."
             )
 
 
