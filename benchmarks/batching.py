@@ -31,7 +31,10 @@ Reported per batch size `T` and mode:
 - with `--time`: compile CPU seconds, and median seconds (CPU seconds too) of the
   compiled program over `--rounds` interleaved rounds, on the mixed batch and on `T`
   copies of its slowest element, for every mode; the CPU ratios against plain `vmap`
-  (median over rounds of each round's ratio) and mixed / slowest per mode.
+  (median over rounds of each round's ratio) and mixed / slowest per mode;
+- per mode, `copies_lane_evals` and `copies_steps`: the evaluations the batch of copies
+  of the slowest element pays, and its step count, in that mode (a long solve's steps
+  change with the rounding of the batch it runs in), and `mode_own_evals`.
 
     python -m benchmarks.batching --problem imaml --tasks 16 64 --dtype float64 --time
 """
@@ -227,25 +230,40 @@ class MultiStart:
 PROBLEMS = {"imaml": IMAML, "multistart": MultiStart}
 
 
-def count(li, batching, problem, mode, num):
+def _copies(problem, index):
+    """The batch of copies of element `index`."""
+    return problem.inputs(tuple(jnp.broadcast_to(a[index], a.shape) for a in problem.data))
+
+
+def count(li, batching, problem, mode, num, slowest=None):
+    """Evaluations and per-element outcomes of the mixed batch in `mode`, and with
+    `slowest` (an element), the evaluations of the batch of its copies."""
     _set_mode(batching, mode, num)
     size = sum(leaf.nbytes for leaf in jax.tree.leaves(problem.inputs()[0]))
     lanes = batching.num_lanes(num, size) if batching.MODE == "refill" else num
     run = jax.jit(problem.batch_solve(li, problem.objective(counted=True)))
     run = run.lower(*problem.inputs()).compile()
     _reset_mode(batching)
-    _CALLS[0] = 0
-    sols = block(run(*problem.inputs()))
-    jax.effects_barrier()
-    steps = np.asarray(sols.stats["num_steps"])
-    return {
+
+    def counted(inputs):
+        _CALLS[0] = 0
+        sols = block(run(*inputs))
+        jax.effects_barrier()
+        return sols, _CALLS[0]
+
+    sols, lane_evals = counted(problem.inputs())
+    out = {
         "lanes": lanes,
-        "lane_evals": _CALLS[0],
+        "lane_evals": lane_evals,
         "own_evals": int(jnp.sum(sols.stats["num_fun_evals"])),
-        "steps": steps,
+        "steps": np.asarray(sols.stats["num_steps"]),
         "evals": np.asarray(sols.stats["num_fun_evals"]),
         "result": np.asarray(sols.result._value),
     }
+    if slowest is not None:
+        sols, out["copies_lane_evals"] = counted(_copies(problem, slowest))
+        out["copies_steps"] = int(jnp.max(sols.stats["num_steps"]))
+    return out
 
 
 def _timed(fn, *args):
@@ -266,8 +284,7 @@ def timing(li, batching, problem, slowest, rounds, loop, modes, num, forward):
         compiled[mode] = jax.jit(program).lower(*inputs).compile()
         compile_s[mode] = time.process_time() - t0
         _reset_mode(batching)
-    copies = tuple(jnp.broadcast_to(a[slowest], a.shape) for a in problem.data)
-    batches = {"mixed": inputs, "slowest": problem.inputs(copies)}
+    batches = {"mixed": inputs, "slowest": _copies(problem, slowest)}
     runs = {(m, b): compiled[m] for m in modes for b in batches}
     if loop:
         one = jax.jit(problem.single_loop(li, problem.objective(counted=False)))
@@ -353,7 +370,9 @@ def main(argv=None):
             row["auto"] = "turns" if lanes >= num else f"refill, {lanes} lanes"
         else:
             row["auto"] = "vmap"
-        counts = {mode: count(li, batching, problem, mode, num) for mode in modes}
+        counts = {"vmap": count(li, batching, problem, "vmap", num)}
+        slowest = int(np.argmax(counts["vmap"]["steps"]))
+        counts = {mode: count(li, batching, problem, mode, num, slowest) for mode in modes}
         steps = counts["vmap"]["steps"]
         row.update(
             steps_mean=float(steps.mean()),
@@ -361,6 +380,12 @@ def main(argv=None):
             own_evals=counts["vmap"]["own_evals"],
             lanes={m: c["lanes"] for m, c in counts.items()},
             lane_evals={m: c["lane_evals"] for m, c in counts.items()},
+            # The elements' own evaluations and the copies' steps per mode: a long solve's
+            # step count changes with the rounding of its batch (`same_steps`), here by up
+            # to a fifth, so each mode's copies are counted in that mode.
+            mode_own_evals={m: c["own_evals"] for m, c in counts.items()},
+            copies_lane_evals={m: c["copies_lane_evals"] for m, c in counts.items()},
+            copies_steps={m: c["copies_steps"] for m, c in counts.items()},
             # per element against plain `vmap`: steps and result exactly; evaluations
             # can differ by rounding (see tests/test_batching.py)
             same_steps={
@@ -372,7 +397,6 @@ def main(argv=None):
             },
         )
         if opts.time:
-            slowest = int(np.argmax(steps))
             row.update(
                 timing(
                     li, batching, problem, slowest, opts.rounds, opts.loop, modes, num, opts.forward

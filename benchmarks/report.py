@@ -651,7 +651,13 @@ def batching_section(lines):
         "one lane per task; `vmap` is plain `vmap`. Evaluations are counted on the host "
         "(deterministic); times are CPU seconds of the compiled program, the modes "
         "interleaved, and the ratios against plain `vmap` are the median over rounds of "
-        "each round's ratio, on the mixed batch and on T copies of its slowest task.",
+        "each round's ratio, on the mixed batch and on T copies of its slowest task. "
+        "`mixed / copies` is the mixed batch's cost over that of the copies in the same "
+        "mode: CPU seconds and, in brackets where the file counted them, the evaluations "
+        "the lanes paid (a turn is one evaluation per lane). #17's target is 1.25 (mean / "
+        "max iterations), given under each table. The copies' solves need not take the "
+        "slowest task's steps: a long solve's step count changes with the rounding of the "
+        "batch it runs in (the copies' steps are given too).",
         "",
     ]
     for path in paths:
@@ -664,9 +670,10 @@ def batching_section(lines):
             f"{program}:",
             "",
             "| problem | T | dtype | mode | lanes | evaluations (own) | CPU / vmap, mixed "
-            "| CPU / vmap, copies | compile CPU s |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| CPU / vmap, copies | mixed / copies | compile CPU s |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
+        targets = []
         for row in data["rows"]:
             num, ratios = row["tasks"], row.get("cpu_ratios", {})
             for mode, evals in row["lane_evals"].items():
@@ -684,6 +691,11 @@ def batching_section(lines):
                 mixed = ratios.get(f"{mode}/vmap-mixed")
                 copies = ratios.get(f"{mode}/vmap-slowest")
                 compile_s = row.get("compile_cpu_s", {}).get(mode)
+                own = ratios.get(f"{mode}-mixed/slowest")
+                copies_evals = row.get("copies_lane_evals", {}).get(mode)
+                own_cell = "–" if own is None else f"{own:.2f}"
+                if copies_evals:
+                    own_cell += f" ({evals / copies_evals:.2f})"
                 cells = [
                     row["problem"],
                     str(num),
@@ -693,10 +705,18 @@ def batching_section(lines):
                     f"{evals:,} ({row['own_evals']:,})",
                     "–" if mixed is None else f"{mixed:.2f}",
                     "–" if copies is None else f"{copies:.2f}",
+                    own_cell,
                     "–" if compile_s is None else f"{compile_s:.1f}",
                 ]
                 lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
+            if ratios:
+                share = row["steps_mean"] / row["steps_max"]
+                text = f"T = {num}: mean / max iterations {share:.2f}, target {1.25 * share:.2f}"
+                if "copies_steps" in row:
+                    steps = ", ".join(f"{m} {n}" for m, n in row["copies_steps"].items())
+                    text += f"; the copies' steps: {steps}"
+                targets.append(text)
+        lines += ["", *[t + "." for t in targets], ""] if targets else [""]
 
 
 def _table(rows, columns):
