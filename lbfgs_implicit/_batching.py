@@ -43,7 +43,7 @@ from jaxtyping import Array, Bool, Int, PyTree
 
 from ._history import Pair, write_pair
 from ._linesearch import _evaluate, _WolfeCarry, StrongWolfe
-from ._misc import common_dtype, tree_where, tree_zeros_like
+from ._misc import common_dtype, tree_where, tree_zeros_like, zeros_rows
 
 
 # Batches run by turns when their parameters take this many bytes, in enough lanes
@@ -356,9 +356,7 @@ def _machine(solver, init, value_and_grad_of):
         """The state of a fresh lane: its start and memory (the rest is `init`'s once
         the start is evaluated) and the search's shape."""
         state = init(dyn, placeholder)
-        return state, jtu.tree_map(
-            lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(setup, state)[1]
-        )
+        return state, jtu.tree_map(lambda s: zeros_rows(None, s), jax.eval_shape(setup, state)[1])
 
     def setup(state):
         plan = solver.setup(state)
@@ -499,7 +497,7 @@ def _refill(solver, init, value_and_grad_of, finish, batched, operands_of, num_t
     one = first_task(batched, operands_of)
     shapes = jax.eval_shape(prepare, one)
     (rest, buffers), search = jtu.tree_map(
-        lambda s: jnp.zeros((num_lanes,) + s.shape, s.dtype), (_split(shapes[0]), shapes[1])
+        lambda s: zeros_rows(num_lanes, s), (_split(shapes[0]), shapes[1])
     )
     running = jnp.zeros(num_lanes, bool)
     k = jnp.zeros(num_lanes, jnp.int32)
@@ -530,7 +528,7 @@ def _refill(solver, init, value_and_grad_of, finish, batched, operands_of, num_t
     def row(state):
         return _join(*state[:2])
 
-    out = jtu.tree_map(lambda s: jnp.zeros((num_tasks,) + s.shape, s.dtype), shapes[0])
+    out = jtu.tree_map(lambda s: zeros_rows(num_tasks, s), shapes[0])
     return jax.vmap(finish)(run_lanes(num_tasks, num_lanes, state, load, lane_turn, row, out))
 
 

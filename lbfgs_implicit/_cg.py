@@ -31,7 +31,7 @@ import jax.tree_util as jtu
 import lineax as lx
 
 from . import _batching
-from ._misc import tree_axpy, tree_dot, tree_norm2, tree_sub, tree_where
+from ._misc import tree_axpy, tree_dot, tree_norm2, tree_sub, tree_where, zeros_rows
 
 
 class CG(lx.AbstractLinearSolver):
@@ -409,7 +409,7 @@ def _lanes(static, max_steps, batched, operands_of, num_tasks, num_lanes):
 
     shape_op = [leaf for leaf, o in zip(jtu.tree_leaves(shapes), own) if o]
     shape_start = jax.eval_shape(start, one)
-    zeros = lambda s: jnp.zeros((num_lanes,) + s.shape, s.dtype)  # noqa: E731
+    zeros = lambda s: zeros_rows(num_lanes, s)  # noqa: E731
     state = (
         jtu.tree_map(zeros, shape_op),
         jtu.tree_map(zeros, shape_start),
@@ -455,7 +455,7 @@ def _lanes(static, max_steps, batched, operands_of, num_tasks, num_lanes):
         return y, true_norm, k, broke, rr, second_norm
 
     shape_row = jax.eval_shape(row, jtu.tree_map(lambda a: a[0], state))
-    out = jtu.tree_map(lambda s: jnp.zeros((num_tasks,) + s.shape, s.dtype), shape_row)
+    out = jtu.tree_map(lambda s: zeros_rows(num_tasks, s), shape_row)
     out = _batching.run_lanes(num_tasks, num_lanes, state, load, turn, row, out, has_second)
     y, true_norm, k, broke, rr, second_norm = out
     return y, true_norm, k, broke, rr, second_norm if has_second else None

@@ -126,7 +126,7 @@ def _project(buf: PyTree[Array], v: PyTree[Array], dtype) -> Float[Array, " m"]:
                 x.astype(b.dtype),
                 axes=x.ndim,
                 preferred_element_type=dtype,
-                out_sharding=reduced_sharding(x),
+                out_sharding=reduced_sharding(x, b.ndim - x.ndim),
             )
             for b, x in zip(jtu.tree_leaves(buf), jtu.tree_leaves(v))
         ]
@@ -140,7 +140,11 @@ def _project2(buf: PyTree[Array], v: PyTree[Array], w: PyTree[Array], dtype):
         xz = jnp.stack([x.astype(b.dtype), z.astype(b.dtype)], axis=-1)
         both.append(
             jnp.tensordot(
-                b, xz, axes=x.ndim, preferred_element_type=dtype, out_sharding=reduced_sharding(x)
+                b,
+                xz,
+                axes=x.ndim,
+                preferred_element_type=dtype,
+                out_sharding=reduced_sharding(x, b.ndim - x.ndim + 1),
             )
         )
     both = sum_widest(both)
@@ -416,7 +420,7 @@ def block_inverse(h: History) -> BlockInverse:
         sy, yy = [], []
         for bs, by in zip(jtu.tree_leaves(h.s), jtu.tree_leaves(h.y)):
             axes = tuple(range(1, bs.ndim))
-            out = reduced_sharding(bs)
+            out = reduced_sharding(bs, 2)
             sy.append(
                 jnp.tensordot(
                     bs, by, axes=(axes, axes), preferred_element_type=dtype, out_sharding=out

@@ -136,11 +136,16 @@ def explicit_sharding(x: Array) -> jax.sharding.NamedSharding | None:
     return sharding
 
 
-def reduced_sharding(x: Array) -> jax.sharding.NamedSharding | None:
+def reduced_sharding(x: Array, ndim: int = 0) -> jax.sharding.NamedSharding | None:
     """Replicated on `x`'s mesh when `x` is split along an explicit axis, else `None`: the
-    sharding of a contraction over all of `x`'s axes, which JAX does not infer."""
+    sharding of a contraction over all of `x`'s axes, which JAX does not infer, for an
+    output of `ndim` axes. The spec names every axis: under `vmap`, jax 0.10's
+    `dot_general` batching rule inserts the batch axis into it at the output's batch
+    position and fails on a shorter one (`AssertionError: (1, 0)`)."""
     sharding = explicit_sharding(x)
-    return None if sharding is None else sharding.update(spec=jax.sharding.PartitionSpec())
+    if sharding is None:
+        return None
+    return sharding.update(spec=jax.sharding.PartitionSpec(*(None,) * ndim))
 
 
 def unsplit(x: Array) -> Array:
@@ -161,3 +166,18 @@ def stacked_sharding(x: Array) -> jax.sharding.NamedSharding | None:
     if sharding is None:
         return None
     return sharding.update(spec=jax.sharding.PartitionSpec(None, *sharding.spec))
+
+
+def zeros_rows(n: int | None, s: jax.ShapeDtypeStruct) -> Array:
+    """Zeros shaped like `s` (from `jax.eval_shape`) with `n` rows in front (none if `n`
+    is None), split as `s` is along explicit mesh axes, the rows unsplit: rows written
+    into an unsplit buffer from split arrays are refused ("Incompatible types for
+    broadcasting")."""
+    lead = () if n is None else (n,)
+    zeros = jnp.zeros(lead + s.shape, s.dtype)
+    sharding = getattr(s, "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if spec is None or all(axis is None for axis in spec):
+        return zeros
+    spec = jax.sharding.PartitionSpec(*(None,) * len(lead), *spec)
+    return jax.sharding.reshard(zeros, sharding.update(spec=spec))

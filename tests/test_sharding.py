@@ -629,3 +629,51 @@ def test_batch_replicated_on_an_explicit_mesh_runs_in_lanes(tasks_single_device,
     np.testing.assert_allclose(np.asarray(w), np.asarray(w1), rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(np.asarray(gs), np.asarray(gs1), rtol=1e-10)
     np.testing.assert_allclose(np.asarray(gt), np.asarray(gt1), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["vmap", "refill"])
+def test_vmap_split_with_parameters_split_along_another_axis(mode, monkeypatch):
+    # Tasks split along "d" and every task's parameters (its start) along "e": each
+    # device row solves its own tasks, the two devices of a row sharing each task's
+    # parameters. Plain `vmap` and refilled lanes (forced), against the closed form.
+    from lbfgs_implicit import _batching
+
+    monkeypatch.setattr(_batching, "MODE", mode)
+    monkeypatch.setattr(_batching, "LANES", 1)
+    refills = []
+    refill = _batching._refill
+
+    def counted(*args):
+        refills.append(args[-2])  # its number of tasks
+        return refill(*args)
+
+    monkeypatch.setattr(_batching, "_refill", counted)
+    tasks, n = 16, 64
+    s1, t1 = _SB[:tasks], _TT[:tasks, :n]
+
+    def fn(x, args):  # a new function per test: JAX caches the batched solve by it
+        return _separable(x, args)
+
+    def one(x0, s, t):
+        solver = li.LBFGS(gtol=1e-10)
+        return li.optimize(fn, {"w": x0}, ({"w": t}, s), solver=solver, throw=False)
+
+    def loss(S, T, x0):
+        w = li.vmap_split(one, in_axes=(None, 0, 0))(x0, S, T).params["w"]
+        return jnp.sum(jnp.cos(w) * w), w
+
+    mesh = jax.make_mesh((4, 2), ("d", "e"), axis_types=(AxisType.Explicit,) * 2)
+    with jax.set_mesh(mesh):
+        S = jax.device_put(jnp.asarray(s1), NamedSharding(mesh, P("d")))
+        T = jax.device_put(jnp.asarray(t1), NamedSharding(mesh, P("d", None)))
+        x0 = jax.device_put(jnp.zeros(n), NamedSharding(mesh, P("e")))
+        (_, w), (gs, gt) = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(S, T, x0)
+    assert set(refills) == ({tasks // 4} if mode == "refill" else set())
+    _assert_kept(w, mesh, P("d", "e"))
+    _assert_kept(gs, mesh, P("d"))
+    _assert_kept(gt, mesh, P("d", None))
+    w, gs, gt = np.asarray(w), np.asarray(gs), np.asarray(gt)
+    for i in range(tasks):
+        ds, dt = _closed_form_grads(s1[i], {"w": t1[i]}, {"w": w[i]})
+        np.testing.assert_allclose(gs[i], ds, rtol=1e-7)
+        np.testing.assert_allclose(gt[i], dt["w"], rtol=1e-7, atol=1e-9)
