@@ -43,7 +43,7 @@ from jaxtyping import Array, Bool, Int, PyTree
 
 from ._history import Pair, write_pair
 from ._linesearch import _evaluate, _WolfeCarry, StrongWolfe
-from ._misc import common_dtype, tree_where, tree_zeros_like, zeros_rows
+from ._misc import common_dtype, replay, tree_where, tree_zeros_like, zeros_rows
 
 
 # Batches run by turns when their parameters take this many bytes, in enough lanes
@@ -532,7 +532,9 @@ def _refill(solver, init, value_and_grad_of, finish, batched, operands_of, num_t
     return jax.vmap(finish)(run_lanes(num_tasks, num_lanes, state, load, lane_turn, row, out))
 
 
-def nested_vmap(one: Callable, dyn: PyTree, run: Callable) -> PyTree:
+def nested_vmap(
+    one: Callable, dyn: PyTree, run: Callable, per_task: PyTree[bool] | None = None
+) -> PyTree:
     """`one(dyn)`, whose `jax.vmap` calls `run` with the batch as one list of tasks,
     where `vmap`s nest too.
 
@@ -549,7 +551,20 @@ def nested_vmap(one: Callable, dyn: PyTree, run: Callable) -> PyTree:
     without being broadcast). That is the case of a `vmap` of `jax.jacfwd`, whose
     inner `vmap` over the tangents' basis holds a few tasks, too few for lanes, while
     the outer one holds the batch's elements.
+
+    Each pattern of batched leaves is traced once (`replay`): a `vmap` rule may be
+    asked to batch one call more than once, as `custom_linear_solve` batches its solve
+    until the batched leaves stop changing (first with the right-hand side as it
+    arrives, then batched). `per_task` (flags like `dyn`'s leaves; default none) marks
+    leaves batched whenever a `vmap` batches the call, broadcast where one arrives
+    unbatched, so that such calls are one pattern. `one` is traced once too: the
+    unbatched call and the plain `vmap`s evaluate its jaxpr, whose batching runs no
+    Python.
     """
+    traces = {}
+    one = functools.partial(replay, traces, "one", one)
+    if per_task is None:
+        per_task = jtu.tree_map(lambda _: False, dyn)
 
     def level(sizes, levels, dyn):
         """`one` batched over the grid `sizes`; `levels` gives, per leaf of `dyn`, the
@@ -574,12 +589,23 @@ def nested_vmap(one: Callable, dyn: PyTree, run: Callable) -> PyTree:
         def rule(axis_size, in_batched, dyn):
             (flags,) = in_batched
 
+            def widen(leaf, flag, always):
+                if flag or not always:
+                    return leaf
+                return jnp.broadcast_to(leaf, (axis_size,) + leaf.shape)
+
+            dyn = jtu.tree_map(widen, dyn, flags, per_task)
+            flags = jtu.tree_map(lambda flag, always: flag or always, flags, per_task)
+
             def outer(ls, flag):
                 inner = tuple(j + 1 for j in ls.levels)
                 return _Levels(((0,) if flag else ()) + inner)
 
             new = jtu.tree_map(outer, levels, flags)
-            out = batchable((axis_size,) + tuple(sizes), new)(dyn)
+            grid = (axis_size,) + tuple(sizes)
+            leaves, treedef = jtu.tree_flatten(new)
+            key = (grid, treedef, tuple(ls.levels for ls in leaves))
+            out = replay(traces, key, batchable(grid, new), dyn)
             return out, jtu.tree_map(lambda _: True, out)
 
         return f

@@ -108,8 +108,10 @@ class CG(lx.AbstractLinearSolver):
             # from its iterate.
             enabled = ~jnp.asarray(use) | broke if preconditioner is not None else True
             b = vector if want_residual else None
+            # From zero, `y` and `k` are the same for every right-hand side.
+            from_zero = preconditioner is None and "y0" not in options
             y, r, k, broke, rr, second_norm = _plain_loop(
-                operator, y, r, k, target, max_steps, enabled, b, second
+                operator, y, r, k, target, max_steps, enabled, b, second, from_zero
             )
             true_norm = r if want_residual else None
         stats = {"num_steps": k}
@@ -297,7 +299,7 @@ def _cg_loop(operator, precondition, y, r, k, target, max_steps, enabled, b=None
     return y, true_norm, k, broke, rr, tree_norm2(second_r)
 
 
-def _plain_loop(operator, y, r, k, target, max_steps, enabled, b, second):
+def _plain_loop(operator, y, r, k, target, max_steps, enabled, b, second, from_zero=False):
     """`_cg_loop` unpreconditioned; under `jax.vmap` with a residual turn (`b`), the
     batch runs in refilled lanes (`_lanes`) where `_batching.backward_lanes` says so.
 
@@ -307,6 +309,13 @@ def _plain_loop(operator, y, r, k, target, max_steps, enabled, b, second):
     batched values). Nested `vmap`s run as one batch (`_batching.nested_vmap`): under
     `jax.vmap` of `jax.jacfwd` or `jax.hessian` the tangents' basis alone is too small
     for lanes, the basis times the batch's elements is not.
+
+    The loop's state from the right-hand side (`r`, `target`, `b`, and `y`, `k` and
+    `enabled` unless `from_zero` says `y` and `k` are the zero start) is batched
+    whenever the loop is: `custom_linear_solve` batches its solve first with the
+    right-hand side as it arrives, then batched (a hyperparameter's tangent is the
+    same for every element), and with one pattern of batched operands the second
+    batching is served from jit's trace cache (`nested_vmap`'s `per_task`).
     """
     operands = (operator, y, r, k, target, enabled, b, second)
     dyn, static = eqx.partition(operands, eqx.is_array)
@@ -323,7 +332,9 @@ def _plain_loop(operator, y, r, k, target, max_steps, enabled, b, second):
             return None
         return _lanes(static, max_steps, batched, gather, num_tasks, lanes)
 
-    return _batching.nested_vmap(one, dyn, run)
+    flags = (False, not from_zero, True, not from_zero, True, True, True, False)
+    per_task = tuple(jtu.tree_map(lambda _, f=f: f, d) for f, d in zip(flags, dyn))
+    return _batching.nested_vmap(one, dyn, run, per_task)
 
 
 def _dependent_outputs(jaxpr, flags: list[bool]) -> list[bool]:

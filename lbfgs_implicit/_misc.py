@@ -6,9 +6,11 @@ at least float32 (see `accumulation_dtype`).
 """
 
 import functools
+from collections.abc import Callable
 from typing import Any, TypeAlias
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, Bool, PyTree, Scalar
@@ -181,3 +183,23 @@ def zeros_rows(n: int | None, s: jax.ShapeDtypeStruct) -> Array:
         return zeros
     spec = jax.sharding.PartitionSpec(*(None,) * len(lead), *spec)
     return jax.sharding.reshard(zeros, sharding.update(spec=spec))
+
+
+def replay(traces: dict, key: Any, f: Callable, dyn: PyTree) -> PyTree:
+    """`f(dyn)` (arrays in, arrays out), whose Python runs once per `key` and types of
+    `dyn`'s leaves: the first call's jaxpr, kept in `traces`, is evaluated in place of
+    the later calls.
+
+    For functions that JAX's transformations trace more than once with the same
+    operands (a `vmap` rule that a fixpoint calls twice, a custom JVP's primal). The
+    jaxpr is evaluated in line: a jitted function would serve the same traces from
+    jit's cache, but as a call in the program, which XLA does not always compile to the
+    same kernels as its body in line.
+    """
+    leaves, treedef = jtu.tree_flatten(dyn)
+    key = (key, treedef, tuple(jax.typeof(leaf) for leaf in leaves))
+    if key not in traces:
+        traces[key] = jax.make_jaxpr(f, return_shape=True)(dyn)
+    closed, shape = traces[key]
+    out = jax.extend.core.jaxpr_as_fun(closed)(*leaves)
+    return jtu.tree_unflatten(jtu.tree_structure(shape), out)

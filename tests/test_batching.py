@@ -500,3 +500,61 @@ def test_nested_vmap_runs_as_one_batch(single, monkeypatch):
             assert _code(grid.result, (r, c)) == _code(alone.result)
             if bool(alone.result == li.RESULTS.successful):
                 np.testing.assert_allclose(grid.params[r, c], alone.params, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("mode", ["auto", "refill"])
+def test_backward_batching_traced_once(mode, monkeypatch):
+    # The gradient of a batch's loss with respect to a hyperparameter all elements
+    # share: custom_linear_solve's batching fixpoint batches the backward solve first
+    # with the (unbatched) right-hand side as it arrives, then with it batched. Both
+    # batch patterns are one to the CG loop's `vmap` rule (`_cg._plain_loop`), whose
+    # second call is served from jit's trace cache: the rule runs once (in plain
+    # `vmap` here, in lanes when refilled) and the loop's Python is traced once,
+    # whatever the rule does. Each hypergradient is the sum of the elements' alone.
+    import lbfgs_implicit._cg as cg
+
+    rules, loops = [], []
+    backward_lanes, cg_loop = batching.backward_lanes, cg._cg_loop
+
+    def lanes_spy(num_tasks, num_bytes):
+        rules.append(num_tasks)
+        return backward_lanes(num_tasks, num_bytes)
+
+    def loop_spy(operator, precondition, *args):
+        if precondition is None:
+            loops.append(1)
+        return cg_loop(operator, precondition, *args)
+
+    monkeypatch.setattr(batching, "backward_lanes", lanes_spy)
+    monkeypatch.setattr(cg, "_cg_loop", loop_spy)
+
+    def factory():
+        banana = _banana()
+
+        def fn(x, args):
+            a, w = args
+            # The right-hand side of the tangent solve, the tangent of `w`, is the same
+            # for every element: it arrives unbatched.
+            return banana(x, a) + 0.5 * jnp.sum((x - w) ** 2)
+
+        def element(w, a, x0):
+            sol = li.optimize(fn, x0, (a, w), solver=li.LBFGS(max_steps=1000), throw=False)
+            return jnp.sum(jnp.sin(sol.params))
+
+        return element
+
+    starts = STARTS.at[1, 0].set(-1.1)
+    element = factory()
+    w = jnp.linspace(0.1, 0.4, N)
+
+    def loss(w):
+        return jnp.sum(jax.vmap(element, in_axes=(None, 0, 0))(w, SCALES, starts))
+
+    with _form(mode):
+        grad = jax.jit(jax.grad(loss))(w)
+    assert rules == [len(SCALES)]
+    assert len(loops) == 1
+    alone = jax.jit(jax.grad(factory()))
+    expected = sum(alone(w, SCALES[i], starts[i]) for i in range(len(SCALES)))
+    # Within the CG tolerance (3.7e-11): batched and single arithmetic round differently.
+    np.testing.assert_allclose(grad, expected, rtol=1e-9)
