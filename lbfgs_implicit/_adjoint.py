@@ -37,6 +37,7 @@ from ._misc import (
     common_dtype,
     eps,
     explicit_sharding,
+    replay,
     tree_allfinite,
     tree_axpy,
     tree_dot,
@@ -769,7 +770,6 @@ def _active_tangent(t, at_lower, at_upper, x_star):
     return _keep(at_lower, full(t_lower), _keep(at_upper, full(t_upper), zero))
 
 
-@eqx.filter_custom_jvp
 def implicit_solve(theta, *, x0, solver, adjoint, throw, warm_start=None):
     """`(x*, f(x*), state)` of the solve, differentiable in `theta = (closed_fn, args, box)`.
 
@@ -779,20 +779,57 @@ def implicit_solve(theta, *, x0, solver, adjoint, throw, warm_start=None):
     solve started or with which memory). `f(x*)` is the loop's own value at `x*`, in
     the solver state's dtype.
     """
-    fn, args, box = theta
-    x_star, state = iterate(solver, fn, args, x0, box, warm_start)
-    return x_star, state.f, state
+    return _implicit_solve(
+        theta,
+        x0=x0,
+        solver=solver,
+        adjoint=adjoint,
+        throw=throw,
+        warm_start=warm_start,
+        traces=_Traces(),
+    )
 
 
-@implicit_solve.def_jvp
-def _implicit_solve_jvp(primals, tangents, *, x0, solver, adjoint, throw, warm_start=None):
+class _Traces:
+    """The jaxprs of one `implicit_solve`'s forward solve (`replay`), shared by its
+    primal and its JVP rule's: a plain object, so that it reaches both by reference."""
+
+    def __init__(self):
+        self.jaxprs = {}
+
+
+@eqx.filter_custom_jvp
+def _implicit_solve(theta, *, x0, solver, adjoint, throw, warm_start, traces):
+    # Under `jax.jit` of `jax.grad` the forward solve is traced twice: as the primal of
+    # the jitted program, then as the primal of the JVP rule, when the program is
+    # linearised. The second evaluates the first's jaxpr (and the forward's `vmap`
+    # rule, `_batching.nested_vmap`, its batched jaxpr).
+    del adjoint, throw
+    dyn, static = eqx.partition((theta, x0, warm_start), eqx.is_array)
+
+    def solve(dyn):
+        (fn, args, box), x0, warm_start = eqx.combine(dyn, static)
+        x_star, state = iterate(solver, fn, args, x0, box, warm_start)
+        return x_star, state.f, state
+
+    return replay(traces.jaxprs, "forward", solve, dyn)
+
+
+@_implicit_solve.def_jvp
+def _implicit_solve_jvp(primals, tangents, *, x0, solver, adjoint, throw, warm_start, traces):
     (theta,) = primals
     (t_theta,) = tangents
     # The primal through the custom-JVP function itself (not `iterate`), so that
     # differentiating this rule again (jax.hessian, reverse-over-reverse) sees the
     # implicit derivative of x* instead of an unrolled while loop.
-    out = implicit_solve(
-        theta, x0=x0, solver=solver, adjoint=adjoint, throw=throw, warm_start=warm_start
+    out = _implicit_solve(
+        theta,
+        x0=x0,
+        solver=solver,
+        adjoint=adjoint,
+        throw=throw,
+        warm_start=warm_start,
+        traces=traces,
     )
     x_star, value, state = out
     state = lax.stop_gradient(state)

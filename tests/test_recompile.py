@@ -59,3 +59,46 @@ def test_jitted_hypergradient_compiles_once():
     g2 = grad(2.0 * jnp.ones(3))
     assert len(traces) == n
     assert not np.allclose(g1, g2)
+
+
+def test_hypergradient_traces_the_forward_solve_once(monkeypatch):
+    # `jax.jit` of `jax.grad` traces the solve as the jitted program's primal, then as
+    # the primal of the custom JVP rule when it linearises the program: the second
+    # evaluates the first's jaxpr, also under `vmap`, where the batch's rule (here by
+    # turns) runs once too.
+    import lbfgs_implicit._adjoint as adjoint
+    import lbfgs_implicit._batching as batching
+
+    from helpers import batching_form
+
+    iterates, turns = [], []
+    iterate, run_turns = adjoint.iterate, batching._turns
+
+    def iterate_spy(*args):
+        iterates.append(1)
+        return iterate(*args)
+
+    def turns_spy(*args):
+        turns.append(1)
+        return run_turns(*args)
+
+    monkeypatch.setattr(adjoint, "iterate", iterate_spy)
+    monkeypatch.setattr(batching, "_turns", turns_spy)
+    a = jnp.array([0.5, 1.0, 2.0])
+
+    def solve(a):
+        return li.optimize(_counting_objective()[0], jnp.zeros(3), a).params
+
+    x = solve(a)
+    iterates.clear()
+    grad = jax.jit(jax.grad(lambda a: jnp.sum(solve(a))))(a)
+    assert len(iterates) == 1
+    # At the minimiser 2 (x - a) + 4 x^3 = 0, so dx/da = 2 / (2 + 12 x^2).
+    np.testing.assert_allclose(grad, 2 / (2 + 12 * x**2), rtol=1e-8)
+    iterates.clear()
+    batch = jnp.stack([a, 2 * a])
+    with batching_form("turns", None):
+        grads = jax.jit(jax.grad(lambda b: jnp.sum(jax.vmap(solve)(b))))(batch)
+    assert len(iterates) == 1 and len(turns) == 1
+    xs = jax.vmap(solve)(batch)
+    np.testing.assert_allclose(grads, 2 / (2 + 12 * xs**2), rtol=1e-8)
