@@ -381,6 +381,9 @@ def _cost(fn, *args) -> float:
 
 
 def _switch_mv(use, block: BlockInverse, sigma, r):
+    # For lineax's CG only, which `_linear_solve` refuses on vectors split along an
+    # explicit mesh axis: under `vmap` this cond (turned into selects) would drop their
+    # split, as the line search's would (see `StrongWolfe.__call__`).
     return lax.cond(use, lambda r: apply_block_inverse(block, sigma, r), lambda r: r, r)
 
 

@@ -415,17 +415,19 @@ _separable_value_and_grad = jax.jit(
 )
 
 
-def _closed_form_grads(s, t, x):
+def _closed_form_grads(s, t, x, lower=None):
     """d/ds and d/dt of sum(x cos x) at the minimiser x(s, t), by the implicit function
-    theorem on each coordinate's stationarity condition."""
+    theorem on each coordinate's stationarity condition; with a `lower` bound, the
+    coordinates held at it do not move."""
     ds, dt = 0.0, {}
     for k in x:
         xk, tk = np.asarray(x[k], np.float64), np.asarray(t[k], np.float64)
         sech2 = 1 / np.cosh(xk - tk) ** 2
         curvature = s * sech2 - _C * np.sin(xk)
         outer = np.cos(xk) - xk * np.sin(xk)
-        ds += np.sum(outer * -np.tanh(xk - tk) / curvature)
-        dt[k] = outer * s * sech2 / curvature
+        free = np.ones(xk.shape, bool) if lower is None else xk > lower
+        ds += np.sum(np.where(free, outer * -np.tanh(xk - tk) / curvature, 0))
+        dt[k] = np.where(free, outer * s * sech2 / curvature, 0)
     return ds, dt
 
 
@@ -631,11 +633,12 @@ def test_batch_replicated_on_an_explicit_mesh_runs_in_lanes(tasks_single_device,
     np.testing.assert_allclose(np.asarray(gt), np.asarray(gt1), rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("mode", ["vmap", "refill"])
-def test_vmap_split_with_parameters_split_along_another_axis(mode, monkeypatch):
-    # Tasks split along "d" and every task's parameters (its start) along "e": each
-    # device row solves its own tasks, the two devices of a row sharing each task's
-    # parameters. Plain `vmap` and refilled lanes (forced), against the closed form.
+@pytest.mark.parametrize("mode, bounded", [("vmap", False), ("refill", False), ("vmap", True)])
+def test_vmap_split_with_parameters_split_along_another_axis(mode, bounded, monkeypatch):
+    # Tasks split along "d" and every task's parameters (its start, and its lower bound
+    # when `bounded`) along "e": each device row solves its own tasks, the two devices of
+    # a row sharing each task's parameters. Plain `vmap` and refilled lanes (forced),
+    # against the closed form.
     from lbfgs_implicit import _batching
 
     monkeypatch.setattr(_batching, "MODE", mode)
@@ -654,12 +657,15 @@ def test_vmap_split_with_parameters_split_along_another_axis(mode, monkeypatch):
     def fn(x, args):  # a new function per test: JAX caches the batched solve by it
         return _separable(x, args)
 
-    def one(x0, s, t):
-        solver = li.LBFGS(gtol=1e-10)
-        return li.optimize(fn, {"w": x0}, ({"w": t}, s), solver=solver, throw=False)
+    lower = -0.5 if bounded else None
 
-    def loss(S, T, x0):
-        w = li.vmap_split(one, in_axes=(None, 0, 0))(x0, S, T).params["w"]
+    def one(x0, lo, s, t):
+        solver = li.LBFGS(gtol=1e-10)
+        bounds = None if lo is None else ({"w": lo}, None)
+        return li.optimize(fn, {"w": x0}, ({"w": t}, s), solver=solver, bounds=bounds, throw=False)
+
+    def loss(S, T, x0, lo):
+        w = li.vmap_split(one, in_axes=(None, None, 0, 0))(x0, lo, S, T).params["w"]
         return jnp.sum(jnp.cos(w) * w), w
 
     mesh = jax.make_mesh((4, 2), ("d", "e"), axis_types=(AxisType.Explicit,) * 2)
@@ -667,13 +673,17 @@ def test_vmap_split_with_parameters_split_along_another_axis(mode, monkeypatch):
         S = jax.device_put(jnp.asarray(s1), NamedSharding(mesh, P("d")))
         T = jax.device_put(jnp.asarray(t1), NamedSharding(mesh, P("d", None)))
         x0 = jax.device_put(jnp.zeros(n), NamedSharding(mesh, P("e")))
-        (_, w), (gs, gt) = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(S, T, x0)
+        lo = None if lower is None else jax.device_put(jnp.full(n, lower), x0.sharding)
+        (_, w), (gs, gt) = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(S, T, x0, lo)
     assert set(refills) == ({tasks // 4} if mode == "refill" else set())
     _assert_kept(w, mesh, P("d", "e"))
     _assert_kept(gs, mesh, P("d"))
     _assert_kept(gt, mesh, P("d", None))
     w, gs, gt = np.asarray(w), np.asarray(gs), np.asarray(gt)
+    if bounded:  # some coordinates of every task held at the bound, most free
+        held = np.sum(w <= lower, axis=1)
+        assert np.all(held > 0) and np.all(held < n // 2)
     for i in range(tasks):
-        ds, dt = _closed_form_grads(s1[i], {"w": t1[i]}, {"w": w[i]})
+        ds, dt = _closed_form_grads(s1[i], {"w": t1[i]}, {"w": w[i]}, lower)
         np.testing.assert_allclose(gs[i], ds, rtol=1e-7)
         np.testing.assert_allclose(gt[i], dt["w"], rtol=1e-7, atol=1e-9)
