@@ -29,11 +29,11 @@ from jaxtyping import Array, Float, Int, PyTree, Scalar
 
 from ._misc import (
     reduced_sharding,
-    stacked_sharding,
     sum_widest,
     tree_axpy,
     tree_dot,
     tree_scale,
+    zeros_rows,
 )
 
 
@@ -71,7 +71,7 @@ def init_history(
     """An empty memory shaped like `x`; `compact=None` chooses the form from the size."""
     if compact is None:
         compact = sum(jnp.size(leaf) for leaf in jtu.tree_leaves(x)) >= COMPACT_MIN_SIZE
-    stacked = jtu.tree_map(lambda leaf: _zeros_stacked(leaf, history_size), x)
+    stacked = jtu.tree_map(lambda leaf: zeros_rows(history_size, leaf), x)
     return History(
         s=stacked,
         y=stacked,
@@ -82,15 +82,6 @@ def init_history(
         count=jnp.zeros((), jnp.int32),
         compact=compact,
     )
-
-
-def _zeros_stacked(leaf: Array, m: int) -> Array:
-    """`m` zero copies of `leaf`, split like it along explicit mesh axes (the new axis
-    unsplit). By `reshard`: `jnp.zeros(out_sharding=)` outside `jax.set_mesh` makes
-    an unsplit array in jax 0.12."""
-    zeros = jnp.zeros((m,) + leaf.shape, leaf.dtype)
-    sharding = stacked_sharding(leaf)
-    return zeros if sharding is None else jax.sharding.reshard(zeros, sharding)
 
 
 def _wrap(i, m: int):

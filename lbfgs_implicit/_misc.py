@@ -122,7 +122,7 @@ def tree_zeros_like(a: Y) -> Y:
     return jtu.tree_map(jnp.zeros_like, a)
 
 
-def explicit_sharding(x: Array) -> jax.sharding.NamedSharding | None:
+def explicit_sharding(x: Array | jax.ShapeDtypeStruct) -> jax.sharding.NamedSharding | None:
     """The sharding `x`'s type states, when it splits `x` along an explicit mesh axis.
 
     Only `AxisType.Explicit` axes appear in a traced value's type; then every operation
@@ -162,26 +162,23 @@ def split_like(x: Array, like: Array) -> Array:
     return x if sharding is None else jax.sharding.reshard(x, sharding)
 
 
-def stacked_sharding(x: Array) -> jax.sharding.NamedSharding | None:
-    """`explicit_sharding(x)` for an array of one more (unsplit) leading axis."""
-    sharding = explicit_sharding(x)
-    if sharding is None:
-        return None
-    return sharding.update(spec=jax.sharding.PartitionSpec(None, *sharding.spec))
+def zeros_rows(n: int | None, like: Array | jax.ShapeDtypeStruct) -> Array:
+    """Zeros shaped like `like` with `n` rows in front (none if `n` is None), split as
+    `like` is along explicit mesh axes, the rows unsplit.
 
-
-def zeros_rows(n: int | None, s: jax.ShapeDtypeStruct) -> Array:
-    """Zeros shaped like `s` (from `jax.eval_shape`) with `n` rows in front (none if `n`
-    is None), split as `s` is along explicit mesh axes, the rows unsplit: rows written
-    into an unsplit buffer from split arrays are refused ("Incompatible types for
-    broadcasting")."""
+    `like` is an array or a `jax.ShapeDtypeStruct` (from `jax.eval_shape`). Buffers that
+    hold copies of split arrays (the memory's pairs, the lanes' states) must be split
+    like them: rows written into an unsplit buffer from split arrays are refused
+    ("Incompatible types for broadcasting"). Made by `reshard`: `jnp.zeros(out_sharding=)`
+    outside `jax.set_mesh` makes an unsplit array in jax 0.12. Elsewhere (one device,
+    `Auto` axes, replicated) plain `jnp.zeros`.
+    """
     lead = () if n is None else (n,)
-    zeros = jnp.zeros(lead + s.shape, s.dtype)
-    sharding = getattr(s, "sharding", None)
-    spec = getattr(sharding, "spec", None)
-    if spec is None or all(axis is None for axis in spec):
+    zeros = jnp.zeros(lead + tuple(like.shape), like.dtype)
+    sharding = explicit_sharding(like)
+    if sharding is None:
         return zeros
-    spec = jax.sharding.PartitionSpec(*(None,) * len(lead), *spec)
+    spec = jax.sharding.PartitionSpec(*(None,) * len(lead), *sharding.spec)
     return jax.sharding.reshard(zeros, sharding.update(spec=spec))
 
 
