@@ -182,8 +182,8 @@ class ImplicitAdjoint(AbstractAdjoint):
     linearisation and product are CG's own, in a loop of two turns around the steps).
     Compiling the MLP hypergradient of
     `python -m benchmarks.compile_mlp` (`benchmarks/results/compile_mlp.json`, with
-    `lbfgs_implicit_unchecked`) took 0.95x the CPU time for one task and 0.81x for 16
-    (medians of 3, loaded machine). A degenerate minimiser then gives a wrong
+    `lbfgs_implicit_unchecked`) took 0.99x the CPU time for one task and 0.71x for 16
+    (medians of 3). A degenerate minimiser then gives a wrong
     hypergradient without an error.
     """
 
