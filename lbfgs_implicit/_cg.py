@@ -310,12 +310,12 @@ def _plain_loop(operator, y, r, k, target, max_steps, enabled, b, second, from_z
     `jax.vmap` of `jax.jacfwd` or `jax.hessian` the tangents' basis alone is too small
     for lanes, the basis times the batch's elements is not.
 
-    The loop's state from the right-hand side (`r`, `target`, `b`, and `y`, `k` and
-    `enabled` unless `from_zero` says `y` and `k` are the zero start) is batched
-    whenever the loop is: `custom_linear_solve` batches its solve first with the
-    right-hand side as it arrives, then batched (a hyperparameter's tangent is the
-    same for every element), and with one pattern of batched operands the second
-    batching is served from jit's trace cache (`nested_vmap`'s `per_task`).
+    The loop's state from the right-hand side (`r`, `target`, `enabled`, `b`, and `y`
+    and `k` unless `from_zero` says they are the zero start) is batched whenever the
+    loop is: `custom_linear_solve` batches its solve first with the right-hand side as
+    it arrives, then batched (a hyperparameter's tangent is the same for every
+    element), and with one pattern of batched operands (`nested_vmap`'s `per_task`)
+    the second batching evaluates the first's jaxpr instead of tracing the loop again.
     """
     operands = (operator, y, r, k, target, enabled, b, second)
     dyn, static = eqx.partition(operands, eqx.is_array)

@@ -508,7 +508,7 @@ def test_backward_batching_traced_once(mode, monkeypatch):
     # share: custom_linear_solve's batching fixpoint batches the backward solve first
     # with the (unbatched) right-hand side as it arrives, then with it batched. Both
     # batch patterns are one to the CG loop's `vmap` rule (`_cg._plain_loop`), whose
-    # second call is served from jit's trace cache: the rule runs once (in plain
+    # second call evaluates the first's jaxpr: the rule runs once (in plain
     # `vmap` here, in lanes when refilled) and the loop's Python is traced once,
     # whatever the rule does. Each hypergradient is the sum of the elements' alone.
     import lbfgs_implicit._cg as cg
