@@ -48,15 +48,9 @@ class _Plan:
         dim = axis + ndim if axis < 0 else axis
         if not 0 <= dim < ndim:  # `jax.vmap` says it is out of range
             return P()
-        for other, names in enumerate(split):
-            if other != dim and names:
-                raise ValueError(
-                    f"`lbfgs_implicit.vmap_split`: the batched argument {where} ({aval}) is "
-                    f"split along the mesh axis {names!r} on its dimension {other}, which is "
-                    f"not its batch dimension ({dim}). Each device solves whole tasks of "
-                    "its own: split only the batch dimension, e.g. "
-                    f"`jax.reshard(x, P({', '.join(['None'] * dim + [repr(_entry(names))])}))`."
-                )
+        # Its other dimensions may be split along the mesh's other axes (a task's
+        # parameters split across devices): those axes stay outside `shard_map`'s manual
+        # ones, as they are for unbatched arguments.
         self.batched.append((where, split[dim], mesh))
         return P(*([None] * dim), _entry(split[dim])) if split[dim] else P()
 
@@ -108,9 +102,9 @@ def vmap_split(fn: Callable[..., Any], in_axes: Any = 0) -> Callable[..., Any]:
     whole batch. Results are those of `jax.vmap(fn, in_axes)` on one device, and come
     back split along the batch's axis, as do gradients with respect to split arguments.
 
-    When no batched argument is split along an explicit axis (one device, a replicated
-    batch, or `AxisType.Auto` axes, whose splits types do not show), this is exactly
-    `jax.vmap(fn, in_axes)`.
+    When no batched argument is split along an explicit axis on its batch dimension (one
+    device, a replicated batch, or `AxisType.Auto` axes, whose splits types do not
+    show), this is exactly `jax.vmap(fn, in_axes)`.
 
     **Arguments:**
 
@@ -129,9 +123,10 @@ def vmap_split(fn: Callable[..., Any], in_axes: Any = 0) -> Callable[..., Any]:
     **Requirements**, each checked with a `ValueError` that says what to change:
 
     - Every batched argument is split along the same explicit mesh axis (or tuple of
-      axes) on its batch dimension and nowhere else. (JAX itself refuses arrays whose
-      split dimension is not divisible by the axis size, so each device holds whole
-      tasks.)
+      axes) on its batch dimension. (JAX itself refuses arrays whose split dimension is
+      not divisible by the axis size, so each device holds whole tasks.) Their other
+      dimensions may be split along the mesh's other axes, as a task's parameters
+      split across devices.
     - Unbatched arguments are not split along that axis: every task needs all of them.
     - `fn` closes over no array placed on the mesh (one created under `jax.set_mesh`,
       or an argument of an enclosing `jax.jit` there): `jax.shard_map` does not accept

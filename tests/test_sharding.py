@@ -344,6 +344,22 @@ def test_vmap_split_reads_the_split_from_the_types(layout):
         _assert_kept(out, mesh, P("d"))
 
 
+@pytest.mark.parametrize("batch", ["d", None])
+def test_vmap_split_batched_arguments_split_along_other_axes(batch):
+    # A batched argument's other dimensions may be split along the mesh's other axes
+    # (each task's parameters split across devices): with the batch along "d" inside a
+    # shard_map over "d" only, with a replicated batch `jax.vmap` itself; the split kept.
+    mesh = jax.make_mesh((4, 2), ("d", "e"), axis_types=(AxisType.Explicit,) * 2)
+    X = jnp.arange(32.0).reshape(8, 4)
+    x = jax.device_put(X, NamedSharding(mesh, P(batch, "e")))
+    mapped = li.vmap_split(lambda x, y: x * y, in_axes=(0, None))
+    y = jnp.arange(1.0, 5.0)
+    assert ("shard_map" in str(jax.make_jaxpr(mapped)(x, y))) == (batch is not None)
+    out = jax.jit(mapped)(x, y)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(X) * np.asarray(y))
+    _assert_kept(out, mesh, P(batch, "e"))
+
+
 def test_vmap_split_refusals():
     mesh = jax.make_mesh((4, 2), ("d", "e"), axis_types=(AxisType.Explicit,) * 2)
     X = jnp.ones((8, 4))
@@ -352,8 +368,6 @@ def test_vmap_split_refusals():
         return jax.device_put(x, NamedSharding(mesh, spec))
 
     mapped = li.vmap_split(lambda x, y: x * y, in_axes=(0, None))
-    with pytest.raises(ValueError, match=r"args\[0\] .* dimension 1, which is not its batch"):
-        mapped(put(X, P(None, "e")), jnp.ones(4))
     with pytest.raises(
         ValueError, match=r"unbatched argument args\[1\] is split along the batch's"
     ):
@@ -633,11 +647,20 @@ def test_batch_replicated_on_an_explicit_mesh_runs_in_lanes(tasks_single_device,
     np.testing.assert_allclose(np.asarray(gt), np.asarray(gt1), rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("mode, bounded", [("vmap", False), ("refill", False), ("vmap", True)])
-def test_vmap_split_with_parameters_split_along_another_axis(mode, bounded, monkeypatch):
+@pytest.mark.parametrize(
+    "mode, bounded, per_task",
+    [
+        ("vmap", False, False),
+        ("refill", False, False),
+        ("vmap", True, False),
+        ("vmap", False, True),
+    ],
+)
+def test_vmap_split_with_parameters_split_along_another_axis(mode, bounded, per_task, monkeypatch):
     # Tasks split along "d" and every task's parameters (its start, and its lower bound
     # when `bounded`) along "e": each device row solves its own tasks, the two devices of
-    # a row sharing each task's parameters. Plain `vmap` and refilled lanes (forced),
+    # a row sharing each task's parameters. With `per_task`, the starts and the data are
+    # batched arguments split along both axes. Plain `vmap` and refilled lanes (forced),
     # against the closed form.
     from lbfgs_implicit import _batching
 
@@ -665,20 +688,24 @@ def test_vmap_split_with_parameters_split_along_another_axis(mode, bounded, monk
         return li.optimize(fn, {"w": x0}, ({"w": t}, s), solver=solver, bounds=bounds, throw=False)
 
     def loss(S, T, x0, lo):
-        w = li.vmap_split(one, in_axes=(None, None, 0, 0))(x0, lo, S, T).params["w"]
+        in_axes = (0 if per_task else None, None, 0, 0)
+        w = li.vmap_split(one, in_axes=in_axes)(x0, lo, S, T).params["w"]
         return jnp.sum(jnp.cos(w) * w), w
 
     mesh = jax.make_mesh((4, 2), ("d", "e"), axis_types=(AxisType.Explicit,) * 2)
     with jax.set_mesh(mesh):
         S = jax.device_put(jnp.asarray(s1), NamedSharding(mesh, P("d")))
-        T = jax.device_put(jnp.asarray(t1), NamedSharding(mesh, P("d", None)))
+        t_spec = P("d", "e") if per_task else P("d", None)
+        T = jax.device_put(jnp.asarray(t1), NamedSharding(mesh, t_spec))
         x0 = jax.device_put(jnp.zeros(n), NamedSharding(mesh, P("e")))
         lo = None if lower is None else jax.device_put(jnp.full(n, lower), x0.sharding)
+        if per_task:
+            x0 = jax.device_put(jnp.zeros((tasks, n)), NamedSharding(mesh, P("d", "e")))
         (_, w), (gs, gt) = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(S, T, x0, lo)
     assert set(refills) == ({tasks // 4} if mode == "refill" else set())
     _assert_kept(w, mesh, P("d", "e"))
     _assert_kept(gs, mesh, P("d"))
-    _assert_kept(gt, mesh, P("d", None))
+    _assert_kept(gt, mesh, t_spec)
     w, gs, gt = np.asarray(w), np.asarray(gs), np.asarray(gt)
     if bounded:  # some coordinates of every task held at the bound, most free
         held = np.sum(w <= lower, axis=1)
