@@ -63,6 +63,8 @@ FORWARD = {"gtol": 1e-10, "jaxopt_tol": 1e-10, "optimistix_rtol_atol": 1e-12}
 MAX_STEPS = 5000
 # optimistix+CG's tolerance: 20x tighter than our default eps^(2/3), in its favour.
 CG_TOL = float(np.finfo(np.float64).eps) ** 0.75
+# Interleaved timing rounds of the ridge and logistic tables.
+ROUNDS = 5
 
 
 def make_solve(method, fn, x0):
@@ -109,8 +111,8 @@ def make_solve(method, fn, x0):
     return solve
 
 
-def measure(method, fn, outer, x0, theta, data, repeats):
-    """Compile and warm times of the forward solve and of `value_and_grad(outer)`."""
+def _compile(method, fn, outer, x0, theta, data):
+    """The forward solve's and `value_and_grad(outer)`'s compiled programs and compile times."""
     solve = make_solve(method, fn, x0)
 
     def loss(theta, data):
@@ -118,6 +120,12 @@ def measure(method, fn, outer, x0, theta, data, repeats):
 
     fwd, fwd_compile = compile_jit(loss, theta, data)
     full, full_compile = compile_jit(jax.value_and_grad(loss), theta, data)
+    return fwd, fwd_compile, full, full_compile
+
+
+def measure(method, fn, outer, x0, theta, data, repeats):
+    """Compile and warm times of the forward solve and of `value_and_grad(outer)`."""
+    fwd, fwd_compile, full, full_compile = _compile(method, fn, outer, x0, theta, data)
     fwd_s, _ = time_call(fwd, theta, data, repeats=repeats)
     full_s, (value, grad) = time_call(full, theta, data, repeats=repeats)
     return {
@@ -131,6 +139,75 @@ def measure(method, fn, outer, x0, theta, data, repeats):
         "value": float(value),
         "grad": np.asarray(grad),
     }
+
+
+def _timed(fn, theta, data, repeats):
+    """Median wall and CPU seconds of `repeats` warm calls (one untimed call first)."""
+    out = jax.block_until_ready(fn(theta, data))
+    wall, cpu = [], []
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = jax.block_until_ready(fn(theta, data))
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return float(np.median(wall)), float(np.median(cpu)), out
+
+
+def measure_interleaved(methods, fn, outer, x0, theta, data, repeats, rounds=ROUNDS):
+    """`measure` for several methods, timed in turns so that load hits them alike.
+
+    Every method is compiled first; then each of `rounds` rounds times every method's
+    forward solve and value_and_grad in turn (`repeats` calls each, median). Times are
+    the medians over rounds; `total_vs_first` and `total_cpu_vs_first` are the medians
+    over rounds of each round's value_and_grad time over that of `methods[0]` (wall and
+    CPU seconds). A method that fails to compile or run gets a row with `error`.
+    """
+    compiled, rows = {}, {}
+    for method in methods:
+        try:
+            compiled[method] = _compile(method, fn, outer, x0, theta, data)
+        except Exception as e:
+            traceback.print_exc()
+            rows[method] = {"method": method, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+    times = {m: {"fwd": [], "full": [], "full_cpu": []} for m in compiled}
+    outputs = {}
+    for _ in range(rounds):
+        for method, (fwd, _, full, _) in list(compiled.items()):
+            try:
+                fwd_s, _, _ = _timed(fwd, theta, data, repeats)
+                full_s, full_cpu, outputs[method] = _timed(full, theta, data, repeats)
+            except Exception as e:
+                traceback.print_exc()
+                rows[method] = {"method": method, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+                del compiled[method], times[method]
+                continue
+            times[method]["fwd"].append(fwd_s)
+            times[method]["full"].append(full_s)
+            times[method]["full_cpu"].append(full_cpu)
+    first = times.get(methods[0])
+    for method, t in times.items():
+        fwd_s, full_s = float(np.median(t["fwd"])), float(np.median(t["full"]))
+        value, grad = outputs[method]
+        row = {
+            "method": method,
+            "compile_s": compiled[method][3],
+            "forward_compile_s": compiled[method][1],
+            "forward_s": fwd_s,
+            "total_s": full_s,
+            "total_cpu_s": float(np.median(t["full_cpu"])),
+            "backward_s": max(full_s - fwd_s, 0.0),
+            "backward_share": max(full_s - fwd_s, 0.0) / full_s,
+            "rounds": rounds,
+            "value": float(value),
+            "grad": np.asarray(grad),
+        }
+        if first is not None:
+            row["total_vs_first"] = float(np.median(np.divide(t["full"], first["full"])))
+            row["total_cpu_vs_first"] = float(
+                np.median(np.divide(t["full_cpu"], first["full_cpu"]))
+            )
+        rows[method] = row
+    return [rows[m] for m in methods]
 
 
 def _rel_err(g, ref):
@@ -183,9 +260,7 @@ def ridge_accuracy(n, m, m_val, repeats, methods):
     inner, outer, x0, data, exact = ridge_problem(n, m, m_val)
     theta = jnp.asarray(np.log(0.1))
     ref = exact(theta)
-    rows = []
-    for method in methods:
-        rows.append(_accuracy_row(method, inner, outer, x0, theta, data, ref, repeats))
+    rows = _accuracy_rows(methods, inner, outer, x0, theta, data, ref, repeats)
     return {"n": n, "m": m, "reference": "closed form", "rows": rows}
 
 
@@ -237,20 +312,18 @@ def logistic_accuracy(repeats, methods, h=1e-5):
         return float(loss_newton(t, data))
 
     ref = np.array([(at(theta + h * e) - at(theta - h * e)) / (2 * h) for e in np.eye(theta.size)])
-    rows = [_accuracy_row(m, inner, outer, x0, theta, data, ref, repeats) for m in methods]
+    rows = _accuracy_rows(methods, inner, outer, x0, theta, data, ref, repeats)
     return {"n": int(x0.size), "reference": f"central differences, h={h}", "rows": rows}
 
 
-def _accuracy_row(method, inner, outer, x0, theta, data, ref, repeats):
-    try:
-        row = measure(method, inner, outer, x0, theta, data, repeats)
-        row["rel_error"] = _rel_err(row.pop("grad"), ref)
-        row["error"] = None
-    except Exception as e:
-        traceback.print_exc()
-        row = {"method": method, "error": f"{type(e).__name__}: {str(e)[:300]}"}
-    print(f"  {method:24s} {_fmt(row)}", flush=True)
-    return row
+def _accuracy_rows(methods, inner, outer, x0, theta, data, ref, repeats):
+    rows = measure_interleaved(methods, inner, outer, x0, theta, data, repeats)
+    for row in rows:
+        if "grad" in row:
+            row["rel_error"] = _rel_err(row.pop("grad"), ref)
+            row["error"] = None
+        print(f"  {row['method']:24s} {_fmt(row)}", flush=True)
+    return rows
 
 
 def _fmt(row):

@@ -347,21 +347,44 @@ def acceptance_a(table, lines, compile_time=None):
     lines.append("")
 
 
+_INTERLEAVED = (
+    " In the next two tables the methods are compiled first and then timed in turns, round"
+    " after round (each method's time is the median over the rounds; a ratio is the median of"
+    " each round's ratio); the scaling sweep runs each case in its own process, one after"
+    " another."
+)
+
+
+def _paired(hyp):
+    blocks = [hyp[k] for k in ("ridge", "logistic") if k in hyp]
+    return any("total_cpu_vs_first" in r for b in blocks for r in b["rows"])
+
+
 def _hyper_table(block, lines):
+    rows = block["rows"]
+    # Files written before the timing was interleaved have no per-round ratios.
+    paired = any("total_cpu_vs_first" in r for r in rows)
+    first = rows[0]["method"]
+    ratio_head = f" value_and_grad / {first}: wall, CPU |" if paired else ""
     lines += [
         f"Reference: {block['reference']}.",
         "",
-        "| method | relative error | value_and_grad (ms) | backward share | compile (s) |",
-        "| --- | --- | --- | --- | --- |",
+        "| method | relative error | value_and_grad (ms) |"
+        f"{ratio_head} backward share | compile (s) |",
+        "| --- | --- | --- |" + (" --- |" if paired else "") + " --- | --- |",
     ]
-    for r in block["rows"]:
+    for r in rows:
         if r.get("error"):
-            lines.append(f"| {r['method']} | {r['error'][:80]} | | | |")
-        else:
-            lines.append(
-                f"| {r['method']} | {r['rel_error']:.1e} | {_ms(r['total_s'])} | "
-                f"{r['backward_share']:.0%} | {r['compile_s']:.2f} |"
-            )
+            blank = " |" * (4 if paired else 3)
+            lines.append(f"| {r['method']} | {r['error'][:80]} |{blank}")
+            continue
+        ratio = ""
+        if paired:
+            ratio = f" {r['total_vs_first']:.2f}, {r['total_cpu_vs_first']:.2f} |"
+        lines.append(
+            f"| {r['method']} | {r['rel_error']:.1e} | {_ms(r['total_s'])} |{ratio} "
+            f"{r['backward_share']:.0%} | {r['compile_s']:.2f} |"
+        )
     lines.append("")
 
 
@@ -378,7 +401,8 @@ def hyper_section(hyp, path, lines):
         f"{hyp['settings']['forward']['optimistix_rtol_atol']:g}`), so errors include the "
         "forward solve's. `ours-quasinewton` is approximate by design; `unrolled` is reverse "
         "mode through optimistix's loop (`RecursiveCheckpointAdjoint`). Backward share = "
-        "(value_and_grad time - forward time) / value_and_grad time.",
+        "(value_and_grad time - forward time) / value_and_grad time."
+        + (_INTERLEAVED if _paired(hyp) else ""),
         "",
     ]
     if "ridge" in hyp:

@@ -94,6 +94,9 @@ def test_hypergrad_rows(results):
         assert set(rows) == {"ours-implicit", "optimistix-implicit-cg"}
         # Exact implicit differentiation agrees with the closed form / finite differences.
         assert rows["ours-implicit"]["rel_error"] < 1e-5, block
+        # Timed in turns: each round's ratio to the first method, itself exactly 1.
+        assert rows["ours-implicit"]["total_cpu_vs_first"] == 1.0, block
+        assert rows["optimistix-implicit-cg"]["total_vs_first"] > 0, block
     b = hyp["ridge_backward"]
     assert b["cg_converged"] and b["cg_steps_preconditioned"] >= 1
     assert b["rel_error"] < 1e-5
