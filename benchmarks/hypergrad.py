@@ -12,8 +12,13 @@ Methods (each library with its own forward L-BFGS; tolerances in `FORWARD`):
 - `optimistix-implicit`: `optx.ImplicitAdjoint()` default (`AutoLinearSolver`, which
   materialises the Hessian and factorises it).
 - `optimistix-implicit-cg`: `optx.ImplicitAdjoint(lineax.CG(...))` with the Hessian tagged
-  symmetric positive semidefinite, CG tolerance eps^(3/4) = 1.8e-12 (tighter than our
-  default eps^(2/3) = 3.7e-11, so its accuracy is not held back), no preconditioner.
+  symmetric positive semidefinite, `rtol = atol = eps^(3/4) = 1.8e-12`, no preconditioner.
+  lineax's test is elementwise, `|r_i| <= atol + rtol |b_i|` (and likewise on the step),
+  so where the right-hand side is small `atol` decides. The sweep's right-hand side
+  has entries of order 1/n, so it stops at a relative residual `||r||_2 / ||b||_2` far
+  above our `rtol` of eps^(2/3) = 3.7e-11 on that ratio (atol 0), and its relative
+  errors grow with n while ours do not. `atol = 0` is no remedy: an elementwise test
+  relative to `|b_i|` cannot be met where `b_i = 0`. Read its times with its errors.
 - `unrolled`: reverse-mode through optimistix's loop (`RecursiveCheckpointAdjoint`).
 
 Problems: ridge regression (closed-form hypergradient), per-feature L2 weights of a
@@ -61,7 +66,7 @@ METHODS = (
 # Forward tolerances, tight enough that the forward solve is not what limits accuracy.
 FORWARD = {"gtol": 1e-10, "jaxopt_tol": 1e-10, "optimistix_rtol_atol": 1e-12}
 MAX_STEPS = 5000
-# optimistix+CG's tolerance: 20x tighter than our default eps^(2/3), in its favour.
+# optimistix+CG's rtol and atol (an elementwise test: see the module docstring).
 CG_TOL = float(np.finfo(np.float64).eps) ** 0.75
 # Interleaved timing rounds of the ridge and logistic tables.
 ROUNDS = 5
