@@ -680,6 +680,11 @@ def main(argv=None):
     parser.add_argument(
         "--only-preconditioner", action="store_true", help="redo that table in an existing file"
     )
+    parser.add_argument(
+        "--only-tables",
+        action="store_true",
+        help="redo the ridge and logistic tables in an existing file",
+    )
     opts = parser.parse_args(argv)
     if opts.case:
         _child(opts.case, opts.n, opts.repeats, opts.mem_limit)
@@ -696,6 +701,17 @@ def main(argv=None):
         payload["ridge_backward"]["command"] = (
             f"python -m benchmarks.hypergrad --mode {mode} --only-ridge-backward"
         )
+        write_json(out, payload)
+        return payload
+    if opts.only_tables:
+        payload = json.loads(open(out).read())
+        ridge_n, ridge_m = (20, 60) if mode == "smoke" else (100, 300)
+        payload["ridge"] = ridge_accuracy(ridge_n, ridge_m, ridge_m, repeats, methods)
+        payload["logistic"] = logistic_accuracy(repeats, methods)
+        command = f"python -m benchmarks.hypergrad --mode {mode} --only-tables"
+        for block in ("ridge", "logistic"):
+            payload[block]["command"] = command
+            payload[block]["machine"] = machine()
         write_json(out, payload)
         return payload
     if opts.only_preconditioner:

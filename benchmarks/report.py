@@ -366,8 +366,11 @@ def _hyper_table(block, lines):
     paired = any("total_cpu_vs_first" in r for r in rows)
     first = rows[0]["method"]
     ratio_head = f" value_and_grad / {first}: wall, CPU |" if paired else ""
+    run_by = ""
+    if "command" in block:
+        run_by = f" This table was run by `{block['command']}`."
     lines += [
-        f"Reference: {block['reference']}.",
+        f"Reference: {block['reference']}.{run_by}",
         "",
         "| method | relative error | value_and_grad (ms) |"
         f"{ratio_head} backward share | compile (s) |",
