@@ -46,7 +46,10 @@ class History(eqx.Module):
 
     Slot `(head - 1) % m` holds the newest pair and the `count` slots before it (cyclically)
     the older ones; the other slots are empty and masked out. `sy[i, j] = s_i'y_j` and
-    `yy[i, j] = y_i'y_j` over slots (entries of empty slots are meaningless). Without
+    `yy[i, j] = y_i'y_j` over slots (entries of empty slots are meaningless). While an
+    unconstrained solve runs, the entries of `sy` below its diagonal in chronological
+    order (pair `i` newer than pair `j`) are not kept up to date: $H_k$ does not use
+    them, and [`complete_lower`][] fills them in when the solve ends. Without
     `compact`, `sy` holds only `s_i'y_i` (all the two-loop recursion uses) and `yy` is
     empty.
     """
@@ -143,6 +146,7 @@ def push_history(
     grad: PyTree[Array] | None = None,
     proj: tuple[Array, Array] | None = None,
     defer: bool = False,
+    lower: bool = True,
 ):
     """Store `(s, y)` if `enabled` and it passes the curvature gate `s'y > eps * y'y`.
 
@@ -155,8 +159,13 @@ def push_history(
     before this push; then `S'y` and `Y'y` come as differences of `(S'grad, Y'grad)`
     (Byrd, Nocedal & Schnabel 1994, section 4), which are returned for the next
     [`apply_inverse_hessian`][]. Three matrix-vector products in all (`S'grad`, `Y's`
-    and `Y'grad`), instead of five. Without `grad`, `S'y`, `Y's` and `Y'y` are
-    computed directly and `None` is returned.
+    and `Y'grad`; two with `lower=False`), instead of five. Without `grad`, `S'y`,
+    `Y's` and `Y'y` are computed directly and `None` is returned.
+
+    With `lower=False` (and `grad`), the new pair's row of `S'Y`, `s'Y`, is not
+    computed: it lies below the diagonal in chronological order, where $H_k$ does not
+    read, and the solve calls [`complete_lower`][] once at its end instead of one
+    matrix-vector product per iteration. Bounded solves need it (L-BFGS-B's `L`).
 
     With `defer`, the buffers are returned unchanged and the write as a third output, a
     `Pair` for `write_pair` (a batch solved by turns writes outside the branch that
@@ -187,15 +196,19 @@ def push_history(
             y_s, y_y = patch(y_s, sy), patch(y_y, yy)
             s_y = patch(_project(h.s, y, dtype), sy)
         else:
-            y_s, y_g = _project2(h.y, s, grad, dtype)
+            if lower:
+                y_s, y_g = _project2(h.y, s, grad, dtype)
+                y_s = patch(y_s, sy)
+            else:
+                y_s, y_g = None, _project(h.y, grad, dtype)
             new_proj = (
                 patch(_project(h.s, grad, dtype), tree_dot(s, grad).astype(dtype)),
                 patch(y_g, tree_dot(y, grad).astype(dtype)),
             )
-            y_s = patch(y_s, sy)
             s_y = new_proj[0] - proj[0]
             y_y = new_proj[1] - proj[1]
-        accept = accept & jnp.isfinite(jnp.sum(y_s) + jnp.sum(s_y) + jnp.sum(y_y))
+        products = jnp.sum(s_y) + jnp.sum(y_y) + (0 if y_s is None else jnp.sum(y_s))
+        accept = accept & jnp.isfinite(products)
 
     pair = Pair(s=s, y=y, slot=idx, accept=accept)
     if defer:
@@ -208,7 +221,8 @@ def push_history(
         # elementwise update per matrix.
         row = accept & (slots[:, None] == idx)
         col = accept & (slots[None, :] == idx)
-        new_sy = jnp.where(row & col, sy, jnp.where(col, s_y[:, None], jnp.where(row, y_s, h.sy)))
+        old_sy = h.sy if y_s is None else jnp.where(row, y_s, h.sy)
+        new_sy = jnp.where(row & col, sy, jnp.where(col, s_y[:, None], old_sy))
         new_yy = jnp.where(row & col, yy, jnp.where(col, y_y[:, None], jnp.where(row, y_y, h.yy)))
     else:
         new_proj = None if grad is None else proj
@@ -227,6 +241,24 @@ def push_history(
     if defer:
         return new, new_proj, pair
     return new, new_proj
+
+
+def complete_lower(h: History) -> History:
+    """`h` with the entries of `S'Y` below its diagonal in chronological order
+    recomputed (`s_i'y_j` for pair `i` newer than pair `j`; see `push_history`'s `lower`).
+
+    One matrix-vector product `Y's_i` per slot, in a loop: a product of the two
+    buffers would make XLA copy one of them (a transposed operand).
+    """
+    if not h.compact:
+        return h
+    m = h.size
+    dtype = h.sy.dtype
+    rows = lax.map(lambda i: _project(h.y, _slot(h.s, i), dtype), jnp.arange(m, dtype=jnp.int32))
+    age = _wrap(jnp.arange(m, dtype=jnp.int32) - h.head + m, m)  # 0 = the oldest slot
+    valid = age >= m - h.count
+    below = valid[:, None] & valid[None, :] & (age[:, None] > age[None, :])
+    return eqx.tree_at(lambda t: t.sy, h, jnp.where(below, rows, h.sy))
 
 
 class Pair(eqx.Module):

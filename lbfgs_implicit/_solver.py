@@ -25,6 +25,7 @@ from ._box import (
 from ._history import (
     _project,
     apply_inverse_hessian,
+    complete_lower,
     History,
     init_history,
     push_history,
@@ -468,11 +469,13 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
         x = tree_where(ls.success, ls.x, state.x)
         f = jnp.where(ls.success, ls.f, state.f)
         g = tree_where(ls.success, ls.g, state.g)
+        # Unconstrained, the rows of S'Y below the diagonal wait for the solve's end.
+        lower = state.box is not None
         if active is None:
-            history, proj = push_history(h, s, y, ls.success, grad=g, proj=state.proj)
+            history, proj = push_history(h, s, y, ls.success, grad=g, proj=state.proj, lower=lower)
         else:
             history, proj, pair = push_history(
-                h, s, y, ls.success & active, grad=g, proj=state.proj, defer=True
+                h, s, y, ls.success & active, grad=g, proj=state.proj, defer=True, lower=lower
             )
         history = reset_history(history, ~ls.success)
         stale = self._stale_warm_memory(state, h, history, ls, s, y, dg)
@@ -596,5 +599,10 @@ def iterate(
         (fn, args, x0, box, warm_start),
         sum(jnp.size(leaf) * jnp.dtype(leaf.dtype).itemsize for leaf in jtu.tree_leaves(x0)),
     )
+    if isinstance(state, _LBFGSState) and state.box is None:
+        # What the loop left out of the memory (`push_history`'s `lower`), for the
+        # backward pass and for warm starts.
+        history = complete_lower(state.history)
+        state = eqx.tree_at(lambda s: s.history, state, history)
     x, _ = solver.postprocess(state)
     return x, state

@@ -8,6 +8,7 @@ from lbfgs_implicit._history import (
     apply_block_inverse,
     apply_inverse_hessian,
     block_inverse,
+    complete_lower,
     init_history,
     inverse_hessian_operator,
     push_history,
@@ -39,6 +40,33 @@ def test_inverse_matches_dense_bfgs_with_wraparound(num_pairs, compact):
     dense = dense_bfgs_inverse(list(s[keep]), list(y[keep]))
     v = np.linspace(-1.0, 2.0, n)
     np.testing.assert_allclose(apply_inverse_hessian(h, jnp.asarray(v)), dense @ v, rtol=1e-10)
+
+
+@pytest.mark.parametrize("lower", [True, False])
+def test_solver_pushes_match_dense_bfgs_and_direct_products(lower):
+    # Pushes as the solver makes them, along a path on a quadratic (`y` from gradient
+    # differences, `S'y`, `Y'y` from the projections of the gradients), with wraparound.
+    # With `lower=False` the rows below the diagonal are left for `complete_lower`; H_k
+    # does not read them, and completed they equal the direct products.
+    n, m, k = 6, 4, 7
+    rng = np.random.default_rng(5)
+    a = rng.normal(size=(n, n))
+    hess = a @ a.T + n * np.eye(n)
+    xs = np.cumsum(rng.normal(size=(k + 1, n)), axis=0)
+    gs = xs @ hess
+    h = init_history(jnp.zeros(n), m, jnp.float64, compact=True)
+    proj = (jnp.zeros(m), jnp.zeros(m))
+    for i in range(k):
+        s, y = jnp.asarray(xs[i + 1] - xs[i]), jnp.asarray(gs[i + 1] - gs[i])
+        h, proj = push_history(h, s, y, grad=jnp.asarray(gs[i + 1]), proj=proj, lower=lower)
+    s, y = np.diff(xs, axis=0)[k - m :], np.diff(gs, axis=0)[k - m :]
+    v = np.linspace(-1.0, 2.0, n)
+    dense = dense_bfgs_inverse(list(s), list(y)) @ v
+    np.testing.assert_allclose(apply_inverse_hessian(h, jnp.asarray(v)), dense, rtol=1e-10)
+    slots = [(int(h.head) + i) % m for i in range(m)]  # oldest first
+    sy = np.asarray(complete_lower(h).sy)[np.ix_(slots, slots)]
+    np.testing.assert_allclose(sy, s @ y.T, rtol=1e-10, atol=1e-10 * np.abs(s @ y.T).max())
+    np.testing.assert_allclose(np.asarray(proj[0])[slots], s @ gs[k], rtol=1e-10)
 
 
 @pytest.mark.parametrize("compact", [True, False])
