@@ -18,7 +18,15 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, Bool, Int, PyTree, Scalar
 
-from ._misc import common_dtype, eps, explicit_sharding, tree_axpy, tree_dot, tree_where
+from ._misc import (
+    common_dtype,
+    eps,
+    explicit_sharding,
+    tree_axpy,
+    tree_dot,
+    tree_sub,
+    tree_where,
+)
 
 
 ValueAndGrad = Callable[[PyTree[Array]], tuple[Scalar, PyTree[Array]]]
@@ -35,6 +43,10 @@ class LineSearchResult(eqx.Module):
     # True when a trial met the (approximate) Wolfe conditions or decreased the value;
     # the point is then accepted by the solver.
     success: Bool[Array, ""]
+    # `x - x_start` and `g - g_start` if the search computed them (else `None`): see
+    # `_differences`.
+    s: PyTree[Array] | None = None
+    y: PyTree[Array] | None = None
 
 
 class AbstractLineSearch(eqx.Module):
@@ -109,10 +121,11 @@ def _quadratic_minimiser(a, fa, da, b, fb):
     return a + da / ((fa - fb) / (b - a) + da) / 2 * (b - a)
 
 
-def _outcome(c, x, f, p) -> LineSearchResult:
+def _outcome(c, x, f, p, differences=None) -> LineSearchResult:
     """A finished search's result from its carry (either search's: both keep the best
     trial in `a_best`, `f_best`, `g_best`, and `found`, `num_evals`). It succeeds if
     its conditions were met or, failing that, if some trial lowered `f`."""
+    s, y = (None, None) if differences is None else differences
     return LineSearchResult(
         step=c.a_best,
         x=tree_axpy(c.a_best, p, x),
@@ -120,7 +133,20 @@ def _outcome(c, x, f, p) -> LineSearchResult:
         g=c.g_best,
         num_evals=c.num_evals,
         success=c.found | (c.f_best < f),
+        s=s,
+        y=y,
     )
+
+
+def _differences(c, x, g, p):
+    """`(x_best - x, g_best - g)`, for the solver's pair.
+
+    Computed inside the branches of the search's `lax.cond`, which read `x` and `g`
+    anyway: every read of the solver's current `x` and `g` then comes before the
+    solver overwrites them with the accepted point, and XLA updates them in place
+    instead of copying both at the start of every iteration.
+    """
+    return tree_sub(tree_axpy(c.a_best, p, x), x), tree_sub(c.g_best, g)
 
 
 class _WolfeCarry(eqx.Module):
@@ -335,9 +361,9 @@ class StrongWolfe(AbstractLineSearch):
         )
 
     @staticmethod
-    def finish(c: _WolfeCarry, x, f, p) -> LineSearchResult:
-        """The outcome of a search whose state is `c`."""
-        return _outcome(c, x, f, p)
+    def finish(c: _WolfeCarry, x, f, p, differences=None) -> LineSearchResult:
+        """The outcome of a search whose state is `c` (`differences` from `_differences`)."""
+        return _outcome(c, x, f, p, differences)
 
     def __call__(self, value_and_grad, x, f, g, p, dg, step0, max_step=None, active=None):
         dtype = f.dtype
@@ -363,9 +389,14 @@ class StrongWolfe(AbstractLineSearch):
             # more than skipping it (1.3x-1.5x the CPU time of single solves of a
             # 100-parameter Rosenbrock and a 50-feature logistic regression).
             c = loop(first)
+            differences = None
         else:
-            c = lax.cond(first.done, lambda c: c, loop, first)
-        return self.finish(c, x, f, p)
+
+            def close(c):
+                return c, _differences(c, x, g, p)
+
+            c, differences = lax.cond(first.done, close, lambda c: close(loop(c)), first)
+        return self.finish(c, x, f, p, differences)
 
 
 class _BacktrackCarry(eqx.Module):

@@ -462,8 +462,11 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
             ls = eqx.tree_at(lambda r: r.x, ls, snap(state.x, p, ls.x, state.box))
             # The warm-memory test is the unconstrained direction's (see there).
             dg = None
-        s = tree_sub(ls.x, state.x)
-        y = tree_sub(ls.g, state.g)
+        if state.box is None and ls.s is not None:
+            s, y = ls.s, ls.y
+        else:
+            s = tree_sub(ls.x, state.x)
+            y = tree_sub(ls.g, state.g)
         # A failure with a non-empty memory resets it (the retry); with an empty memory
         # there is nothing left to try.
         x = tree_where(ls.success, ls.x, state.x)

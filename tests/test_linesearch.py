@@ -61,6 +61,18 @@ def test_strong_wolfe_conditions_hold(fn, x, step0):
     np.testing.assert_allclose(out.g, g1, rtol=1e-10)
 
 
+@pytest.mark.parametrize("step0", [0.05, 1.0])  # the first trial accepted / a zoom
+def test_strong_wolfe_returns_the_differences_for_the_pair(step0):
+    # `s` and `y` come from inside the search's branches; they must be exactly the
+    # differences the solver would otherwise form itself.
+    x = jnp.asarray([2.0, -1.0])
+    p = -jax.grad(_quartic)(x)
+    out = _search(li.StrongWolfe(), _quartic, x, p, step0)
+    assert (int(out.num_evals) == 1) == (step0 == 0.05)
+    np.testing.assert_array_equal(out.s, out.x - x)
+    np.testing.assert_array_equal(out.y, out.g - jax.grad(_quartic)(x))
+
+
 @pytest.mark.parametrize("ls", [li.StrongWolfe(), li.Backtracking()], ids=["wolfe", "backtrack"])
 def test_nonfinite_trials_rejected(ls):
     x = jnp.array([0.0, 0.5])
