@@ -207,4 +207,28 @@ def test_per_problem_ratios_take_the_fastest_peer_that_converged():
         "C": {"lbfgs_implicit": row(1.0), "scipy": row(0.1)},  # no JAX peer solved it
     }
     out = per_problem_ratios(table)
-    assert out == {"ratios": {"A": 0.5}, "unsolved": ["B"]}
+    assert out == {"ratios": {"A": 0.5}, "unsolved": ["B"], "higher": {}, "lower": {}}
+
+
+def test_per_problem_ratios_leave_out_peers_that_stopped_higher():
+    from benchmarks.report import per_problem_ratios
+
+    def row(run_s, value):
+        return {"run_s": run_s, "converged": True, "error": None, "value": value}
+
+    table = {
+        # jaxopt stopped fast on a plateau far above our value: optimistix is the reference.
+        "A": {
+            "lbfgs_implicit": row(2.0, 124.36),
+            "jaxopt": row(0.1, 2020.0),
+            "optimistix": row(1.0, 124.36 + 1e-3),
+        },
+        # A peer that found a lower value stays in, and is the reference.
+        "B": {"lbfgs_implicit": row(1.0, 16.0), "jaxopt": row(4.0, 1.0)},
+        # Only a higher peer: no ratio.
+        "C": {"lbfgs_implicit": row(1.0, 0.0), "optax": row(0.5, 1.0)},
+    }
+    out = per_problem_ratios(table)
+    assert out["ratios"] == {"A": 2.0, "B": 0.25}
+    assert out["higher"] == {"A": [("jaxopt", 2020.0, 124.36)], "C": [("optax", 1.0, 0.0)]}
+    assert out["lower"] == {"B": [("jaxopt", 1.0, 16.0)]}
