@@ -321,7 +321,10 @@ def forward_section(fwd, path, lines, compile_time=None):
         "### Every problem",
         "",
         "Warm median milliseconds / value-and-gradient evaluations; ✗ = not converged "
-        "(final $\\|g\\|_\\infty$ in the results file).",
+        "(final $\\|g\\|_\\infty$ in the results file). jaxopt's count is its "
+        "`num_fun_eval`, which also counts one evaluation of the value alone per iteration "
+        "(its zoom search's set-up evaluates `fun` again): its value-and-gradient "
+        "evaluations are its count less its iterations (`iters` in the results file).",
         "",
         "| problem | n | " + " | ".join(solvers) + " |",
         "| --- | --- | " + " | ".join("---" for _ in solvers) + " |",

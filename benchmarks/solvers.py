@@ -137,6 +137,8 @@ def jaxopt_lbfgs(fn, x0, args, max_steps):
         return {
             "x": x,
             "iters": state.iter_num,
+            # Includes one value-only evaluation per iteration (the zoom search's set-up
+            # evaluates `fun` for its `aux`): value-and-gradient ones are evals - iters.
             "evals": state.num_fun_eval,
             "status": state.error <= GTOL,
         }
