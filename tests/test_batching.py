@@ -134,6 +134,29 @@ def test_batch_by_turns_matches_single_solves(by_turns, singles):
         np.testing.assert_allclose(mine.y[i], alone.y, rtol=0, atol=1e-11)
 
 
+@pytest.mark.parametrize("mode", FORMS)
+def test_batch_by_turns_returns_the_whole_compact_memory(mode):
+    # Unconstrained solves leave S'Y below its diagonal to the solve's end
+    # (`complete_lower`); a batch by turns returns it completed too, for warm starts and
+    # the backward pass's all-pairs inverse. 40 parameters (the compact form) and 3
+    # pairs, so the buffers wrap around.
+    n, m, k = 40, 3, 4
+    solver = li.LBFGS(history_size=m, max_steps=30)
+    banana = _banana()
+    solve = jax.jit(jax.vmap(lambda x0, a: li.optimize(banana, x0, a, solver=solver, throw=False)))
+    starts = jnp.stack([jnp.full(n, -1.2) + 0.1 * i for i in range(k)])
+    with _form(mode):
+        h = solve.lower(starts, SCALES[:k]).compile()(starts, SCALES[:k]).state.history
+    assert h.compact
+    for i in range(k):
+        assert int(h.count[i]) == m, i
+        slots = [(int(h.head[i]) + j) % m for j in range(m)]  # oldest first
+        s, y = np.asarray(h.s[i])[slots], np.asarray(h.y[i])[slots]
+        sy = np.asarray(h.sy[i])[np.ix_(slots, slots)]
+        scale = np.outer(np.linalg.norm(s, axis=1), np.linalg.norm(y, axis=1))
+        np.testing.assert_array_less(np.abs(sy - s @ y.T), 1e-12 * scale)
+
+
 def test_batch_by_turns_agrees_with_plain_vmap(form, by_turns, singles):
     plain = _batched("vmap", _banana)(STARTS, SCALES)
     done = np.asarray(plain.result == li.RESULTS.successful)
