@@ -69,7 +69,7 @@ MAX_STEPS = 5000
 # optimistix+CG's rtol and atol (an elementwise test: see the module docstring).
 CG_TOL = float(np.finfo(np.float64).eps) ** 0.75
 # Interleaved timing rounds of the ridge and logistic tables.
-ROUNDS = 5
+ROUNDS = 9
 
 
 def make_solve(method, fn, x0):
@@ -165,7 +165,8 @@ def measure_interleaved(methods, fn, outer, x0, theta, data, repeats, rounds=ROU
     forward solve and value_and_grad in turn (`repeats` calls each, median). Times are
     the medians over rounds; `total_vs_first` and `total_cpu_vs_first` are the medians
     over rounds of each round's value_and_grad time over that of `methods[0]` (wall and
-    CPU seconds). A method that fails to compile or run gets a row with `error`.
+    CPU seconds), and `total_cpu_vs_first_range` the CPU ratio's least and greatest. A
+    method that fails to compile or run gets a row with `error`.
     """
     compiled, rows = {}, {}
     for method in methods:
@@ -207,10 +208,11 @@ def measure_interleaved(methods, fn, outer, x0, theta, data, repeats, rounds=ROU
             "grad": np.asarray(grad),
         }
         if first is not None:
-            row["total_vs_first"] = float(np.median(np.divide(t["full"], first["full"])))
-            row["total_cpu_vs_first"] = float(
-                np.median(np.divide(t["full_cpu"], first["full_cpu"]))
-            )
+            wall = np.divide(t["full"], first["full"])
+            cpu = np.divide(t["full_cpu"], first["full_cpu"])
+            row["total_vs_first"] = float(np.median(wall))
+            row["total_cpu_vs_first"] = float(np.median(cpu))
+            row["total_cpu_vs_first_range"] = [float(cpu.min()), float(cpu.max())]
         rows[method] = row
     return [rows[m] for m in methods]
 

@@ -422,7 +422,7 @@ def _hyper_table(block, lines):
     # Files written before the timing was interleaved have no per-round ratios.
     paired = any("total_cpu_vs_first" in r for r in rows)
     first = rows[0]["method"]
-    ratio_head = f" value_and_grad / {first}: wall, CPU |" if paired else ""
+    ratio_head = f" value_and_grad / {first}: wall, CPU (CPU's range) |" if paired else ""
     run_by = ""
     if "command" in block:
         run_by = f" This table was run by `{block['command']}`."
@@ -440,7 +440,9 @@ def _hyper_table(block, lines):
             continue
         ratio = ""
         if paired:
-            ratio = f" {r['total_vs_first']:.2f}, {r['total_cpu_vs_first']:.2f} |"
+            spread = r.get("total_cpu_vs_first_range")
+            spread = f" ({spread[0]:.2f}-{spread[1]:.2f})" if spread else ""
+            ratio = f" {r['total_vs_first']:.2f}, {r['total_cpu_vs_first']:.2f}{spread} |"
         lines.append(
             f"| {r['method']} | {r['rel_error']:.1e} | {_ms(r['total_s'])} |{ratio} "
             f"{r['backward_share']:.0%} | {r['compile_s']:.2f} |"
