@@ -36,6 +36,7 @@ from ._history import (
 from ._misc import (
     common_dtype,
     eps,
+    EXACT,
     explicit_sharding,
     replay,
     tree_allfinite,
@@ -412,7 +413,9 @@ def _memory_policy(hessian: lx.AbstractLinearOperator, block: BlockInverse, v, s
     a, c = block_split(block, v)
     h = block.history
     u = combine_pairs(h, v, -c, -a)
-    sa = jtu.tree_map(lambda bs: jnp.tensordot(a.astype(bs.dtype), bs, axes=1), h.s)
+    sa = jtu.tree_map(
+        lambda bs: jnp.tensordot(a.astype(bs.dtype), bs, axes=1, precision=EXACT), h.s
+    )
     hu, hsa = hessian.mv(u), hessian.mv(sa)
     uu, uhu = tree_dot(u, u), tree_dot(u, hu)
     good = (uhu > 0) & jnp.isfinite(uhu) & (uu > 0)

@@ -33,7 +33,7 @@ import numpy as np
 from jaxtyping import Array, Bool, PyTree, Scalar
 
 from ._history import History, reset_history
-from ._misc import eps as _eps, split_like, tree_dot, tree_norm_inf, unsplit
+from ._misc import eps as _eps, matmul, split_like, tree_dot, tree_norm_inf, unsplit
 
 
 class Box(eqx.Module):
@@ -253,7 +253,7 @@ def _compact(h: History, dtype) -> _Compact:
     y = jnp.where(valid[:, None], _flat_buf(h.y, m, dtype), 0)
     sy = jnp.where(both, h.sy, 0)
     eye = jnp.eye(m, dtype=dtype)
-    ss = jnp.where(both, s @ s.T, eye)
+    ss = jnp.where(both, matmul(s, s.T), eye)
     theta = 1 / h.gamma.astype(dtype)
     d = jnp.where(valid, jnp.diagonal(sy), 1)
     low = jnp.where(age[:, None] > age[None, :], sy, 0)
@@ -261,11 +261,11 @@ def _compact(h: History, dtype) -> _Compact:
     # SciPy's `bmv` applies it, formed once: with K = L D^-1,
     # M = [[K' T^-1 K - D^-1, K' T^-1], [T^-1 K, T^-1]].
     k = low / d[None, :]
-    chol = jnp.linalg.cholesky(theta * ss + k @ low.T)
+    chol = jnp.linalg.cholesky(theta * ss + matmul(k, low.T))
     chol_inv = jax.scipy.linalg.solve_triangular(chol, eye, lower=True)
-    t_inv = chol_inv.T @ chol_inv
-    t_inv_k = t_inv @ k
-    m_mat = jnp.block([[k.T @ t_inv_k - jnp.diag(1 / d), t_inv_k.T], [t_inv_k, t_inv]])
+    t_inv = matmul(chol_inv.T, chol_inv)
+    t_inv_k = matmul(t_inv, k)
+    m_mat = jnp.block([[matmul(k.T, t_inv_k) - jnp.diag(1 / d), t_inv_k.T], [t_inv_k, t_inv]])
     m_inv = jnp.block([[-jnp.diag(d), low.T], [low, theta * ss]])
     return _Compact(w=jnp.concatenate([y, theta * s], axis=0), theta=theta, m=m_mat, m_inv=m_inv)
 
@@ -294,10 +294,10 @@ def _cauchy_point(x, g, lo, up, b: _Compact):
     t = jnp.where(g < 0, (x - up) / safe_g, jnp.where(g > 0, (x - lo) / safe_g, jnp.inf))
     t = jnp.maximum(t, 0)
     d = jnp.where(t > 0, -g, 0)  # coordinates already held (t = 0) do not move
-    p0 = b.w @ d
+    p0 = matmul(b.w, d)
     q0 = jnp.sum(d * d)
     f1 = -q0
-    f2 = b.theta * q0 - p0 @ (b.m @ p0)
+    f2 = b.theta * q0 - matmul(p0, matmul(b.m, p0))
     first_break = jnp.min(jnp.where(t > 0, t, jnp.inf))
     dtm = -f1 / jnp.where(f2 > 0, f2, 1)
     on_first = (f1 >= 0) | ((f2 > 0) & (dtm < first_break))
@@ -332,7 +332,7 @@ def _cauchy_step_sorted(t, d, p0, b: _Compact):
     finite_width = jnp.where(jnp.isfinite(width), width, 0)
     # c_j = sum_{k<j} (T_{k+1} - T_k) p_k
     c = jnp.concatenate([zero_col, jnp.cumsum(p[:, :-1] * finite_width[None, :-1], axis=1)], axis=1)
-    mp = b.m @ p
+    mp = matmul(b.m, p)
     start0 = jnp.where(reachable, start, 0)
     f1 = -q + b.theta * start0 * q - jnp.sum(c * mp, axis=0)
     f2 = b.theta * q - jnp.sum(p * mp, axis=0)
@@ -355,13 +355,13 @@ def _subspace(x, g, lo, up, xc, free, b: _Compact):
     $d = -r/\\theta - W_F v / \\theta^2$ with $(M^{-1} - W_F^\\top W_F / \\theta) v = W_F^\\top r$.
     """
     zf = free.astype(x.dtype)
-    c = b.w @ (xc - x)
-    mc = b.m @ c
-    r = zf * (g + b.theta * (xc - x) - b.w.T @ mc)
+    c = matmul(b.w, xc - x)
+    mc = matmul(b.m, c)
+    r = zf * (g + b.theta * (xc - x) - matmul(b.w.T, mc))
     wf = b.w * zf[None, :]
-    a = b.m_inv - (wf @ b.w.T) / b.theta
-    v = jnp.linalg.solve(a, wf @ r)
-    du = zf * (-r / b.theta - (wf.T @ v) / b.theta**2)
+    a = b.m_inv - matmul(wf, b.w.T) / b.theta
+    v = jnp.linalg.solve(a, matmul(wf, r))
+    du = zf * (-r / b.theta - matmul(wf.T, v) / b.theta**2)
     xbar = jnp.minimum(jnp.maximum(xc + du, lo), up)
     # Morales-Nocedal: keep the projected point if it is a descent direction from x;
     # otherwise truncate the subspace step where it first meets the box (BLNZ's rule).
@@ -372,7 +372,7 @@ def _subspace(x, g, lo, up, xc, free, b: _Compact):
     hit = free & (du != 0) & (ratio <= alpha) & (alpha < 1)
     truncated = jnp.where(hit, jnp.where(du > 0, up, lo), xc + alpha * du)
     truncated = jnp.minimum(jnp.maximum(truncated, lo), up)
-    ascent = jnp.dot(xbar - x, g) > 0
+    ascent = matmul(xbar - x, g) > 0
     return jnp.where(ascent, truncated, xbar)
 
 

@@ -28,6 +28,8 @@ import lineax as lx
 from jaxtyping import Array, Float, Int, PyTree, Scalar
 
 from ._misc import (
+    EXACT,
+    matmul,
     reduced_sharding,
     sum_widest,
     tree_axpy,
@@ -120,6 +122,7 @@ def _project(buf: PyTree[Array], v: PyTree[Array], dtype) -> Float[Array, " m"]:
                 x.astype(b.dtype),
                 axes=x.ndim,
                 preferred_element_type=dtype,
+                precision=EXACT,
                 out_sharding=reduced_sharding(x, b.ndim - x.ndim),
             )
             for b, x in zip(jtu.tree_leaves(buf), jtu.tree_leaves(v))
@@ -316,7 +319,7 @@ def apply_inverse_hessian(
     a = jnp.where(valid, proj[0][order], 0)
     b = jnp.where(valid, proj[1][order], 0)
     u = jax.scipy.linalg.solve_triangular(r, a, lower=False)
-    w = jnp.diagonal(sy) * u + gamma * (yy @ u) - gamma * b
+    w = jnp.diagonal(sy) * u + gamma * matmul(yy, u) - gamma * b
     p = jax.scipy.linalg.solve_triangular(r, w, lower=False, trans="T")
     # Back to slot order: slot i holds chronological position (i - head) % m.
     back = _wrap(positions - h.head + m, m)
@@ -325,8 +328,8 @@ def apply_inverse_hessian(
     return jtu.tree_map(
         lambda x, bs, by: (
             jnp.asarray(gamma, x.dtype) * x
-            + jnp.tensordot(coef_s.astype(x.dtype), bs, axes=1)
-            + jnp.tensordot(coef_y.astype(x.dtype), by, axes=1)
+            + jnp.tensordot(coef_s.astype(x.dtype), bs, axes=1, precision=EXACT)
+            + jnp.tensordot(coef_y.astype(x.dtype), by, axes=1, precision=EXACT)
         ),
         v,
         h.s,
@@ -439,12 +442,22 @@ def block_inverse(h: History) -> BlockInverse:
             out = reduced_sharding(bs, 2)
             sy.append(
                 jnp.tensordot(
-                    bs, by, axes=(axes, axes), preferred_element_type=dtype, out_sharding=out
+                    bs,
+                    by,
+                    axes=(axes, axes),
+                    preferred_element_type=dtype,
+                    precision=EXACT,
+                    out_sharding=out,
                 )
             )
             yy.append(
                 jnp.tensordot(
-                    by, by, axes=(axes, axes), preferred_element_type=dtype, out_sharding=out
+                    by,
+                    by,
+                    axes=(axes, axes),
+                    preferred_element_type=dtype,
+                    precision=EXACT,
+                    out_sharding=out,
                 )
             )
         sy, yy = sum_widest(sy), sum_widest(yy)
@@ -459,7 +472,7 @@ def block_inverse(h: History) -> BlockInverse:
     keep = w > jnp.sqrt(jnp.finfo(dtype).eps) * jnp.max(w)
     inv_w = jnp.where(keep, 1 / jnp.where(keep, w, 1), 0)
     dv = d[:, None] * v
-    m_inv = (dv * inv_w[None, :]) @ dv.T
+    m_inv = matmul(dv * inv_w[None, :], dv.T)
     return BlockInverse(history=h, m_inv=m_inv, yy=jnp.where(ok[:, None] & ok[None, :], yy, 0))
 
 
@@ -468,8 +481,8 @@ def combine_pairs(h: History, x: PyTree[Array], coef_s, coef_y) -> PyTree[Array]
     return jtu.tree_map(
         lambda xi, bs, by: (
             xi
-            + jnp.tensordot(coef_s.astype(bs.dtype), bs, axes=1)
-            + jnp.tensordot(coef_y.astype(by.dtype), by, axes=1)
+            + jnp.tensordot(coef_s.astype(bs.dtype), bs, axes=1, precision=EXACT)
+            + jnp.tensordot(coef_y.astype(by.dtype), by, axes=1, precision=EXACT)
         ),
         x,
         h.s,
@@ -485,8 +498,8 @@ def block_split(b: BlockInverse, v: PyTree[Array]):
     """
     h = b.history
     dtype = h.sy.dtype
-    a = b.m_inv @ _project(h.s, v, dtype)
-    c = b.m_inv @ (_project(h.y, v, dtype) - b.yy @ a)
+    a = matmul(b.m_inv, _project(h.s, v, dtype))
+    c = matmul(b.m_inv, _project(h.y, v, dtype) - matmul(b.yy, a))
     return a, c
 
 
