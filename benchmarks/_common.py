@@ -89,6 +89,7 @@ def machine() -> dict:
             )
         },
         "device": str(jax.devices()[0]),
+        "device_kind": jax.devices()[0].device_kind,
     }
 
 

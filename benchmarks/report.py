@@ -819,22 +819,8 @@ def _extra_evals(row):
     return (row["long_evals"] - row["evals"]) / max(row["long_iters"] - row["iters"], 1)
 
 
-def scale_section(scale, path, by_shape, shape_path, lines):
-    """Memory and time per iteration at large n against the peers."""
-    lines += [
-        "## Scale: memory and time per iteration",
-        "",
-        f"From `{scale['command']}` (`{_rel(path)}`): a smoothing objective on n "
-        "parameters held as one vector or one square matrix, every solver running "
-        f"{scale['iters']} iterations with its stopping tests off. Time per iteration is "
-        "the median solve time over the iterations run; ratios are ours over the peer's, "
-        f"per round, over {scale['rounds']} interleaved rounds (median, and minimum in "
-        "brackets). The floor is one value-and-gradient plus two passes over the memory, "
-        "timed in the same rounds. Memory is XLA's `temp_size_in_bytes` of the compiled "
-        "solve in units of the parameters' bytes (the memory itself is "
-        "`2 * history_size` of them).",
-        "",
-    ]
+def _scale_tables(scale, lines, steady=True):
+    """The scale benchmark's tables: mean and (with `steady`) steady time per iteration."""
     peers = [p for p in JAX_PEERS if any(p in c["solvers"] for c in scale["cases"])]
 
     def ours(fmt):
@@ -875,7 +861,7 @@ def scale_section(scale, path, by_shape, shape_path, lines):
         + [("temporaries: ours", ours(lambda r, c: f"{r['temp_per_n']:.0f} n"))]
         + [(p, peer(p, lambda r: f"{r['temp_per_n']:.0f} n")) for p in peers],
     )
-    if all("steady_ms" in c["solvers"][OURS] for c in scale["cases"]):
+    if steady and all("steady_ms" in c["solvers"][OURS] for c in scale["cases"]):
         lines += [
             "",
             f"Steady cost of an iteration: every solver also ran {2 * scale['iters']} "
@@ -904,6 +890,25 @@ def scale_section(scale, path, by_shape, shape_path, lines):
                 )
             ],
         )
+
+
+def scale_section(scale, path, by_shape, shape_path, lines):
+    """Memory and time per iteration at large n against the peers."""
+    lines += [
+        "## Scale: memory and time per iteration",
+        "",
+        f"From `{scale['command']}` (`{_rel(path)}`): a smoothing objective on n "
+        "parameters held as one vector or one square matrix, every solver running "
+        f"{scale['iters']} iterations with its stopping tests off. Time per iteration is "
+        "the median solve time over the iterations run; ratios are ours over the peer's, "
+        f"per round, over {scale['rounds']} interleaved rounds (median, and minimum in "
+        "brackets). The floor is one value-and-gradient plus two passes over the memory, "
+        "timed in the same rounds. Memory is XLA's `temp_size_in_bytes` of the compiled "
+        "solve in units of the parameters' bytes (the memory itself is "
+        "`2 * history_size` of them).",
+        "",
+    ]
+    _scale_tables(scale, lines)
     lines += [
         "",
         "A dash: the solver failed to compile that case (the script prints why; "
@@ -931,6 +936,62 @@ def scale_section(scale, path, by_shape, shape_path, lines):
                 f"{r['forward']:.1f} n | {r['value_and_grad']:.1f} n |"
             )
         lines.append("")
+
+
+def gpu_section(scale_path, hyper_path, lines):
+    """The scale benchmark and the hypergradient sweep of `benchmarks.gpu_scaling`, as
+    run on a GPU (the results files name the device)."""
+    scale = json.loads(scale_path.read_text())
+    device = scale["machine"].get("device_kind", scale["machine"].get("device"))
+    versions = scale["machine"]["versions"]
+    installed = [p for p in JAX_PEERS if versions.get(p, "not installed") != "not installed"]
+    peers = ", ".join(f"{p} {versions[p]}" for p in installed)
+    lines += [
+        f"### On a GPU ({device})",
+        "",
+        f"From `{scale['command']}` (`{_rel(scale_path.resolve())}`), run on one {device} "
+        f"with jax {versions['jax']} and that machine's {peers}; the protocol and columns "
+        "are those above. Every matrix product of the solver runs at its inputs' full "
+        "precision (`lax.Precision.HIGHEST`): with JAX's default, float32 products on "
+        "NVIDIA GPUs may use TF32, about three significant digits, which is also no faster "
+        "for these memory-bound products (`python -m benchmarks.ab_trees --base TREE` "
+        "compares two trees of the package on any device).",
+        "",
+    ]
+    _scale_tables(scale, lines, steady=False)
+    lines += [
+        "",
+        f"The steady cost is left out here: by iteration {scale['iters']} every solver has "
+        "reached the minimum to rounding, and the longer solves' extra iterations run past "
+        "it, where optimistix's rejected steps skip the memory's update and our line "
+        "search spends more evaluations (the results file has them). Time per iteration "
+        f"above is over the {scale['iters']} iterations to that point, the last few of "
+        "them past the minimum in float32 too.",
+    ]
+    if hyper_path.exists():
+        hyper = json.loads(hyper_path.read_text())
+        lines += [
+            "",
+            f"Hypergradients, from `{hyper['command']}` (`{_rel(hyper_path.resolve())}`, "
+            f"{hyper['device']}, jax {hyper['jax']}): the separable, non-quadratic inner "
+            "problem of `benchmarks/gpu_scaling.py` with n parameters and n "
+            "hyperparameters, solved to `gtol` 1e-9 (float64) or 1e-4 (float32); warm "
+            "medians of 5 runs, compile times apart. The error is the relative error of the "
+            "hypergradient along a random direction, against central differences (float64) "
+            "or against the float64 hypergradient of the same data (float32).",
+            "",
+            "| n | dtype | forward ms | value_and_grad ms | compile s (forward, value_and_grad) "
+            "| error | against |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in hyper["rows"]:
+            lines.append(
+                f"| {r['n']:.0e} | {r['dtype']} | {r['forward_ms']:.1f} | "
+                f"{r['value_and_grad_ms']:.1f} | {r['compile_forward_s']:.1f}, "
+                f"{r['compile_value_and_grad_s']:.1f} | "
+                f"{r['directional_derivative_rel_err']:.0e} | {r['reference']} |"
+            )
+    lines.append("")
 
 
 def main(argv=None):
@@ -992,6 +1053,9 @@ def main(argv=None):
             shape_path.resolve(),
             lines,
         )
+    gpu_scale = RESULTS_DIR / "scale-gpu-h200.json"
+    if gpu_scale.exists():
+        gpu_section(gpu_scale, RESULTS_DIR / "gpu-scaling-h200.json", lines)
     if not fwd and not hyp:
         lines.append("No results yet: run `make bench-quick`.")
     page.write_text("\n".join(lines).rstrip() + "\n")
