@@ -100,21 +100,30 @@ def _smooth(x, theta):
     return jnp.sum(0.5 * (x - theta) ** 2 + jnp.logaddexp(x, -x)) + 0.5 * jnp.sum(jnp.diff(x) ** 2)
 
 
-@pytest.mark.parametrize("bounded", [False, True], ids=["unbounded", "bounded"])
-def test_every_solver_product_asks_for_full_precision(bounded):
+@pytest.mark.parametrize(
+    "n, bounded, all_pairs",
+    [(40, False, None), (40, True, None), (40, False, True), (8, False, True)],
+    ids=["unbounded", "bounded", "all-pairs", "all-pairs-two-loop"],
+)
+def test_every_solver_product_asks_for_full_precision(n, bounded, all_pairs):
     """On GPUs JAX's default precision runs float32 products as TF32 (about 4e-4 relative
     error in `S c`, measured on an H200) and on TPUs as bfloat16; no CPU result can show
     that, so the lowered program is read: every `dot_general` of the forward solve and of
-    the backward pass, with and without bounds, must carry HIGHEST precision."""
-    theta = jnp.linspace(-1.0, 1.0, 40, dtype=jnp.float32)
+    the backward pass, with and without bounds, must carry HIGHEST precision. The
+    backward pass's all-pairs inverse (`all_pairs=True`; the default uses it only where
+    the memory's products are cheap next to the Hessian's, not here) has products of
+    its own, and with the two-loop memory (n < 32) it forms `S'Y` and `Y'Y` itself."""
+    theta = jnp.linspace(-1.0, 1.0, n, dtype=jnp.float32)
     bounds = (-0.5, 0.5) if bounded else None
+    adjoint = li.ImplicitAdjoint(all_pairs=all_pairs)
 
     def outer(theta):
-        sol = li.optimize(_smooth, jnp.zeros(40, jnp.float32), theta, bounds=bounds)
+        sol = li.optimize(_smooth, jnp.zeros(n, jnp.float32), theta, bounds=bounds, adjoint=adjoint)
         return jnp.sum(sol.params**2)
 
     for program in (outer, jax.grad(outer)):
         text = jax.jit(program).lower(theta).as_text()
         dots = [line.strip() for line in text.splitlines() if "dot_general" in line]
-        assert dots, "the compact form's products with the memory should be in the program"
+        # The two-loop recursion (the forward solve at n < 32) takes elementwise sums.
+        assert dots or (program is outer and n < 32), "the memory's products should be here"
         assert [d for d in dots if "HIGHEST" not in d] == []
