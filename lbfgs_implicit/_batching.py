@@ -634,10 +634,12 @@ def _gather_grid(sizes, levels, dyn, tasks):
     them, in order)."""
     if tasks is None:
         if all(len(ls.levels) in (0, len(sizes)) for ls in jtu.tree_leaves(levels)):
-            # Every batched leaf spans the whole grid: its rows in order are a reshape.
+            # Every batched leaf spans the whole grid: its rows in order are a reshape
+            # (to a stated row count: `-1` cannot be inferred for a leaf of size zero).
+            num_tasks = math.prod(sizes)
             return jtu.tree_map(
                 lambda ls, leaf: (
-                    leaf.reshape((-1,) + leaf.shape[len(sizes) :]) if ls.levels else leaf
+                    leaf.reshape((num_tasks,) + leaf.shape[len(sizes) :]) if ls.levels else leaf
                 ),
                 levels,
                 dyn,

@@ -331,6 +331,34 @@ def test_batch_by_turns_with_bounds_warm_starts_pytrees_float32():
         assert np.all(np.asarray(batches[form][1].stats["warm_pairs"]) > 0)
 
 
+def test_batch_by_turns_with_empty_batched_leaves():
+    # Batched leaves with no elements: an empty array among the arguments, and the
+    # two-loop memory's `yy` (shape (0,), N = 4 parameters) in a warm start. A batch in
+    # as many lanes as elements gathers every batched leaf's rows by a reshape, which
+    # cannot infer a size from an empty leaf. The library's own policy runs such a batch
+    # by turns from 16 tasks of 1,000 float32 parameters.
+    banana = _banana()
+
+    def fn(x, args):
+        return banana(x, args[0]) + jnp.sum(args[1])
+
+    def both(x0, a, empty):
+        first = li.optimize(fn, x0, (a, empty), throw=False)
+        return li.optimize(fn, 0.9 * x0, (1.1 * a, empty), warm_start=first, throw=False)
+
+    empty = jnp.zeros((len(SCALES), 0))
+    batches = {}
+    for mode in ("turns", "vmap"):
+        with _form(mode):
+            batches[mode] = jax.jit(jax.vmap(both))(STARTS, SCALES, empty)
+    got, ref = batches["turns"], batches["vmap"]
+    np.testing.assert_array_equal(got.result._value, ref.result._value)
+    for key in ("num_steps", "num_fun_evals", "warm_pairs"):
+        np.testing.assert_array_equal(got.stats[key], ref.stats[key])
+    assert np.all(np.asarray(got.stats["warm_pairs"])[np.asarray(ref.stats["num_steps"]) > 0] > 0)
+    np.testing.assert_allclose(got.params, ref.params, rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("mode", FORMS)
 def test_batch_of_one_and_nested_vmap(mode, single, singles):
     f32, f64 = 481 * 4, 481 * 8  # bytes of an iMAML task's parameters
