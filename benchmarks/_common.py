@@ -39,13 +39,24 @@ def time_call(fn, *args, repeats: int = 5):
     One untimed call first, so caches and allocators are warm; every timed call ends
     with `jax.block_until_ready`, so asynchronous dispatch cannot hide work.
     """
+    wall, _, out = time_call_cpu(fn, *args, repeats=repeats)
+    return wall, out
+
+
+def time_call_cpu(fn, *args, repeats: int = 5):
+    """`time_call` with this process's CPU seconds too: `(wall, cpu, output)`, medians.
+
+    On a shared machine CPU seconds move less with load than wall seconds; XLA:CPU's
+    threads count in both.
+    """
     out = block(fn(*args))
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = block(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(wall), statistics.median(cpu), out
 
 
 def peak_rss_bytes() -> int:

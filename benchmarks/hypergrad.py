@@ -51,6 +51,7 @@ from ._common import (
     RESULTS_DIR,
     setup,
     time_call,
+    time_call_cpu,
     write_json,
 )
 
@@ -146,18 +147,6 @@ def measure(method, fn, outer, x0, theta, data, repeats):
     }
 
 
-def _timed(fn, theta, data, repeats):
-    """Median wall and CPU seconds of `repeats` warm calls (one untimed call first)."""
-    out = jax.block_until_ready(fn(theta, data))
-    wall, cpu = [], []
-    for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        out = jax.block_until_ready(fn(theta, data))
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return float(np.median(wall)), float(np.median(cpu)), out
-
-
 def measure_interleaved(methods, fn, outer, x0, theta, data, repeats, rounds=ROUNDS):
     """`measure` for several methods, timed in turns so that load hits them alike.
 
@@ -180,8 +169,9 @@ def measure_interleaved(methods, fn, outer, x0, theta, data, repeats, rounds=ROU
     for _ in range(rounds):
         for method, (fwd, _, full, _) in list(compiled.items()):
             try:
-                fwd_s, _, _ = _timed(fwd, theta, data, repeats)
-                full_s, full_cpu, outputs[method] = _timed(full, theta, data, repeats)
+                fwd_s, _, _ = time_call_cpu(fwd, theta, data, repeats=repeats)
+                timed = time_call_cpu(full, theta, data, repeats=repeats)
+                full_s, full_cpu, outputs[method] = timed
             except Exception as e:
                 traceback.print_exc()
                 rows[method] = {"method": method, "error": f"{type(e).__name__}: {str(e)[:300]}"}
