@@ -1,6 +1,11 @@
 import os
 
 
+# The suite runs on the CPU backend wherever it is run, unless JAX_PLATFORMS says
+# otherwise: its sharding tests need the 8 simulated host devices below, and on a
+# one-GPU machine JAX's default backend would offer one device.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 # XLA reads its flags when JAX creates a backend, so they are set before the first
 # `import jax` of the session:
 # - 8 simulated CPU devices for the sharding tests;
