@@ -3,7 +3,7 @@ of the memory's products, on whatever device JAX uses.
 
     git worktree add /tmp/base COMMIT
     python -m benchmarks.ab_trees --base /tmp/base [--n 1000000,10000000]
-        [--shapes vector,matrix] [--dtypes float32] [--rounds 7]
+        [--shapes vector,matrix] [--dtypes float32] [--iters 5,15] [--rounds 7] [--out FILE]
 
 The base tree's package is copied under the name `lbfgs_base` and imported beside this
 tree's `lbfgs_implicit`, so both are compiled and timed in the same process, in
@@ -11,6 +11,10 @@ interleaved rounds: load that comes and goes hits both alike. The problem is
 `benchmarks.scale`'s smoothing objective with the stopping tests off; the steady cost of
 an iteration is `(t(K2) - t(K1)) / (iterations(K2) - iterations(K1))`, per round (wall
 seconds, `jax.block_until_ready`), and the ratio is this tree's over the base's. The
+evaluations each tree spent between K1 and K2 are reported beside it: a tree whose line
+search needs more of them is slower for that reason, not its bookkeeping. Keep K2 below
+the iteration that reaches the minimum (about 17 here): past it the line searches work on
+rounding. The
 products are `B'v` and `c'B` with a (10, 1e6) float32 `B`, by each tree's
 `_history._project` and `combine_pairs`, against float64.
 """
@@ -31,6 +35,7 @@ import numpy as np
 import lbfgs_implicit
 
 from . import scale
+from ._common import machine, write_json
 
 
 def _import_base(root):
@@ -75,19 +80,20 @@ def _solve(li, fn, iters):
 
     def solve(x0, args):
         sol = li.optimize(fn, x0, args, solver=solver, throw=False)
-        return sol.params, sol.stats["num_steps"]
+        return sol.params, sol.stats["num_steps"], sol.stats["num_fun_evals"]
 
     return solve
 
 
-def per_iteration(packages, n, shape, dtype, rounds, k1=10, k2=30):
+def per_iteration(packages, n, shape, dtype, rounds, k1=5, k2=15):
     fn, x0, args = scale._problem(n, shape, dtype)
-    compiled, iters = {}, {}
+    compiled, iters, evals = {}, {}, {}
     for name, li in packages.items():
         for k in (k1, k2):
             c = jax.jit(_solve(li, fn, k)).lower(x0, args).compile()
             compiled[name, k] = c
-            iters[name, k] = int(jax.block_until_ready(c(x0, args))[1])
+            _, steps, count = jax.block_until_ready(c(x0, args))
+            iters[name, k], evals[name, k] = int(steps), int(count)
     times = {key: [] for key in compiled}
     for _ in range(rounds):
         for key, c in compiled.items():
@@ -110,11 +116,15 @@ def per_iteration(packages, n, shape, dtype, rounds, k1=10, k2=30):
         "this_ms": 1e3 * statistics.median(steady["this"]),
         "this_over_base_median": statistics.median(ratios),
         "this_over_base_range": [min(ratios), max(ratios)],
+        "iterations": [k1, k2],
+        "base_evals": evals["base", k2] - evals["base", k1],
+        "this_evals": evals["this", k2] - evals["this", k1],
     }
     print(
         f"n={n} {shape} {dtype}: base {row['base_ms']:.3f} ms/iter, this "
         f"{row['this_ms']:.3f} ms/iter, this/base {row['this_over_base_median']:.2f} "
-        f"({min(ratios):.2f}-{max(ratios):.2f} over {rounds} rounds)",
+        f"({min(ratios):.2f}-{max(ratios):.2f} over {rounds} rounds); evaluations in "
+        f"iterations {k1}-{k2}: base {row['base_evals']}, this {row['this_evals']}",
         flush=True,
     )
     return row
@@ -126,16 +136,27 @@ def main(argv=None):
     parser.add_argument("--n", default="1000000,10000000")
     parser.add_argument("--shapes", default="vector,matrix")
     parser.add_argument("--dtypes", default="float32")
+    parser.add_argument("--iters", default="5,15", help="K1,K2")
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--out", default=None, help="a JSON results file")
     opts = parser.parse_args(argv)
+    k1, k2 = map(int, opts.iters.split(","))
     jax.config.update("jax_enable_x64", True)
     packages = {"base": _import_base(opts.base), "this": lbfgs_implicit}
     print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}", flush=True)
-    products(packages)
-    for n in map(int, opts.n.split(",")):
-        for shape in opts.shapes.split(","):
-            for dtype in opts.dtypes.split(","):
-                per_iteration(packages, n, shape, dtype, opts.rounds)
+    out = {
+        "command": "python -m benchmarks.ab_trees " + " ".join(argv or sys.argv[1:]),
+        "machine": machine(),
+        "products": products(packages),
+        "cases": [
+            per_iteration(packages, n, shape, dtype, opts.rounds, k1, k2)
+            for n in map(int, opts.n.split(","))
+            for shape in opts.shapes.split(",")
+            for dtype in opts.dtypes.split(",")
+        ],
+    }
+    if opts.out:
+        write_json(opts.out, out)
 
 
 if __name__ == "__main__":

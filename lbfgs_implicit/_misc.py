@@ -23,9 +23,10 @@ Y: TypeAlias = PyTree[Array]
 # runs at its inputs' own precision. JAX's default lets a float32 product take TF32
 # passes on NVIDIA GPUs and bfloat16 passes on TPUs, about three significant digits: on
 # an H200, the direction's `S c` came out with 4e-4 relative error, against 1e-7 here.
-# Nor is the default faster for these memory-bound products: a float32 iteration took
-# 1.2-1.5x as long with it at n = 1e6-1e7 (`benchmarks/ab_trees.py`). On CPUs the
-# setting changes nothing.
+# Nor was the default faster for these memory-bound products there: a float32
+# iteration took 1.2-1.5x as long with it at n = 1e6-1e7 (the runs are in the message
+# of the commit that added `EXACT`; `benchmarks/ab_trees.py` repeats them on a GPU). On
+# CPUs the setting changes nothing.
 EXACT = lax.Precision.HIGHEST
 
 
