@@ -58,8 +58,9 @@ def products(packages):
             s=b32, y=b32, sy=None, yy=None, gamma=None, head=None, count=None, compact=True
         )
         p = jax.jit(lambda b, v: hist._project(b, v, jnp.float32))(b32, v32)
-        q = jax.jit(lambda c, z: hist.combine_pairs(h, z, c, jnp.zeros_like(c)))(
-            c32, jnp.zeros(n, jnp.float32)
+        # `h` as an argument: closed over, its 40 MB would become a program constant.
+        q = jax.jit(lambda h, c, z: hist.combine_pairs(h, z, c, jnp.zeros_like(c)))(
+            h, c32, jnp.zeros(n, jnp.float32)
         )
         rows[name] = {
             "project_rel_err": float(np.max(np.abs(np.asarray(p, np.float64) - ref_p)))
@@ -94,6 +95,11 @@ def per_iteration(packages, n, shape, dtype, rounds, k1=5, k2=15):
             compiled[name, k] = c
             _, steps, count = jax.block_until_ready(c(x0, args))
             iters[name, k], evals[name, k] = int(steps), int(count)
+        if iters[name, k2] <= iters[name, k1]:
+            raise ValueError(
+                f"{name}'s solve stopped at iteration {iters[name, k2]}, not after {k1}: "
+                "choose a smaller --iters window"
+            )
     times = {key: [] for key in compiled}
     for _ in range(rounds):
         for key, c in compiled.items():
