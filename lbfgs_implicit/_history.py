@@ -130,6 +130,19 @@ def _project(buf: PyTree[Array], v: PyTree[Array], dtype) -> Float[Array, " m"]:
     )
 
 
+def _gram(a: Array, b: Array, dtype) -> Float[Array, "m m"]:
+    """`A'B` of two buffers' leaves, over every axis but the leading (history) one."""
+    axes = tuple(range(1, a.ndim))
+    return jnp.tensordot(
+        a,
+        b,
+        axes=(axes, axes),
+        preferred_element_type=dtype,
+        precision=EXACT,
+        out_sharding=reduced_sharding(a, 2),
+    )
+
+
 def _project2(buf: PyTree[Array], v: PyTree[Array], w: PyTree[Array], dtype):
     """`(B'v, B'w)`: two matrix-vector products.
 
@@ -438,28 +451,8 @@ def block_inverse(h: History) -> BlockInverse:
     else:
         sy, yy = [], []
         for bs, by in zip(jtu.tree_leaves(h.s), jtu.tree_leaves(h.y)):
-            axes = tuple(range(1, bs.ndim))
-            out = reduced_sharding(bs, 2)
-            sy.append(
-                jnp.tensordot(
-                    bs,
-                    by,
-                    axes=(axes, axes),
-                    preferred_element_type=dtype,
-                    precision=EXACT,
-                    out_sharding=out,
-                )
-            )
-            yy.append(
-                jnp.tensordot(
-                    by,
-                    by,
-                    axes=(axes, axes),
-                    preferred_element_type=dtype,
-                    precision=EXACT,
-                    out_sharding=out,
-                )
-            )
+            sy.append(_gram(bs, by, dtype))
+            yy.append(_gram(by, by, dtype))
         sy, yy = sum_widest(sy), sum_widest(yy)
     ok = filled & (ss > 0) & jnp.isfinite(jnp.sum(sy, axis=1) + jnp.sum(yy, axis=1))
     # Steps of very different lengths: normalised, so that the threshold below compares
