@@ -637,6 +637,115 @@ def sweep_block(sweep, lines):
     lines.append("")
 
 
+def many_small_ratios(table, key="run_s"):
+    """Per problem, our batch time over the fastest JAX peer's among those whose batch
+    converged from at least as many starts as ours (a peer that left more starts
+    unsolved did not do the same job); per peer, the same ratio over the problems where
+    it qualifies. Returns `(per_problem, per_peer, left_out)`, `left_out` naming the
+    problems without a qualifying peer."""
+    per_problem, per_peer, left_out = {}, {}, []
+    for p, r in table.items():
+        ours = r.get(OURS)
+        if not ours or ours.get("error") is not None:
+            continue
+        peers = {
+            s: r[s][key]
+            for s in JAX_PEERS
+            if r.get(s) and r[s].get("error") is None and r[s]["converged"] >= ours["converged"]
+        }
+        if not peers:
+            left_out.append(p)
+            continue
+        per_problem[p] = ours[key] / min(peers.values())
+        for s, t in peers.items():
+            per_peer.setdefault(s, []).append(ours[key] / t)
+    return per_problem, per_peer, left_out
+
+
+def many_small_section(data, path, lines):
+    """`python -m benchmarks.many_small`: batches of small problems under `vmap`."""
+    settings = data["settings"]
+    tasks = settings["tasks"]
+    table = _by_problem(data["rows"])
+    solvers = [s for s in (OURS,) + JAX_PEERS if any(s in r for r in table.values())]
+    per_problem, per_peer, left_out = many_small_ratios(table)
+    cpu_ratios, _, _ = many_small_ratios(table, "run_cpu_s")
+    lines += [
+        "### Many small problems at once, under `vmap`",
+        "",
+        f"Command: `{data['command']}` (results: `{_rel(path)}`, "
+        f"{data.get('wall_s', 0) / 60:.1f} min). {_machine_line(data)}.",
+        "",
+        f"Every problem above with at most {settings['max_n']} parameters, solved from "
+        f"{tasks} starts around its own (`x0 (1 + 0.2 u) + 0.1 v`, `u, v` uniform on "
+        "[-1, 1], seeded by the name) as one jitted `jax.vmap` of each library's solve, "
+        "with the settings above (at most "
+        f"{settings['max_steps']} iterations): the multi-start and per-task user, who pays "
+        "Python's dispatch once per batch and, with a plain `vmap`, runs every start for "
+        "as long as the slowest. `lbfgs_implicit` picks its batched form itself. Each "
+        "cell: median milliseconds per batch (solvers in turns over "
+        f"{settings['rounds']} rounds; a batch slower than {settings['slow_s']:g} s is "
+        "timed once), the starts that converged ($\\|\\nabla f\\|_\\infty \\le$ "
+        f"{settings['gtol']:g}, recomputed for all) and the evaluations summed over "
+        "starts (jaxopt's include one value-only evaluation per iteration). A peer is "
+        "compared only where it converged from at least as many starts as ours.",
+        "",
+    ]
+    if per_problem:
+        above = sorted(((p, r) for p, r in per_problem.items() if r > 1.2), key=lambda kv: -kv[1])
+        lines += [
+            "| measure | result |",
+            "| --- | --- |",
+            f"| ours / fastest qualifying JAX peer, geometric mean over {len(per_problem)} "
+            f"problems | {_geomean(per_problem.values()):.2f}x wall, "
+            f"{_geomean(cpu_ratios.values()):.2f}x CPU |",
+            "| per peer (geometric mean where it qualifies) | "
+            + ", ".join(f"{s} {_geomean(v):.2f}x ({len(v)})" for s, v in sorted(per_peer.items()))
+            + " |",
+            "| above 1.2x the fastest peer | "
+            + (", ".join(f"{p} {r:.2f}" for p, r in above) or "none")
+            + " |",
+        ]
+        if left_out:
+            lines.append(
+                "| no peer converged from as many starts as ours | " + ", ".join(left_out) + " |"
+            )
+        fewer = []
+        for p, r in table.items():
+            ours = r.get(OURS)
+            if not ours or ours.get("error") is not None:
+                continue
+            more = [
+                f"{s} {r[s]['converged']}"
+                for s in JAX_PEERS
+                if r.get(s) and r[s].get("error") is None and r[s]["converged"] > ours["converged"]
+            ]
+            if more:
+                fewer.append(f"{p} {ours['converged']} ({', '.join(more)})")
+        lines.append(
+            "| starts where a peer converged more often than ours | "
+            + ("; ".join(fewer) or "none")
+            + " |"
+        )
+        lines.append("")
+    header = "| problem | n | " + " | ".join(solvers) + " | ours / fastest peer |"
+    lines += [header, "| --- | ---: |" + " ---: |" * (len(solvers) + 1)]
+    for p, r in table.items():
+        cells = []
+        for s in solvers:
+            row = r.get(s)
+            if not row:
+                cells.append("")
+            elif row.get("error") is not None:
+                cells.append("failed")
+            else:
+                cells.append(f"{_ms(row['run_s'])} · {row['converged']}/{tasks} · {row['evals']:,}")
+        ratio = f"{per_problem[p]:.2f}" if p in per_problem else "–"
+        n = next(row["n"] for row in r.values())
+        lines.append(f"| {p} | {n} | " + " | ".join(cells) + f" | {ratio} |")
+    lines.append("")
+
+
 def bounds_section(mode, lines):
     """Bound-constrained solves (`python -m benchmarks.bounds`), if a result file exists."""
     from .bounds import hypergradient_lines, table_lines
@@ -1016,6 +1125,7 @@ def main(argv=None):
     parser.add_argument("--hypergrad", default=None, help="a hypergradient results file")
     parser.add_argument("--compile-time", default=None, help="a compile-time results file")
     parser.add_argument("--scale", default=None, help="a scale results file")
+    parser.add_argument("--many-small", default=None, help="a many_small results file")
     parser.add_argument("--page", default=str(PAGE))
     opts = parser.parse_args(argv)
     page = Path(opts.page)
@@ -1046,6 +1156,12 @@ def main(argv=None):
         forward_section(fwd, fwd_path, lines, compile_time)
         table, solvers, _ = forward_summary(fwd)
         profile_plot(table, solvers, img / "bench_profile.png")
+    small, small_path = _load("many_small", opts.mode)
+    if opts.many_small:
+        small_path = Path(opts.many_small).resolve()
+        small = json.loads(small_path.read_text())
+    if small:
+        many_small_section(small, small_path, lines)
     if hyp:
         hyper_section(hyp, hyp_path, lines)
         if "sweep" in hyp:

@@ -38,7 +38,7 @@ OPTIMISTIX_TOL = 1e-10
 SOLVERS = ("lbfgs_implicit", "scipy", "optax", "jaxopt", "optimistix")
 
 
-def ours(fn, x0, args, max_steps):
+def ours_solve(fn, max_steps):
     solver = li.LBFGS(history_size=HISTORY, max_steps=max_steps, gtol=GTOL)
 
     def solve(x0, args):
@@ -50,8 +50,7 @@ def ours(fn, x0, args, max_steps):
             "status": sol.result == li.RESULTS.successful,
         }
 
-    compiled, seconds = compile_jit(solve, x0, args)
-    return compiled, seconds, lambda: compiled(x0, args)
+    return solve
 
 
 def scipy_lbfgsb(fn, x0, args, max_steps):
@@ -99,7 +98,7 @@ def optax_step(f, opt):
     return body
 
 
-def optax_lbfgs(fn, x0, args, max_steps):
+def optax_solve(fn, max_steps):
     import optax
     import optax.tree_utils as otu
 
@@ -123,11 +122,10 @@ def optax_lbfgs(fn, x0, args, max_steps):
         count = otu.tree_get(state, "count")
         return {"x": x, "iters": count, "evals": evals, "status": count < max_steps}
 
-    compiled, seconds = compile_jit(solve, x0, args)
-    return compiled, seconds, lambda: compiled(x0, args)
+    return solve
 
 
-def jaxopt_lbfgs(fn, x0, args, max_steps):
+def jaxopt_solve(fn, max_steps):
     import jaxopt
 
     solver = jaxopt.LBFGS(fun=fn, tol=GTOL, maxiter=max_steps, history_size=HISTORY)
@@ -143,11 +141,10 @@ def jaxopt_lbfgs(fn, x0, args, max_steps):
             "status": state.error <= GTOL,
         }
 
-    compiled, seconds = compile_jit(solve, x0, args)
-    return compiled, seconds, lambda: compiled(x0, args)
+    return solve
 
 
-def optimistix_lbfgs(fn, x0, args, max_steps):
+def optimistix_solve(fn, max_steps):
     import optimistix as optx
 
     solver = optx.LBFGS(rtol=OPTIMISTIX_TOL, atol=OPTIMISTIX_TOL, history_length=HISTORY)
@@ -163,16 +160,33 @@ def optimistix_lbfgs(fn, x0, args, max_steps):
             "status": sol.result == optx.RESULTS.successful,
         }
 
-    compiled, seconds = compile_jit(solve, x0, args)
-    return compiled, seconds, lambda: compiled(x0, args)
+    return solve
+
+
+# `(fn, max_steps) -> solve(x0, args) -> dict`: the JAX solvers, traceable (so also
+# `vmap`-able over starting points, see `benchmarks.many_small`).
+JAX_SOLVES = {
+    "lbfgs_implicit": ours_solve,
+    "optax": optax_solve,
+    "jaxopt": jaxopt_solve,
+    "optimistix": optimistix_solve,
+}
+
+
+def _compiled_adapter(make_solve):
+    def adapter(fn, x0, args, max_steps):
+        compiled, seconds = compile_jit(make_solve(fn, max_steps), x0, args)
+        return compiled, seconds, lambda: compiled(x0, args)
+
+    return adapter
 
 
 ADAPTERS = {
-    "lbfgs_implicit": ours,
+    "lbfgs_implicit": _compiled_adapter(ours_solve),
     "scipy": scipy_lbfgsb,
-    "optax": optax_lbfgs,
-    "jaxopt": jaxopt_lbfgs,
-    "optimistix": optimistix_lbfgs,
+    "optax": _compiled_adapter(optax_solve),
+    "jaxopt": _compiled_adapter(jaxopt_solve),
+    "optimistix": _compiled_adapter(optimistix_solve),
 }
 
 

@@ -43,11 +43,17 @@ def results(tmp_path_factory):
         *("--n", "64", "--shapes", "matrix", "--dtypes", "float64", "--iters", "3"),
         *("--rounds", "1", "--solvers", "lbfgs_implicit,optax", "--out", str(scale)),
     )
+    small = tmp / "many_small.json"
+    _run(
+        "benchmarks.many_small",
+        *("--mode", "smoke", "--tasks", "3", "--solvers", "lbfgs_implicit,optax"),
+        *("--out", str(small)),
+    )
     page = tmp / "benchmarks.md"
     _run(
         "benchmarks.report",
         *("--forward", str(fwd), "--hypergrad", str(hyp), "--compile-time", str(ct)),
-        *("--scale", str(scale), "--page", str(page)),
+        *("--scale", str(scale), "--many-small", str(small), "--page", str(page)),
     )
     fwd, hyp, ct = (json.loads(path.read_text()) for path in (fwd, hyp, ct))
     return fwd, hyp, page, ct
@@ -68,6 +74,37 @@ def test_scale_rows(results):
     text = page.read_text()
     assert "## Scale: memory and time per iteration" in text
     assert "Steady cost of an iteration: every solver also ran 6 iterations" in text
+
+
+def test_many_small_rows(results):
+    *_, page, _ = results
+    small = json.loads((page.parent / "many_small.json").read_text())
+    rows = {row["solver"]: row for row in small["rows"]}
+    assert set(rows) == {"lbfgs_implicit", "optax"}
+    for solver, row in rows.items():
+        assert row["error"] is None and row["tasks"] == 3, solver
+        # Three starts near (-1.2, 1) of Rosenbrock: each converges within the smoke limit.
+        assert row["converged"] == 3 and row["evals"] >= 3 and row["run_s"] > 0, solver
+    assert "### Many small problems at once, under `vmap`" in page.read_text()
+
+
+def test_many_small_ratios_compare_peers_that_converged_as_often():
+    from benchmarks.report import many_small_ratios
+
+    def row(run_s, converged):
+        return {"run_s": run_s, "converged": converged, "error": None}
+
+    table = {
+        # optax is fastest but converged from fewer starts: jaxopt is the reference.
+        "A": {"lbfgs_implicit": row(2.0, 60), "optax": row(0.5, 59), "jaxopt": row(4.0, 64)},
+        # No peer converged as often: no ratio.
+        "B": {"lbfgs_implicit": row(1.0, 64), "optimistix": row(0.1, 16)},
+        "C": {"lbfgs_implicit": row(1.0, 64), "optax": row(2.0, 64), "jaxopt": row(0.5, 64)},
+    }
+    per_problem, per_peer, left_out = many_small_ratios(table)
+    assert per_problem == {"A": 0.5, "C": 2.0}
+    assert per_peer == {"jaxopt": [0.5, 2.0], "optax": [0.5]}
+    assert left_out == ["B"]
 
 
 def test_forward_rows(results):
