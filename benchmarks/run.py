@@ -20,7 +20,11 @@ def main(argv=None):
     opts = parser.parse_args(argv)
     mode = "full" if opts.full else "quick"
     t0 = time.perf_counter()
-    commands = [["forward", "--mode", mode], ["hypergrad", "--mode", mode]]
+    commands = [
+        ["forward", "--mode", mode],
+        ["many_small", "--mode", mode],
+        ["hypergrad", "--mode", mode],
+    ]
     if mode == "full":  # the repeated compile-time measurement writes one shared file
         commands.append(["compile_time"])
     for script, *args in commands:
