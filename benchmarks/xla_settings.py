@@ -15,7 +15,9 @@ named like `--metric`, the median over rounds of each round's ratio to `default`
 Settings (`--settings`, comma-separated): `default` (`XLA_FLAGS` as inherited), `O0`
 and `O1` (`--xla_backend_optimization_level`: no or little LLVM optimisation of the CPU
 kernels), `1thread` (XLA:CPU's multi-threaded Eigen kernels off),
-`1thread-O0`, and `pinned` (`1thread` under `taskset -c 0`).
+`1thread-O0`, `pinned` (`1thread` under `taskset -c 0`), and `loops64k` and `loops1M`
+(XLA:CPU's threshold for compiling a small `while` loop into one kernel raised from
+1 kB to 64 kB or 1 MB).
 """
 
 import argparse
@@ -36,6 +38,7 @@ from ._common import machine, RESULTS_DIR, write_json
 # Not `... intra_op_parallelism_threads=1`, as often quoted: that is no XLA flag, and
 # XLA stops reading `XLA_FLAGS` at it, silently dropping every flag after it.
 _ONE_THREAD = "--xla_cpu_multi_thread_eigen=false"
+_SMALL_LOOPS = "--xla_backend_extra_options=xla_cpu_small_while_loop_byte_threshold={}"
 SETTINGS = {
     "default": ("", False),
     "O0": ("--xla_backend_optimization_level=0", False),
@@ -43,6 +46,12 @@ SETTINGS = {
     "1thread": (_ONE_THREAD, False),
     "1thread-O0": (_ONE_THREAD + " --xla_backend_optimization_level=0", False),
     "pinned": (_ONE_THREAD, True),
+    # XLA:CPU compiles a `while` loop into one kernel (no per-operation dispatch) when the
+    # loop holds no dot, convolution, scatter or custom call and its operations touch
+    # fewer bytes than this (1 kB by default): a whole solve of a few parameters fits
+    # from about 16 kB.
+    "loops64k": (_SMALL_LOOPS.format(65_536), False),
+    "loops1M": (_SMALL_LOOPS.format(1_048_576), False),
 }
 _LABELS = ("solver", "problem", "mode", "dtype", "tasks", "n")
 
