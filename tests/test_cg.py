@@ -85,20 +85,26 @@ def test_bad_configuration(kwargs):
 def test_preconditioner_switched_once_before_the_loop():
     # `precondition_if` false runs exactly plain CG; true, preconditioned CG; a
     # preconditioner that is not positive definite breaks down and plain CG finishes.
+    # The matrix is badly scaled (a well-conditioned one between diagonal scalings from
+    # 1 to 300), so that Jacobi saves many steps (12 against 23): on a matrix whose
+    # diagonal carries no information the two step counts may coincide, and which way
+    # rounding tips them depends on the host CPU's instructions.
+    scale = jnp.diag(jnp.geomspace(1.0, 300.0, 12))
+    scaled = scale @ _spd(12, 10.0) @ scale
     a = _spd(12, 1e3)
     b = jnp.linspace(-1.0, 1.0, 12)
-    jacobi = _op(jnp.diag(1 / jnp.diag(a)))
     indefinite = lx.MatrixLinearOperator(-jnp.eye(12), lx.symmetric_tag)
 
-    def solve(**options):
-        return lx.linear_solve(_op(a), b, li.CG(rtol=1e-12), options=options, throw=False)
+    def solve(matrix=a, **options):
+        return lx.linear_solve(_op(matrix), b, li.CG(rtol=1e-12), options=options, throw=False)
 
-    plain, pcg = solve(), solve(preconditioner=jacobi)
-    off = solve(preconditioner=jacobi, precondition_if=jnp.array(False))
-    on = solve(preconditioner=jacobi, precondition_if=jnp.array(True))
+    jacobi = _op(jnp.diag(1 / jnp.diag(scaled)))
+    plain, pcg = solve(scaled), solve(scaled, preconditioner=jacobi)
+    off = solve(scaled, preconditioner=jacobi, precondition_if=jnp.array(False))
+    on = solve(scaled, preconditioner=jacobi, precondition_if=jnp.array(True))
     assert int(off.stats["num_steps"]) == int(plain.stats["num_steps"])
     assert int(on.stats["num_steps"]) == int(pcg.stats["num_steps"])
-    assert int(pcg.stats["num_steps"]) != int(plain.stats["num_steps"])
+    assert int(pcg.stats["num_steps"]) + 5 <= int(plain.stats["num_steps"])
     np.testing.assert_allclose(off.value, on.value, rtol=1e-9)
     broken = solve(preconditioner=indefinite, precondition_if=jnp.array(True))
     assert broken.result == lx.RESULTS.successful
@@ -211,17 +217,35 @@ def test_batch_in_refilled_lanes_matches_each_solve(second):
 
     with batching_form("refill", 3):
         batch = jax.jit(jax.vmap(solve)).lower(a, c, b).compile()(a, c, b)
+    # The lanes' program rounds differently from a single solve's (XLA fuses and orders
+    # its operations differently): under jax 0.12.0.1 the two differ by 2e-19 after one
+    # step on the system of condition 1e4, and CG, which on these 16 x 16 systems takes
+    # more than 16 steps only because of rounding, turns that into 27 steps alone against
+    # 28 or 29 in a lane. So steps agree within 2; answers to the accuracy that the
+    # tolerance and the condition number allow (exactly where no step is taken); the
+    # unconverged system (max_steps) only by its step count and result.
     steps = []
-    for i in range(len(conds)):
+    for i, cond in enumerate(conds):
         value, result, stats = jax.jit(solve)(a[i], c[i], b[i])
         assert int(batch[1]._value[i]) == int(result._value), i
-        assert int(batch[2]["num_steps"][i]) == int(stats["num_steps"]), i
-        steps.append(int(stats["num_steps"]))
-        np.testing.assert_allclose(batch[0][i], value, rtol=1e-10, atol=1e-12)
+        own = int(stats["num_steps"])
+        assert abs(int(batch[2]["num_steps"][i]) - own) <= 2, (i, batch[2]["num_steps"][i], own)
+        steps.append(own)
         keys = ("true_residual", "second_residual") if second else ("true_residual",)
         assert set(batch[2]) == {"num_steps", *keys}
-        for key in keys:
-            np.testing.assert_allclose(batch[2][key][i], stats[key], rtol=1e-6, atol=1e-12)
+        if result != lx.RESULTS.successful:
+            continue
+        np.testing.assert_allclose(batch[0][i], value, rtol=10 * cond * 1e-10, atol=1e-12)
+        if own == 0:
+            np.testing.assert_array_equal(batch[0][i], value)
+        # Converged in the lane too: the true residual meets the tolerance, as alone.
+        bound = 10 * 1e-10 * float(jnp.linalg.norm(b[i])) + 1e-12
+        assert float(batch[2]["true_residual"][i]) <= bound, i
+        assert float(stats["true_residual"]) <= bound, i
+        if second:
+            np.testing.assert_allclose(
+                batch[2]["second_residual"][i], stats["second_residual"], rtol=1e-3, atol=1e-9
+            )
     assert steps[2] == 0 and max(steps) == 30 and len(set(steps)) >= 6, steps
     assert int(batch[1]._value[5]) == int(lx.RESULTS.breakdown._value)
     assert int(batch[1]._value[6]) == int(lx.RESULTS.max_steps_reached._value)
