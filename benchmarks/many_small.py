@@ -63,7 +63,8 @@ def _loaders(mode, keep):
 
 
 def prepare(problem, name, x0s, max_steps):
-    """Compile `name`'s batched solve and run it once; `(row, call, first seconds)`."""
+    """Compile `name`'s batched solve and run it once; `(row, call, first seconds, output)`
+    (`call` and the rest None when the solver failed)."""
     row = {"problem": problem.name, "n": problem.n, "tasks": int(x0s.shape[0]), "solver": name}
     try:
         solve = jax.vmap(solvers.JAX_SOLVES[name](problem.fn, max_steps), in_axes=(0, None))
@@ -81,18 +82,17 @@ def prepare(problem, name, x0s, max_steps):
 
 
 def time_turns(calls, firsts, rounds, min_seconds):
-    """Median (wall, CPU) seconds per call over `rounds` rounds that run each in turn."""
+    """`(wall, CPU, runs)`: median seconds per call over `rounds` rounds that run each
+    call in turn, or for a call whose first run took over `SLOW_S`, that run alone (its
+    CPU seconds are not known: NaN)."""
+    slow = [t > SLOW_S for t in firsts]
     counts = [
-        1 if t > SLOW_S else min(MAX_REPEATS, max(rounds, int(np.ceil(min_seconds / t))))
-        for t in firsts
+        1 if s else min(MAX_REPEATS, max(rounds, int(np.ceil(min_seconds / t))))
+        for s, t in zip(slow, firsts)
     ]
     block = [max(1, -(-c // rounds)) for c in counts]
-    wall = [[] for _ in calls]
-    cpu = [[] for _ in calls]
-    for i, t in enumerate(firsts):
-        if counts[i] == 1:
-            wall[i].append(t)
-            cpu[i].append(float("nan"))
+    wall = [[t] if s else [] for s, t in zip(slow, firsts)]
+    cpu = [[float("nan")] if s else [] for s in slow]
     while any(len(w) < c for w, c in zip(wall, counts)):
         for i, call in enumerate(calls):
             for _ in range(min(block[i], counts[i] - len(wall[i]))):
