@@ -103,8 +103,8 @@ def time_turns(calls, firsts, rounds, min_seconds):
     return [(float(np.median(w)), float(np.median(c)), len(w)) for w, c in zip(wall, cpu)]
 
 
-def finish(problem, row, out):
-    grad = jax.jit(jax.vmap(jax.grad(problem.fn), in_axes=(0, None)))
+def finish(problem, grad, row, out):
+    """`row` with the starts that converged, by `grad` (the batched gradient), and counts."""
     x = jnp.asarray(out["x"], problem.x0.dtype)
     g = np.asarray(grad(x, problem.args)).reshape(x.shape[0], -1)
     g_inf = np.max(np.abs(g), axis=1)
@@ -162,9 +162,10 @@ def main(argv=None):
         timed = time_turns(
             [p[1] for p in live], [p[2] for p in live], ROUNDS[opts.mode], MIN_SECONDS[opts.mode]
         )
+        grad = jax.jit(jax.vmap(jax.grad(problem.fn), in_axes=(0, None)))
         for (row, _, _, out), (wall, cpu, count) in zip(live, timed):
             row.update(run_s=wall, run_cpu_s=cpu, repeats=count)
-            finish(problem, row, out)
+            finish(problem, grad, row, out)
         for row, *_ in prepared:
             rows.append(row)
             print(

@@ -637,6 +637,10 @@ def sweep_block(sweep, lines):
     lines.append("")
 
 
+def _ran(row) -> bool:
+    return bool(row) and row.get("error") is None
+
+
 def many_small_ratios(table, key="run_s"):
     """Per problem, our batch time over the fastest JAX peer's among those whose batch
     converged from at least as many starts as ours (a peer that left more starts
@@ -646,12 +650,12 @@ def many_small_ratios(table, key="run_s"):
     per_problem, per_peer, left_out = {}, {}, []
     for p, r in table.items():
         ours = r.get(OURS)
-        if not ours or ours.get("error") is not None:
+        if not _ran(ours):
             continue
         peers = {
             s: r[s][key]
             for s in JAX_PEERS
-            if r.get(s) and r[s].get("error") is None and r[s]["converged"] >= ours["converged"]
+            if _ran(r.get(s)) and r[s]["converged"] >= ours["converged"]
         }
         if not peers:
             left_out.append(p)
@@ -713,12 +717,12 @@ def many_small_section(data, path, lines):
         fewer = []
         for p, r in table.items():
             ours = r.get(OURS)
-            if not ours or ours.get("error") is not None:
+            if not _ran(ours):
                 continue
             more = [
                 f"{s} {r[s]['converged']}"
                 for s in JAX_PEERS
-                if r.get(s) and r[s].get("error") is None and r[s]["converged"] > ours["converged"]
+                if _ran(r.get(s)) and r[s]["converged"] > ours["converged"]
             ]
             if more:
                 fewer.append(f"{p} {ours['converged']} ({', '.join(more)})")

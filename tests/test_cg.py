@@ -222,8 +222,10 @@ def test_batch_in_refilled_lanes_matches_each_solve(second):
     # step on the system of condition 1e4, and CG, which on these 16 x 16 systems takes
     # more than 16 steps only because of rounding, turns that into 27 steps alone against
     # 28 or 29 in a lane. So steps agree within 2; answers to the accuracy that the
-    # tolerance and the condition number allow (exactly where no step is taken); the
-    # unconverged system (max_steps) only by its step count and result.
+    # tolerance and the condition number allow (exactly where no step is taken), and the
+    # second operator's residual, which is far from zero, to 1e-6 (measured: 6e-12); the
+    # converged systems' true residuals each meet the tolerance; the system stopped by
+    # `max_steps` only by its step count and result, as its two trajectories have parted.
     steps = []
     for i, cond in enumerate(conds):
         value, result, stats = jax.jit(solve)(a[i], c[i], b[i])
@@ -233,18 +235,22 @@ def test_batch_in_refilled_lanes_matches_each_solve(second):
         steps.append(own)
         keys = ("true_residual", "second_residual") if second else ("true_residual",)
         assert set(batch[2]) == {"num_steps", *keys}
-        if result != lx.RESULTS.successful:
+        if result == lx.RESULTS.max_steps_reached:
             continue
         np.testing.assert_allclose(batch[0][i], value, rtol=10 * cond * 1e-10, atol=1e-12)
         if own == 0:
             np.testing.assert_array_equal(batch[0][i], value)
-        # Converged in the lane too: the true residual meets the tolerance, as alone.
-        bound = 10 * 1e-10 * float(jnp.linalg.norm(b[i])) + 1e-12
-        assert float(batch[2]["true_residual"][i]) <= bound, i
-        assert float(stats["true_residual"]) <= bound, i
         if second:
             np.testing.assert_allclose(
-                batch[2]["second_residual"][i], stats["second_residual"], rtol=1e-3, atol=1e-9
+                batch[2]["second_residual"][i], stats["second_residual"], rtol=1e-6, atol=1e-12
+            )
+        if result == lx.RESULTS.successful:
+            bound = 10 * 1e-10 * float(jnp.linalg.norm(b[i])) + 1e-12
+            assert float(batch[2]["true_residual"][i]) <= bound, i
+            assert float(stats["true_residual"]) <= bound, i
+        else:  # the breakdown, after one step
+            np.testing.assert_allclose(
+                batch[2]["true_residual"][i], stats["true_residual"], rtol=1e-6, atol=1e-12
             )
     assert steps[2] == 0 and max(steps) == 30 and len(set(steps)) >= 6, steps
     assert int(batch[1]._value[5]) == int(lx.RESULTS.breakdown._value)
