@@ -136,14 +136,16 @@ class ImplicitAdjoint(AbstractAdjoint):
     worth and every step costs at most 10% more; elsewhere it runs plain CG from zero,
     as `precondition=False`. Where Hessian-vector products cost microseconds (small or
     sparse problems, small networks on a CPU) the memory's fixed costs exceed what it
-    can save: measured with `python -m benchmarks.preconditioner`, `all_pairs=True` took
-    1 CG step against 9 on `lam I` + rank 8 and 44 against 66 on the iMAML inner
-    problem, yet 1.1x-1.2x of plain CG's time on both. On a ridge with five strong common
+    can save: measured with `python -m benchmarks.preconditioner`
+    (`benchmarks/results/preconditioner.json`, medians), `all_pairs=True` took 1 CG
+    step against 9 on `lam I` + rank 8 and 44 against 66 on the iMAML inner problem,
+    yet 1.04x and 1.09x of plain CG's time. On a ridge with five strong common
     factors (n = 2000, dense data) the default takes 45 CG steps against 88, 0.58x of
-    plain CG's time, and on `lam I` + rank 8 from 4000 dense rows (where the memory
-    describes the Hessian and its products are dear) 2 against 8, 0.64x: its set-up
-    and the two checks below cost four products, plain CG's 8 steps and the checks 10
-    (`--only "5 common,dense rows" --starts cold`, medians).
+    plain CG's time (`--rounds 7 --only '5 common,smoothing,logistic,lam I + rank
+    8,iMAML'`), and on `lam I` + rank 8 from 4000 dense rows (where the memory
+    describes the Hessian and its products are dear) 2 against 8, 0.64x (`--rounds 9
+    --only 'dense rows'`): its set-up and the two checks below cost four products,
+    plain CG's 8 steps and the checks 10.
 
     **Arguments:**
 
@@ -156,8 +158,8 @@ class ImplicitAdjoint(AbstractAdjoint):
       its preconditioner for CG). Default `True`; `False` is plain CG from zero.
     - `memory_preconditioner`: also precondition every CG step by the L-BFGS inverse
       Hessian $H_k$. Default `False`: $H_k$ satisfies only the newest pair's secant
-      equation, and on Hessians with a few outlying eigenvalues it costs steps (118
-      against 90 on the factor ridge).
+      equation, and on Hessians with a few outlying eigenvalues it costs steps (114
+      against 88 on the factor ridge).
     - `all_pairs`: `True` uses the all-pairs inverse as above whatever the costs,
       `False` starts plain CG from $H_k v$, `None` (default) chooses by cost as above.
     - `damping`: $\\lambda \\ge 0$ added to the Hessian's diagonal, for singular
@@ -183,7 +185,7 @@ class ImplicitAdjoint(AbstractAdjoint):
     linearisation and product are CG's own, in a loop of two turns around the steps).
     Compiling the MLP hypergradient of
     `python -m benchmarks.compile_mlp` (`benchmarks/results/compile_mlp.json`, with
-    `lbfgs_implicit_unchecked`) took 0.99x the CPU time for one task and 0.71x for 16
+    `lbfgs_implicit_unchecked`) took 0.84x the CPU time for one task and 0.83x for 16
     (medians of 3). A degenerate minimiser then gives a wrong
     hypergradient without an error.
     """

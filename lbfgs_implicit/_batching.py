@@ -55,11 +55,11 @@ MIN_BYTES = 61_440
 MIN_LANES = 16
 MAX_LANES = 64
 # The backward CG runs in lanes from this many bytes per element (see `backward_lanes`).
-# Measured on value_and_grad of 64 iMAML tasks (481 parameters; CPU time against plain
-# `vmap` of the backward, forward refilled, interleaved): in float64 (3,848 bytes) 0.86x
-# on the mixed batch and 0.94x on copies of its slowest task; in float32 (1,924 bytes)
-# 1.01x and 1.05-1.07x; 1,024 starts of the 20-parameter multi-start problem in float64
-# (160 bytes): 1.03x and 1.10x.
+# Measured on value_and_grad of 64 iMAML tasks in float64 (481 parameters, 3,848 bytes;
+# `benchmarks/results/batching-imaml-float64.json`, mode `refill` against
+# `refill-vmapcg`, whose backward is plain `vmap`; CPU time, interleaved): 0.96x on the
+# mixed batch and 0.97x on copies of its slowest task. Where an element's products are
+# cheaper, each turn's and each loaded lane's fixed costs are not repaid.
 BACKWARD_MIN_BYTES = 3_072
 # Lanes loaded together (see `_load_width`).
 LOAD_WIDTH = 4
@@ -91,34 +91,30 @@ def num_lanes(num_tasks: int, num_bytes: int) -> int:
     from one core to the other, and in float32 that is what loses: the 64 copies' forward
     solves in 16 lanes take 0.87x the CPU time of plain `vmap` in a process held to one
     core (`taskset -c 1`), 1.16-1.18x on two.
-    Measured with `python -m benchmarks.batching --forward --time --lanes 8 2` (forward
-    solves, 2 shared CPU cores, CPU seconds against plain `vmap`, interleaved; mixed
-    batch / copies of its slowest task). 64 iMAML tasks in float64: T/8 lanes 0.22 /
-    0.73, T/4 0.21 / 0.62, T/2 0.29 / 0.63, one lane per task 0.58 / 0.84; in float32:
-    T/8 0.32 / 1.57, T/4 0.30 / 1.12, T/2 0.35 / 0.99, one lane each 0.59 / 0.89. 16
-    tasks, where fewer lanes than tasks lose most on copies (float64: T/8 0.72 / 1.72,
-    T/2 0.64 / 1.31, one lane each 0.85 / 0.95; float32: T/2 0.95 / 1.49, one lane
-    each 1.12 / 1.17): hence at least 16 lanes. 1,024 starts of the 20-parameter
-    multi-start problem (`--problem multistart --tasks 1024 --forward --time --modes
-    refill --lanes 32 4`): 32 lanes 0.32 / 0.78, 64 lanes 0.28 / 0.63, 256 lanes 0.43 /
-    0.79: hence at most 64, whatever the task's size. In between, 32 iMAML tasks in
-    float64: 16 lanes 0.43 / 0.92 (4 lanes 0.36 / 1.25); 256: 64 lanes 0.14 / 0.42, 32
-    lanes 0.09 / 0.42, 128 lanes 0.20 / 0.55. Turns of fewer bytes lose on copies:
-    value_and_grad of iMAML in float32 (1,924 bytes per task), against plain `vmap`:
-    64 tasks in 16 lanes (30,784 bytes a turn) 0.29-0.30 / 1.13-1.15, in 32 lanes
-    0.40-0.42 / 0.98-0.99; 32 tasks in 16 lanes 0.56 / 1.45, one lane each 0.74 /
-    0.97; 128 tasks in 32 lanes 0.26 / 0.76; float64, 16 tasks one lane each (61,568
-    bytes) 0.69 / 0.90.
+    Measured with `python -m benchmarks.batching --forward --time` (forward solves, 2
+    shared CPU cores, CPU seconds against plain `vmap`, interleaved; mixed batch /
+    copies of its slowest task; each figure's file is in `benchmarks/results/`, with its
+    command). 64 iMAML tasks in float64 (`batching-imaml-float64-forward.json`): T/8
+    lanes 0.22 / 0.73, T/4 0.21 / 0.62, T/2 0.29 / 0.63, one lane per task 0.58 / 0.84;
+    in float32 (`batching-imaml-float32-forward.json`): T/8 0.32 / 1.34, T/2 0.36 / 0.93,
+    one lane each 0.67 / 0.95. 16 tasks, where fewer lanes than tasks lose most on
+    copies (float64: T/8 0.72 / 1.72, T/2 0.64 / 1.31, one lane each 0.85 / 0.95;
+    float32: T/8 0.81 / 2.22, T/2 0.80 / 1.43, one lane each 0.93 / 0.93): hence at
+    least 16 lanes. 1,024 starts of the 20-parameter multi-start problem
+    (`batching-multistart-float64.json`): 32 lanes 0.32 / 0.78, 64 lanes 0.28 / 0.63,
+    256 lanes 0.43 / 0.79: hence at most 64, whatever the task's size. In between, 32
+    iMAML tasks in float64 (`batching-imaml-float64-forward-t32.json`): 16 lanes 0.43 /
+    0.92 (4 lanes 0.36 / 1.25); 256 (`batching-imaml-float64-forward-t256.json`): 16
+    lanes 0.12 / 0.63, 32 lanes 0.12 / 0.58, 64 lanes 0.16 / 0.65. Turns of fewer bytes
+    lose on copies: value_and_grad of 64 iMAML tasks in float32 (1,924 bytes per task,
+    32 lanes: 61,568 bytes a turn; `batching-imaml-float32.json`) 0.42 / 1.06.
     Beyond a turn of `MIN_BYTES`, more lanes mostly lengthen that tail: the forward
-    solves of 128 iMAML tasks in float64 cost 0.77x the CPU time in 16 lanes that they
-    cost in 32 (T/4), and 0.98x on copies of the slowest task; 256 tasks in 16 lanes
-    0.74x of 64 lanes (copies 0.96x), and against 32 lanes 1.00x (copies 1.08x: two
-    turns' worth of lanes still gain a little where no lane waits); in float32 (1,924
-    bytes, so 32 lanes) 256 tasks 0.87x of 64 lanes (copies 1.10x). The policy favours
-    the mixed batch, which is what users' batches are. Measured with `python -m
-    benchmarks.batching --problem imaml --tasks 128 --forward --time --rounds 3 --modes
-    refill --lanes 4` (`refill/4`: T/4 lanes) and `--tasks 256 --rounds 2 --lanes 4 8`
-    in both dtypes (float64: `benchmarks/results/batching-imaml-float64-forward-t256.json`).
+    solves of 128 iMAML tasks in float64 cost 0.50x the CPU time in 16 lanes that they
+    cost in 64 (T/2), and 0.97x on copies of the slowest task
+    (`batching-imaml-float64-forward-t128.json`); 256 tasks in 16 lanes 0.74x of 64
+    lanes (copies 0.96x), and against 32 lanes 1.00x (copies 1.08x: two turns' worth of
+    lanes still gain a little where no lane waits). The policy favours the mixed batch,
+    which is what users' batches are.
     """
     if MODE == "turns":
         return num_tasks
@@ -138,11 +134,13 @@ def uses_turns(solver, num_tasks: int, num_bytes: int) -> bool:
     operations than a plain iteration (two branches, per-element selects, the pair
     written outside the branch), a fixed cost that pays off once the batch's arrays are
     large enough for the saved evaluations and steps to outweigh it (see `num_lanes`).
-    16 iMAML tasks of 481 parameters in float32, 30,784 bytes, measured 0.88x the CPU
-    time of plain `vmap` on the mixed batch and 0.86x on copies of its slowest task at
-    a load of 10-16, but 1.12x and 1.17x in a later run on a quieter machine, so they
-    stay plain `vmap`; twice that, 32 tasks in float32 or 16 in float64 (61,568 bytes),
-    gains on both batches (see `num_lanes`).
+    16 iMAML tasks of 481 parameters in float32, 30,784 bytes, one lane each, took 0.93x
+    the CPU time of plain `vmap` on the mixed batch and 0.93x on copies of its slowest
+    task (`benchmarks/results/batching-imaml-float32-forward.json`), and on either side
+    of plain `vmap` in earlier runs at other loads: within the noise, so they stay plain
+    `vmap`. From twice that, 64 tasks in float32 (0.36 / 0.93 in 32 lanes) or
+    16 in float64 (61,568 bytes; 0.85 / 0.95), turns gain on both batches (see
+    `num_lanes`).
     """
     from ._solver import LBFGS
 

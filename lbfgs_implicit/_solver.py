@@ -97,7 +97,7 @@ def default_gtol(dtype) -> float:
     is useful: a gradient evaluated in `dtype` carries a rounding error of about
     $\\varepsilon$ times the size of its terms (`7.8e-3` for unit-sized terms in
     bfloat16), so $\\varepsilon^{2/3}$ leaves a margin of $\\varepsilon^{-1/3}$ (5x in
-    bfloat16, 10x in float16, 400x in float32) above that floor. The absolute test assumes
+    bfloat16, 10x in float16, 200x in float32) above that floor. The absolute test assumes
     gradients of order one at the start; otherwise see `LBFGS(gtol_rel=...)`.
     """
     return max(eps(dtype) ** (2 / 3), 1e-10)
