@@ -1,4 +1,5 @@
-"""Every public name of the package is documented on an API page and has a docstring."""
+"""Every public name of the package is documented on an API page and has a docstring;
+every results file the docs cite exists."""
 
 import inspect
 import re
@@ -8,7 +9,9 @@ from pathlib import Path
 import lbfgs_implicit as li
 
 
-API = Path(__file__).resolve().parents[1] / "docs" / "pages" / "api"
+ROOT = Path(__file__).resolve().parents[1]
+API = ROOT / "docs" / "pages" / "api"
+RESULTS = ROOT / "benchmarks" / "results"
 
 
 def public_names():
@@ -50,3 +53,18 @@ def test_api_pages_are_in_the_nav():
     config = (API.parents[1] / "mkdocs.yml").read_text()
     for page in API.glob("*.md"):
         assert f"api/{page.name}" in config, page.name
+
+
+def test_cited_results_files_exist():
+    # Numbers in the docs come from a command in the repository: a docs page, the README
+    # or a docstring that names a results file (by path or by its bare name) names one
+    # that is committed.
+    texts = [ROOT / "README.md", *(ROOT / "docs" / "pages").glob("*.md")]
+    texts += (ROOT / "lbfgs_implicit").glob("*.py")
+    cited = {}
+    for path in texts:
+        for name in re.findall(r"([\w.-]+\.json)\b", path.read_text()):
+            cited.setdefault(name, path.name)
+    assert len(cited) >= 20, sorted(cited)
+    missing = {name: where for name, where in cited.items() if not (RESULTS / name).exists()}
+    assert not missing, f"cited results files not in benchmarks/results/: {missing}"
