@@ -687,6 +687,15 @@ def solve_hessian(
     newton_operator = None
     if newton_hvp is not None:
         newton_operator = jtu.Partial(_operator_at, newton_hvp, structure, free)
+    # What the solve closes over (the operator it iterates with, the start, the
+    # preconditioner, the checks) does not change the answer, only how it is found:
+    # the answer's derivative comes from `hessian.mv` and `b` alone (custom_linear_solve's
+    # rule). Cut off here, these carry no tangents when the solve is differentiated
+    # again (jax.hessian, jacfwd of jacfwd). Otherwise, where neither the Hessian nor
+    # `b` depends on the new perturbation (a hyperparameter entering the objective
+    # linearly in x, as least-squares targets do), JAX's rule would still run for the
+    # solve's own tangents and fail on `b`'s symbolic zero (jax 0.10 to 0.12).
+    solve_operands = _without_tangents((hessian, inverse_approx, newton_operator, check))
 
     def make_solve(direction: str):
         def solve(matvec, rhs):
@@ -696,10 +705,7 @@ def solve_hessian(
             del matvec
             return _scaled_solve(
                 adjoint,
-                hessian,
-                inverse_approx,
-                newton_operator,
-                check,
+                *solve_operands,
                 rhs,
                 throw=throw,
                 direction=direction if verbose else None,
@@ -710,6 +716,12 @@ def solve_hessian(
     return lax.custom_linear_solve(
         hessian.mv, b, make_solve("tangent"), make_solve("backward"), symmetric=True
     )
+
+
+def _without_tangents(tree: PyTree) -> PyTree:
+    """`tree` with `lax.stop_gradient` on its arrays (other leaves as they are)."""
+    dyn, static = eqx.partition(tree, eqx.is_array)
+    return eqx.combine(lax.stop_gradient(dyn), static)
 
 
 # `custom_linear_solve` traces the tangent solve and its transpose (the backward one),

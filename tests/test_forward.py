@@ -308,3 +308,56 @@ def test_pytree_params_with_a_leaf_theta_does_not_reach():
     for got in (rev, fwd):
         assert _rel(got["w"], ref["w"]) <= 1e-8
         np.testing.assert_allclose(got["b"], ref["b"], rtol=1e-8, atol=1e-12)
+
+
+SECOND_ORDER = {
+    "hessian": jax.hessian,
+    "jacfwd(jacfwd)": lambda f: jax.jacfwd(jax.jacfwd(f)),
+    "jacrev(jacfwd)": lambda f: jax.jacrev(jax.jacfwd(f)),
+    "jacfwd(jacrev)": lambda f: jax.jacfwd(jax.jacrev(f)),
+    "jacrev(jacrev)": lambda f: jax.jacrev(jax.jacrev(f)),
+}
+RIDGE_K = X.T @ X / N + 0.1 * jnp.eye(D)
+
+
+def _fit_targets(w, y):
+    # The targets enter the gradient linearly: the Hessian does not depend on them.
+    return 0.5 * jnp.mean((X @ w - y) ** 2) + 0.05 * jnp.sum(w**2)
+
+
+def _fit_closed(y):
+    return jnp.linalg.solve(RIDGE_K, X.T @ y / N)
+
+
+@pytest.mark.parametrize("name", SECOND_ORDER)
+def test_every_second_order_composition_where_the_hessian_ignores_theta(name):
+    # Differentiated again, the backward's linear solve sees no new tangent on its
+    # operator or right-hand side, only on its start, preconditioner and checks; each
+    # composition must still give the closed form's second derivatives.
+    def outer(y):
+        w = li.optimize(_fit_targets, jnp.zeros(D), y).params
+        return validation(w) + jnp.sum(w) ** 3
+
+    y = Y[:N]
+    got = jax.jit(SECOND_ORDER[name](outer))(y)
+    ref = jax.hessian(lambda y: validation(_fit_closed(y)) + jnp.sum(_fit_closed(y)) ** 3)(y)
+    assert _rel(got, ref) <= 1e-7
+
+
+@pytest.mark.parametrize("name", ["hessian", "jacfwd(jacfwd)", "jacrev(jacrev)"])
+def test_second_order_of_a_linear_outer_loss_and_through_a_traced_bound(name):
+    # A loss linear in x* has a zero Hessian here; the traced upper bound 0.5 th is
+    # active on both coordinates (x* = 0.5 th), so sum(x*^2) = th^2 / 2 has 1.
+    def quad(x, th):
+        return 0.5 * jnp.sum(x**2) - th * jnp.sum(x)
+
+    def linear(y):
+        return jnp.sum(li.optimize(_fit_targets, jnp.zeros(D), y).params)
+
+    def bounded(th):
+        sol = li.optimize(quad, jnp.zeros(2), th, bounds=(-10.0, 0.5 * th))
+        return jnp.sum(sol.params**2)
+
+    op = SECOND_ORDER[name]
+    np.testing.assert_allclose(jax.jit(op(linear))(Y[:N]), 0.0, atol=1e-10)
+    np.testing.assert_allclose(jax.jit(op(bounded))(1.0), 1.0, rtol=1e-9)
