@@ -60,7 +60,6 @@ def _sides(bounds, x0):
         if side is None or (
             isinstance(side, int | float | np.ndarray | np.generic | jax.Array)
             and jnp.ndim(side) == 0
-            and treedef.num_leaves != 1
         ):
             out.append([side] * treedef.num_leaves)  # one value (or None) for every leaf
             continue

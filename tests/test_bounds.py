@@ -241,6 +241,18 @@ def test_infinite_bounds_give_the_unconstrained_answer():
     assert int(sol.stats["num_active"]) == 0
 
 
+@pytest.mark.parametrize("wrap", [lambda v: {"w": v}, lambda v: (v,)], ids=["dict", "tuple"])
+def test_scalar_bounds_apply_to_a_pytree_of_one_leaf(wrap):
+    # A scalar side is one value for every leaf, also when the pytree has only one.
+    def fn(p, args):
+        return jnp.sum((jax.tree_util.tree_leaves(p)[0] - 2.0) ** 2)
+
+    for bounds, want in [((0.0, 1.0), 1.0), ((jnp.asarray(0.0), None), 2.0), ((None, 1.5), 1.5)]:
+        sol = li.optimize(fn, wrap(jnp.zeros(3)), bounds=bounds)
+        (got,) = jax.tree_util.tree_leaves(sol.params)
+        np.testing.assert_allclose(got, want, rtol=1e-9)
+
+
 def test_lower_above_upper_is_an_error():
     with pytest.raises(ValueError, match="lower > upper"):
         li.optimize(box_quadratic, jnp.zeros(20), (QUAD_A, QUAD_B), bounds=(1.0, -1.0))
