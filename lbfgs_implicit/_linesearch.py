@@ -195,7 +195,8 @@ class StrongWolfe(AbstractLineSearch):
       (SciPy's `maxls`).
     - `approx_tol`: relative tolerance on values where they cannot resolve the step;
       `None` (default) means $\\varepsilon^{2/3}$ of the parameters' dtype (`3.7e-11` in
-      float64, `2.4e-5` in float32, `3.9e-2` in bfloat16). When the decrease Armijo asks
+      float64, `2.4e-5` in float32, `3.9e-2` in bfloat16), or of `fn`'s value's where
+      that is less precise (set by `optimize`). When the decrease Armijo asks
       for is below `approx_tol * |f(x)|`, or the trial's value equals `f(x)` exactly
       (at `f(x) = 0` the allowance is zero), a trial passes the approximate Wolfe
       conditions of Hager & Zhang (2005): $\\phi'(a) \\le (2 c_1 - 1)\\phi'(0)$, the

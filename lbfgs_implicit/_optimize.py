@@ -14,9 +14,10 @@ from ._adjoint import AbstractAdjoint, implicit_solve, ImplicitAdjoint
 from ._box import check_bounds, normalise_bounds
 from ._flat import flat_box, flat_history, FlatFn, flattener, ravel, unflatten_state
 from ._history import COMPACT_MIN_SIZE, History, init_history
+from ._linesearch import StrongWolfe
 from ._misc import accumulation_dtype, common_dtype
 from ._solution import check_can_raise, raise_in_program, RESULTS, Solution, SolveError
-from ._solver import _LBFGSState, AbstractMinimiser, LBFGS
+from ._solver import _LBFGSState, AbstractMinimiser, default_gtol, LBFGS
 
 
 def _numbers_as_container(node) -> bool:
@@ -104,7 +105,9 @@ def _normalise_fn(fn: Callable, has_aux: bool) -> Callable:
     return with_aux
 
 
-def _check_output(fn: Callable, x0, args, has_aux: bool) -> None:
+def _check_output(fn: Callable, x0, args, has_aux: bool) -> Any:
+    """Raise unless `fn(x0, args)` returns a real floating scalar (and `aux` as asked);
+    returns the value's dtype."""
     # What `fn` returned before JAX turned it into shapes: `eval_shape` silently makes a
     # Python float into a traced scalar, which would only fail later, deep in the solver.
     raw_types = []
@@ -149,6 +152,33 @@ def _check_output(fn: Callable, x0, args, has_aux: bool) -> None:
             "compute it in floating point (e.g. `x.astype(float)`), and for a complex "
             "objective minimise its real part or `jnp.abs`."
         )
+    return value.dtype
+
+
+def _to_value_precision(solver: AbstractMinimiser, value_dtype, x0) -> AbstractMinimiser:
+    """`solver` with its default tolerances taken from `fn`'s value where that is less
+    precise than `x0` (float64 parameters of a float32 model, with x64 enabled).
+
+    The defaults follow the parameters' dtype, but the value and the gradient carry the
+    rounding of the dtype `fn` computes in: float64's `gtol` (1e-10) and line-search
+    allowance (3.7e-11 |f|) are then out of reach, and the solve ended with
+    `linesearch_failed` where float32's are met. Decided when tracing, so batched
+    and single solves use the same tolerances. Tolerances the user set are kept.
+    """
+    precision = common_dtype(x0)
+    if not isinstance(solver, LBFGS) or jnp.finfo(value_dtype).eps <= jnp.finfo(precision).eps:
+        return solver
+    if solver.gtol is None and solver.gtol_rel is None:
+        solver = eqx.tree_at(
+            lambda s: s.gtol, solver, default_gtol(value_dtype), is_leaf=lambda v: v is None
+        )
+    search = solver.linesearch
+    if isinstance(search, StrongWolfe) and search.approx_tol is None:
+        tol = float(jnp.finfo(value_dtype).eps) ** (2 / 3)
+        solver = eqx.tree_at(
+            lambda s: s.linesearch.approx_tol, solver, tol, is_leaf=lambda v: v is None
+        )
+    return solver
 
 
 def _shapes(tree) -> list[tuple[str, tuple[int, ...], Any]]:
@@ -228,7 +258,8 @@ _FLATTEN = True
 
 @eqx.filter_jit
 def _optimize(fn, x0, args, bounds, solver, adjoint, has_aux, throw, warm_start):
-    _check_output(fn, x0, args, has_aux)
+    value_dtype = _check_output(fn, x0, args, has_aux)
+    solver = _to_value_precision(solver, value_dtype, x0)
     warm = None if warm_start is None else _warm_history(warm_start, x0, solver, bounds is not None)
     fn = _normalise_fn(fn, has_aux)
     # Closure conversion turns the arrays `fn` closes over into leaves of `closed_fn`,

@@ -136,7 +136,9 @@ class RESULTS(lx.RESULTS, metaclass=_ResultsMeta):  # pyright: ignore[reportGene
         "Fixes: `ImplicitAdjoint(damping=...)` (solves with H + damping*I), "
         "`linear_solver=lineax.GMRES(...)` for indefinite Hessians, "
         "`linear_solver=lineax.SVD()` for the least-norm answer on small problems, or a "
-        "tighter `gtol` in the forward solve."
+        "tighter `gtol` in the forward solve. If `fn` computes in a lower precision than "
+        "`x0` (a float32 model of float64 parameters), the Hessian-vector products cannot "
+        "reach the residual that `x0`'s dtype asks for: pass `x0` in `fn`'s dtype."
     )
 
 

@@ -198,7 +198,8 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
       the cost of a hard problem (under `jax.vmap` every lane waits for the slowest).
     - `gtol`: bound on the infinity norm of the gradient (SciPy's `gtol`). `None`
       (default) means `1e-10` in float64, `2.4e-5` in float32, `9.8e-3` in float16 and
-      `3.9e-2` in bfloat16 (see `default_gtol`), or `0.0` when `gtol_rel` is given:
+      `3.9e-2` in bfloat16 (see `default_gtol`; the parameters' dtype, or that of
+      `fn`'s value where it is less precise), or `0.0` when `gtol_rel` is given:
       tight, because the hypergradient error is proportional to the final gradient.
       It is absolute, so it assumes gradients of order one.
     - `gtol_rel`: optional bound on the gradient relative to the initial one:

@@ -127,3 +127,23 @@ def test_every_solver_product_asks_for_full_precision(n, bounded, all_pairs):
         # The two-loop recursion (the forward solve at n < 32) takes elementwise sums.
         assert dots or (program is outer and n < 32), "the memory's products should be here"
         assert [d for d in dots if "HIGHEST" not in d] == []
+
+
+def test_objective_less_precise_than_its_parameters():
+    # float64 parameters of an objective computed in float32 (x64 on, a float32 model):
+    # the default tolerances follow the value's precision, so the solve converges where
+    # float64's gtol (1e-10) cannot be reached; a `gtol` the user sets is kept.
+    a, b, _ = _problem(6)
+
+    def fn(x, args):
+        a32, b32 = (jnp.asarray(v, jnp.float32) for v in args)
+        return _quadratic(x.astype(jnp.float32), (a32, b32))
+
+    x0 = jnp.zeros(6, jnp.float64)
+    sol = li.optimize(fn, x0, (a, b))
+    assert sol.result == li.RESULTS.successful
+    assert sol.params.dtype == jnp.float64 and sol.value.dtype == jnp.float32
+    assert float(sol.stats["grad_norm"]) <= default_gtol(jnp.float32)
+    np.testing.assert_allclose(sol.params, np.linalg.solve(a, b), rtol=1e-4, atol=1e-4)
+    strict = li.optimize(fn, x0, (a, b), solver=li.LBFGS(gtol=1e-12), throw=False)
+    assert strict.result == li.RESULTS.linesearch_failed
