@@ -123,8 +123,13 @@ def normalise_bounds(bounds, x0: PyTree[Array]) -> Box:
 
 
 def infeasible(box: Box) -> Bool[Array, ""]:
-    """Whether `lower > upper` anywhere (for bounds only known at run time)."""
-    leaves = jtu.tree_leaves(jtu.tree_map(lambda lo, up: jnp.any(lo > up), box.lower, box.upper))
+    """Whether `lower > upper` or a bound is NaN anywhere (for bounds only known at run
+    time; a NaN would make the projected start NaN)."""
+
+    def bad(lo, up):
+        return jnp.any((lo > up) | jnp.isnan(lo) | jnp.isnan(up))
+
+    leaves = jtu.tree_leaves(jtu.tree_map(bad, box.lower, box.upper))
     return jnp.any(jnp.stack(leaves))
 
 

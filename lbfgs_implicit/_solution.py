@@ -123,8 +123,9 @@ class RESULTS(lx.RESULTS, metaclass=_ResultsMeta):  # pyright: ignore[reportGene
     )
     infeasible_bounds = (
         "The bounds are inconsistent: some lower bound is above its upper bound, so the "
-        "box is empty. Check `bounds=(lower, upper)` (with concrete bounds this is a "
-        "ValueError before the solve)."
+        "box is empty, or some bound is NaN. Check `bounds=(lower, upper)`, using "
+        "-inf/+inf for an unbounded side (with concrete bounds this is a ValueError "
+        "before the solve)."
     )
     backward_failed = (
         "The linear solve of the implicit backward pass failed: the Hessian at the "
@@ -312,6 +313,26 @@ def _number(x) -> str:
         return "(traced)"
 
 
+def _near_gtol(solution) -> str:
+    """Advice where `max_steps` ran out with the gradient close to `gtol`."""
+    grad_tol = getattr(solution.state, "grad_tol", None)
+    if solution.result != RESULTS.max_steps_reached or grad_tol is None:
+        return ""
+    try:
+        near = float(solution.stats["grad_norm"]) <= 10 * float(grad_tol)
+    except jax.errors.ConcretizationTypeError:
+        return ""
+    if not near:
+        return ""
+    return (
+        f" The gradient ended within 10x of `gtol` ({float(grad_tol):.1e}): if it had "
+        "stopped decreasing, `gtol` is below the rounding error of the gradient (an "
+        "objective of large scale, since `gtol` is absolute) and more steps will not "
+        "help; pass `gtol_rel=` (relative to the first gradient), a larger `gtol`, or "
+        "`ftol=`."
+    )
+
+
 class SolveError(RuntimeError):
     """Raised by [`lbfgs_implicit.optimize`][] with `throw=True`, called outside
     `jax.jit`, when the solve does not succeed.
@@ -349,7 +370,8 @@ class SolveError(RuntimeError):
             f"lbfgs_implicit.optimize did not succeed: {solution.result} after "
             f"{int(stats['num_steps'])} steps ({int(stats['num_fun_evals'])} evaluations of "
             f"fn), final |grad|_inf = {_number(stats['grad_norm'])}, "
-            f"f = {_number(solution.state.f)}.\n{RESULTS[solution.result]}\n"
+            f"f = {_number(solution.state.f)}.\n{RESULTS[solution.result]}"
+            f"{_near_gtol(solution)}\n"
             "The best point found is in `error.solution.params`. To handle failures "
             "without an exception (an outer loop that should go on), pass `throw=False` "
             "and check `sol.result`."

@@ -266,6 +266,8 @@ def test_lower_above_upper_is_an_error():
         ).result
 
     assert traced(jnp.asarray(1.0)) == li.RESULTS.infeasible_bounds
+    # A NaN bound known only at run time is the bounds' fault, not the start's.
+    assert traced(jnp.asarray(jnp.nan)) == li.RESULTS.infeasible_bounds
     with pytest.raises(Exception, match="lower bound is above"):
         jax.block_until_ready(
             jax.jit(

@@ -219,8 +219,26 @@ def test_max_steps_reached():
     # The best point so far is returned, not garbage: finite and below f(x0) = 3.
     assert np.all(np.isfinite(np.asarray(sol.params)))
     assert float(sol.value) < 3.0
-    with pytest.raises(li.SolveError, match=MAX_STEPS):
+    with pytest.raises(li.SolveError, match=MAX_STEPS) as info:
         li.optimize(quartic, jnp.zeros(3), solver=solver)
+    # Far from `gtol`: more steps is the advice, not another tolerance.
+    assert "gtol_rel" not in str(info.value)
+
+
+def test_max_steps_reached_at_the_rounding_floor_suggests_a_relative_gtol():
+    # A well-conditioned least-squares problem times 1e6: its gradient's rounding error
+    # (~1e-10) sits at the absolute default gtol, so the solve wanders at the floor.
+    rng = np.random.default_rng(5)
+    a, b = jnp.asarray(rng.normal(size=(12, 3))), jnp.asarray(rng.normal(size=12))
+
+    def big(x, args):
+        return 1e6 * (0.5 * jnp.sum((a @ x - b) ** 2) + 0.35 * jnp.sum(x**2))
+
+    with pytest.raises(li.SolveError, match=MAX_STEPS) as info:
+        li.optimize(big, jnp.zeros(3), solver=li.LBFGS(max_steps=300))
+    assert "within 10x of `gtol`" in str(info.value) and "gtol_rel" in str(info.value)
+    sol = li.optimize(big, jnp.zeros(3), solver=li.LBFGS(gtol_rel=1e-12))
+    assert sol.result == li.RESULTS.successful
 
 
 # ---------------------------------------------------------------------------------------
