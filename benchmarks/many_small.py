@@ -1,13 +1,19 @@
-"""Many small problems at once: each small forward problem from `T` starts, under `vmap`.
+"""Many small problems in one program: each small forward problem from `T` starts.
 
 The case of a user with many small problems (multi-start, per-task inner problems):
-one jitted `jax.vmap` of each JAX library's solve over `T` starting points, so that
-Python dispatch is paid once per batch and a batch runs as long as its slowest start
-keeps it running. Every CUTEst problem of the forward set with at most `--max-n`
-parameters, extended Rosenbrock with n = 2 and the breast-cancer logistic regression;
-starts `x0 (1 + 0.2 u) + 0.1 v` with `u, v` uniform on [-1, 1], seeded by the problem's
-name. Solvers and stopping rules are those of `benchmarks.forward` (SciPy has no batched
-form); `lbfgs_implicit` picks its batched form itself, as it does for users.
+one jitted program per JAX library that solves `T` starting points, so that Python
+dispatch is paid once per batch. `--form vmap` (default) is a `jax.vmap` of the solve,
+where a batch runs as long as its slowest start keeps it running; `--form map` solves
+the starts one after the other with `jax.lax.map`, each exactly as a single solve
+inside a jitted outer loop (a bilevel step, a scan over tasks) runs it: the solver's
+own cost per solve, without Python's dispatch of a single call.
+
+Every CUTEst problem of the forward set with at most `--max-n` parameters, extended
+Rosenbrock with n = 2 and the breast-cancer logistic regression; starts
+`x0 (1 + 0.2 u) + 0.1 v` with `u, v` uniform on [-1, 1], seeded by the problem's name.
+Solvers and stopping rules are those of `benchmarks.forward` (SciPy has no batched
+form); under `vmap`, `lbfgs_implicit` picks its batched form itself, as it does for
+users.
 
 Per problem and solver: the median wall and CPU seconds per batch (the solvers taking
 turns over `--rounds` rounds; a solver whose first batch takes more than `SLOW_S` is
@@ -16,7 +22,8 @@ timed by that batch alone), the starts that converged ($\\|\\nabla f\\|_\\infty 
 each start's own evaluations (jaxopt's count includes one value-only evaluation per
 iteration, see `benchmarks.solvers`).
 
-    python -m benchmarks.many_small [--mode full|quick|smoke] [--tasks 64] [--max-n 50]
+    python -m benchmarks.many_small [--mode full|quick|smoke] [--form vmap|map]
+        [--tasks 64] [--max-n 50]
 """
 
 import argparse
@@ -41,6 +48,7 @@ MAX_REPEATS = 200
 # runs every start for as many iterations as the slowest, which can take a minute.
 SLOW_S = 3.0
 QUICK = ("BEALE", "BARD", "BIGGS6")
+FORMS = ("vmap", "map")
 
 
 def starts(problem, tasks: int):
@@ -62,12 +70,20 @@ def _loaders(mode, keep):
     return loaders
 
 
-def prepare(problem, name, x0s, max_steps):
+def batched(single, form):
+    """`single(x0, args)` over a leading axis of starts: `jax.vmap`, or `jax.lax.map`
+    (one start after the other)."""
+    if form == "vmap":
+        return jax.vmap(single, in_axes=(0, None))
+    return lambda x0s, args: jax.lax.map(lambda x0: single(x0, args), x0s)
+
+
+def prepare(problem, name, x0s, max_steps, form="vmap"):
     """Compile `name`'s batched solve and run it once; `(row, call, first seconds, output)`
     (`call` and the rest None when the solver failed)."""
     row = {"problem": problem.name, "n": problem.n, "tasks": int(x0s.shape[0]), "solver": name}
     try:
-        solve = jax.vmap(solvers.JAX_SOLVES[name](problem.fn, max_steps), in_axes=(0, None))
+        solve = batched(solvers.JAX_SOLVES[name](problem.fn, max_steps), form)
         compiled, row["compile_s"] = compile_jit(solve, x0s, problem.args)
 
         def call():
@@ -119,6 +135,7 @@ def finish(problem, grad, row, out):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--mode", choices=tuple(MAX_STEPS), default="full")
+    parser.add_argument("--form", choices=FORMS, default="vmap")
     parser.add_argument("--tasks", type=int, default=64)
     parser.add_argument("--max-n", type=int, default=50)
     parser.add_argument("--solvers", default=",".join(SOLVERS))
@@ -128,17 +145,20 @@ def main(argv=None):
     setup()
     names = opts.solvers.split(",")
     keep = set(opts.problems.split(",")) if opts.problems else None
-    out_path = opts.out or RESULTS_DIR / f"many_small-{opts.mode}.json"
+    kind = "many_small" if opts.form == "vmap" else f"many_small-{opts.form}"
+    out_path = opts.out or RESULTS_DIR / f"{kind}-{opts.mode}.json"
     jax.jit(lambda a: a + 1).lower(1.0).compile()  # JAX's one-off start-up, untimed
     rows = []
     payload = {
         "command": "python -m benchmarks.many_small"
         + (f" --mode {opts.mode}" if opts.mode != "full" else "")
+        + (f" --form {opts.form}" if opts.form != "vmap" else "")
         + (f" --tasks {opts.tasks}" if opts.tasks != 64 else "")
         + (f" --max-n {opts.max_n}" if opts.max_n != 50 else "")
         + (f" --solvers {opts.solvers}" if names != list(SOLVERS) else "")
         + (f" --problems {opts.problems}" if opts.problems else ""),
         "settings": {
+            "form": opts.form,
             "tasks": opts.tasks,
             "max_n": opts.max_n,
             "gtol": solvers.GTOL,
@@ -157,7 +177,7 @@ def main(argv=None):
         if problem.n > opts.max_n or (keep is not None and problem.name not in keep):
             continue
         x0s = starts(problem, opts.tasks)
-        prepared = [prepare(problem, name, x0s, MAX_STEPS[opts.mode]) for name in names]
+        prepared = [prepare(problem, name, x0s, MAX_STEPS[opts.mode], opts.form) for name in names]
         live = [p for p in prepared if p[1] is not None]
         timed = time_turns(
             [p[1] for p in live], [p[2] for p in live], ROUNDS[opts.mode], MIN_SECONDS[opts.mode]

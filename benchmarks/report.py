@@ -667,27 +667,48 @@ def many_small_ratios(table, key="run_s"):
 
 
 def many_small_section(data, path, lines):
-    """`python -m benchmarks.many_small`: batches of small problems under `vmap`."""
+    """`python -m benchmarks.many_small`: small problems from many starts in one program,
+    under `vmap` or one after the other (`--form map`)."""
     settings = data["settings"]
     tasks = settings["tasks"]
+    form = settings.get("form", "vmap")
     table = _by_problem(data["rows"])
     solvers = [s for s in (OURS,) + JAX_PEERS if any(s in r for r in table.values())]
     per_problem, per_peer, left_out = many_small_ratios(table)
     cpu_ratios, _, _ = many_small_ratios(table, "run_cpu_s")
+    starts = (
+        f"Every problem above with at most {settings['max_n']} parameters, solved from "
+        f"{tasks} starts around its own (`x0 (1 + 0.2 u) + 0.1 v`, `u, v` uniform on "
+        "[-1, 1], seeded by the name)"
+    )
+    if form == "vmap":
+        title = "### Many small problems at once, under `vmap`"
+        how = (
+            " as one jitted `jax.vmap` of each library's solve, with the settings above "
+            f"(at most {settings['max_steps']} iterations): the multi-start and per-task "
+            "user, who pays Python's dispatch once per batch and, with a plain `vmap`, runs "
+            "every start for as long as the slowest. `lbfgs_implicit` picks its batched "
+            "form itself."
+        )
+    else:
+        title = "### Many small problems in one program, one after the other (`lax.map`)"
+        how = (
+            " one after the other, by one jitted `jax.lax.map` of each library's solve, "
+            f"with the settings above (at most {settings['max_steps']} iterations): each "
+            "solve runs as a single solve does inside a jitted outer loop (a bilevel step, "
+            "a scan over tasks). A batch's time is then the solver's own cost summed over "
+            "the starts, without what a call from Python adds, which on problems this "
+            "small is a large part of a single call's time (the FAQ's \"Many tiny solves "
+            'called one by one on CPU"), and over many starts instead of the forward '
+            "set's one."
+        )
     lines += [
-        "### Many small problems at once, under `vmap`",
+        title,
         "",
         f"Command: `{data['command']}` (results: `{_rel(path)}`, "
         f"{data.get('wall_s', 0) / 60:.1f} min). {_machine_line(data)}.",
         "",
-        f"Every problem above with at most {settings['max_n']} parameters, solved from "
-        f"{tasks} starts around its own (`x0 (1 + 0.2 u) + 0.1 v`, `u, v` uniform on "
-        "[-1, 1], seeded by the name) as one jitted `jax.vmap` of each library's solve, "
-        "with the settings above (at most "
-        f"{settings['max_steps']} iterations): the multi-start and per-task user, who pays "
-        "Python's dispatch once per batch and, with a plain `vmap`, runs every start for "
-        "as long as the slowest. `lbfgs_implicit` picks its batched form itself. Each "
-        "cell: median milliseconds per batch (solvers in turns over "
+        starts + how + " Each cell: median milliseconds per batch (solvers in turns over "
         f"{settings['rounds']} rounds; a batch slower than {settings['slow_s']:g} s is "
         "timed once), the starts that converged ($\\|\\nabla f\\|_\\infty \\le$ "
         f"{settings['gtol']:g}, recomputed for all) and the evaluations summed over "
@@ -1130,6 +1151,9 @@ def main(argv=None):
     parser.add_argument("--compile-time", default=None, help="a compile-time results file")
     parser.add_argument("--scale", default=None, help="a scale results file")
     parser.add_argument("--many-small", default=None, help="a many_small results file")
+    parser.add_argument(
+        "--many-small-map", default=None, help="a many_small results file of `--form map`"
+    )
     parser.add_argument("--page", default=str(PAGE))
     opts = parser.parse_args(argv)
     page = Path(opts.page)
@@ -1166,6 +1190,12 @@ def main(argv=None):
         small = json.loads(small_path.read_text())
     if small:
         many_small_section(small, small_path, lines)
+    small_map, small_map_path = _load("many_small-map", opts.mode)
+    if opts.many_small_map:
+        small_map_path = Path(opts.many_small_map).resolve()
+        small_map = json.loads(small_map_path.read_text())
+    if small_map:
+        many_small_section(small_map, small_map_path, lines)
     if hyp:
         hyper_section(hyp, hyp_path, lines)
         if "sweep" in hyp:

@@ -23,6 +23,7 @@ def main(argv=None):
     commands = [
         ["forward", "--mode", mode],
         ["many_small", "--mode", mode],
+        ["many_small", "--mode", mode, "--form", "map"],
         ["hypergrad", "--mode", mode],
     ]
     if mode == "full":  # the repeated compile-time measurement writes one shared file

@@ -49,11 +49,18 @@ def results(tmp_path_factory):
         *("--mode", "smoke", "--tasks", "3", "--solvers", "lbfgs_implicit,optax"),
         *("--out", str(small)),
     )
+    small_map = tmp / "many_small_map.json"
+    _run(
+        "benchmarks.many_small",
+        *("--mode", "smoke", "--form", "map", "--tasks", "3", "--solvers", "lbfgs_implicit"),
+        *("--out", str(small_map)),
+    )
     page = tmp / "benchmarks.md"
     _run(
         "benchmarks.report",
         *("--forward", str(fwd), "--hypergrad", str(hyp), "--compile-time", str(ct)),
         *("--scale", str(scale), "--many-small", str(small), "--page", str(page)),
+        *("--many-small-map", str(small_map)),
     )
     fwd, hyp, ct = (json.loads(path.read_text()) for path in (fwd, hyp, ct))
     return fwd, hyp, page, ct
@@ -86,6 +93,22 @@ def test_many_small_rows(results):
         # Three starts near (-1.2, 1) of Rosenbrock: each converges within the smoke limit.
         assert row["converged"] == 3 and row["evals"] >= 3 and row["run_s"] > 0, solver
     assert "### Many small problems at once, under `vmap`" in page.read_text()
+
+
+def test_many_small_map_solves_each_start_as_alone(results):
+    # `--form map` solves the starts one after the other; under `vmap` the library keeps
+    # each start's own sequence of evaluations, so both forms count the same evaluations.
+    *_, page, _ = results
+    small = json.loads((page.parent / "many_small.json").read_text())
+    small_map = json.loads((page.parent / "many_small_map.json").read_text())
+    assert small_map["settings"]["form"] == "map" and "--form map" in small_map["command"]
+    (row,) = small_map["rows"]
+    (batched,) = [r for r in small["rows"] if r["solver"] == "lbfgs_implicit"]
+    assert row["converged"] == 3 and row["iters_max"] == batched["iters_max"]
+    assert row["evals"] == batched["evals"]
+    text = page.read_text()
+    assert "### Many small problems in one program, one after the other (`lax.map`)" in text
+    assert text.index("under `vmap`") < text.index("(`lax.map`)")
 
 
 def test_many_small_ratios_compare_peers_that_converged_as_often():
