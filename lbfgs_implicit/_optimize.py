@@ -96,13 +96,39 @@ def _check_signature(fn: Callable) -> None:
 
 
 def _normalise_fn(fn: Callable, has_aux: bool) -> Callable:
-    if has_aux:
-        return fn
+    """`fn` returning `(value, aux)`, as a closure (so that closure conversion traces it
+    and finds every array it reads, globals included)."""
 
     def with_aux(x, args):
-        return fn(x, args), None
+        return fn(x, args) if has_aux else (fn(x, args), None)
 
     return with_aux
+
+
+def _closed_over(fn: Callable, x0, args, has_aux: bool) -> list:
+    """The arrays `fn` reads besides its arguments (closed over, attributes of its
+    object, module globals), as they are now: the constants of its jaxpr."""
+    return list(eqx.filter_closure_convert(_normalise_fn(fn, has_aux), x0, args).consts)
+
+
+def _with_consts(closed_fn, consts: list):
+    """`closed_fn` (closure-converted when `_optimize` was traced) evaluated with the
+    arrays `fn` reads now, `consts` from `_closed_over`, in place of those it read then.
+
+    `_optimize` is compiled once per `fn` object and reused: without this, arrays that
+    `fn` reads from a global or an object attribute would stay as they were at the first
+    call, and a later call after they changed would solve the old problem and report
+    success. Both come from tracing the same `fn` on the same shapes, so they match one
+    for one; should they not, the traced ones are kept.
+    """
+    traced = list(getattr(closed_fn, "consts", []))
+
+    def same(a, b):
+        return jnp.shape(a) == jnp.shape(b) and jnp.result_type(a) == jnp.result_type(b)
+
+    if len(traced) != len(consts) or not all(map(same, traced, consts)):
+        return closed_fn
+    return eqx.tree_at(lambda c: c.consts, closed_fn, type(closed_fn.consts)(consts))
 
 
 def _check_output(fn: Callable, x0, args, has_aux: bool) -> Any:
@@ -257,14 +283,15 @@ _FLATTEN = True
 
 
 @eqx.filter_jit
-def _optimize(fn, x0, args, bounds, solver, adjoint, has_aux, throw, warm_start):
+def _optimize(fn, x0, args, consts, bounds, solver, adjoint, has_aux, throw, warm_start):
     value_dtype = _check_output(fn, x0, args, has_aux)
     solver = _to_value_precision(solver, value_dtype, x0)
     warm = None if warm_start is None else _warm_history(warm_start, x0, solver, bounds is not None)
     fn = _normalise_fn(fn, has_aux)
     # Closure conversion turns the arrays `fn` closes over into leaves of `closed_fn`,
-    # so they are differentiated like `args` instead of getting a silent zero.
-    closed_fn = eqx.filter_closure_convert(fn, x0, args)
+    # so they are differentiated like `args` instead of getting a silent zero, and are
+    # inputs of this program rather than constants baked into it (`_with_consts`).
+    closed_fn = _with_consts(eqx.filter_closure_convert(fn, x0, args), consts)
     x0 = lax.stop_gradient(x0)
     # A Python branch: without bounds the compiled program is the unconstrained one.
     box = None if bounds is None else normalise_bounds(bounds, x0)
@@ -411,7 +438,11 @@ def optimize(
 
     `optimize` is compiled once per `fn` object, pytree structure, shapes, dtypes and
     configuration, and cached. Pass hyperparameters through `args` (or jit the outer
-    function): a new lambda on every call is a new `fn` and compiles again.
+    function): a new lambda on every call is a new `fn` and compiles again. Arrays that
+    `fn` reads besides its arguments (closed over, module globals, attributes of its
+    object) are inputs of the cached program, read anew on every call: an eager call
+    traces `fn` once to find them (inside `jax.jit`, once when tracing; no compile),
+    so a call after they changed solves the new problem.
 
     !!! Example
 
@@ -447,7 +478,9 @@ def optimize(
             f"`warm_start=prev`, with `x0=prev.params`), got {type(warm_start).__name__}."
         )
     throw = bool(throw)
-    sol = _optimize(fn, x0, args, bounds, solver, adjoint, bool(has_aux), throw, warm_start)
+    has_aux = bool(has_aux)
+    consts = _closed_over(fn, x0, args, has_aux)
+    sol = _optimize(fn, x0, args, consts, bounds, solver, adjoint, has_aux, throw, warm_start)
     if not throw:
         return sol
     try:

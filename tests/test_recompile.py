@@ -1,4 +1,5 @@
-"""Equal configurations, shapes and functions never trace `fn` again."""
+"""Equal configurations, shapes and functions never compile again: an eager call traces
+`fn` once, to read the arrays it closes over as they are now, and reuses the program."""
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +30,8 @@ def test_rebuilt_equal_configuration_does_not_retrace():
         solver=li.LBFGS(history_size=5, linesearch=li.StrongWolfe()),  # rebuilt, equal
         adjoint=li.ImplicitAdjoint(),
     )
-    assert len(traces) == first
+    # One trace: reading the arrays `fn` reads (none here); not the solve's compile.
+    assert len(traces) == first + 1
     assert not np.allclose(sol.params, sol2.params)  # the second call did run
 
 
@@ -45,10 +47,10 @@ def test_different_configuration_or_shape_retraces():
     li.optimize(fn, jnp.zeros(3), jnp.ones(3))
     n = len(traces)
     li.optimize(fn, jnp.zeros(3), jnp.ones(3), solver=li.LBFGS(history_size=3))
-    assert len(traces) > n
+    assert len(traces) > n + 1
     n = len(traces)
     li.optimize(fn, jnp.zeros(4), jnp.ones(4))
-    assert len(traces) > n
+    assert len(traces) > n + 1
 
 
 def test_jitted_hypergradient_compiles_once():
@@ -102,3 +104,46 @@ def test_hypergradient_traces_the_forward_solve_once(monkeypatch):
     assert len(iterates) == 1 and len(turns) == 1
     xs = jax.vmap(solve)(batch)
     np.testing.assert_allclose(grads, 2 / (2 + 12 * xs**2), rtol=1e-8)
+
+
+_TARGET = jnp.array([1.0, 2.0])
+_TRACES = []
+
+
+def _reads_a_global(x, args):
+    _TRACES.append(1)
+    return jnp.sum((x - _TARGET) ** 2)
+
+
+class _Model:  # a plain object: its attributes are not pytree leaves
+    def __init__(self, target):
+        self.target = target
+
+    def loss(self, x, args):
+        _TRACES.append(1)
+        return jnp.sum((x - self.target) ** 2)
+
+
+def test_eager_calls_read_what_fn_reads_now_without_compiling_again():
+    # The program is reused for the same `fn`, but the arrays `fn` reads from a global,
+    # an object's attribute or a closure cell are inputs of it: a later call after they
+    # changed solves the new problem (it solved the first one again, reporting success).
+    global _TARGET
+    model = _Model(jnp.array([1.0, 2.0]))
+    loss = model.loss
+    cell = jnp.array([1.0, 2.0])
+
+    def reads_a_cell(x, args):
+        _TRACES.append(1)
+        return jnp.sum((x - cell) ** 2)
+
+    fns = (_reads_a_global, loss, reads_a_cell)
+    for fn in fns:
+        np.testing.assert_allclose(li.optimize(fn, jnp.zeros(2)).params, [1.0, 2.0])
+    _TARGET = model.target = cell = jnp.array([5.0, 6.0])
+    for fn in fns:
+        _TRACES.clear()
+        sol = li.optimize(fn, jnp.zeros(2))
+        assert len(_TRACES) == 1  # the read of its arrays, no compile
+        np.testing.assert_allclose(sol.params, [5.0, 6.0], rtol=1e-8)
+        np.testing.assert_allclose(sol.value, fn(sol.params, None), atol=1e-12)
