@@ -81,15 +81,19 @@ def check_bounds(bounds, x0) -> None:
         for name, side in (("lower", lo), ("upper", up)):
             if side is None:
                 continue
-            if not jnp.issubdtype(jnp.result_type(side), jnp.number):
+            if isinstance(side, str | bytes) or not jnp.issubdtype(
+                jnp.result_type(side), jnp.number
+            ):
                 raise TypeError(f"`bounds` {name} for leaf {where} must be numeric, got {side!r}.")
             try:
-                np.broadcast_shapes(jnp.shape(side), jnp.shape(leaf))
-            except ValueError as e:
+                fits = np.broadcast_shapes(jnp.shape(side), jnp.shape(leaf)) == jnp.shape(leaf)
+            except ValueError:
+                fits = False
+            if not fits:
                 raise ValueError(
                     f"`bounds` {name} for leaf {where} has shape {jnp.shape(side)}, which "
                     f"does not broadcast to the leaf's shape {jnp.shape(leaf)}."
-                ) from e
+                )
             if not isinstance(side, jax.core.Tracer) and np.any(np.isnan(np.asarray(side))):
                 raise ValueError(
                     f"`bounds` {name} for leaf {where} contains NaN; use -inf/+inf (or None) "

@@ -236,6 +236,18 @@ def _warm_history(warm_start: Solution, x0, solver: AbstractMinimiser, bounded: 
             f"{jtu.tree_structure(history.s)}, but `x0` has structure "
             f"{jtu.tree_structure(expected.s)}; {fix}."
         )
+    extra = {
+        jnp.ndim(a) - jnp.ndim(b) - 1
+        for a, b in zip(jtu.tree_leaves(history.s), jtu.tree_leaves(x0))
+    }
+    if extra and min(extra) > 0:
+        # Each buffer is (history_size, *leaf shape): more axes are a batch's.
+        raise ValueError(
+            "`warm_start` holds a batch of solutions (the Solution of a `jax.vmap`-ed "
+            "solve, its leaves with a leading batch axis); pass one of them, "
+            "`jax.tree.map(lambda leaf: leaf[i], batch)`, or warm-start each element "
+            "inside the same `jax.vmap`."
+        )
     if history.size != expected.size:
         raise ValueError(
             f"`warm_start` has a memory of {history.size} pairs but the solver's "
@@ -477,6 +489,10 @@ def optimize(
             f"`warm_start` must be the li.Solution of an earlier solve (e.g. "
             f"`warm_start=prev`, with `x0=prev.params`), got {type(warm_start).__name__}."
         )
+    for name, flag in (("has_aux", has_aux), ("throw", throw)):
+        # `bool("no")` is True: a flag that is not a boolean is refused, not coerced.
+        if not isinstance(flag, bool | np.bool_):
+            raise TypeError(f"`{name}` must be True or False, got {flag!r}.")
     throw = bool(throw)
     has_aux = bool(has_aux)
     consts = _closed_over(fn, x0, args, has_aux)

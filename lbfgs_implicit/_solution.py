@@ -87,9 +87,20 @@ class _ResultsMeta(type(lx.RESULTS)):
         return cls
 
     def __getitem__(cls, item) -> str:
-        # `successful` inherits lineax's empty message; say something readable instead.
+        # `successful` inherits lineax's empty message; say something readable instead,
+        # also for the successful elements of a batch.
+        success = "successful: the stopping test was met."
+        value = getattr(item, "_value", None)
+        if (
+            isinstance(value, np.ndarray | jax.Array)
+            and not isinstance(value, jax.core.Tracer)
+            and np.ndim(value) > 0
+        ):
+            super().__getitem__(item)  # the enumeration's own checks
+            messages = [m or success for m in cls._index_to_message]
+            return str(np.vectorize(lambda v: messages[v])(np.asarray(value)))
         message = super().__getitem__(item)
-        return message if message else "successful: the stopping test was met."
+        return message if message else success
 
 
 def _as_outcome(item: EnumerationItem) -> Outcome:

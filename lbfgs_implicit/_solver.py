@@ -2,7 +2,7 @@
 
 import abc
 import dataclasses
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import equinox as eqx
 import jax
@@ -169,6 +169,14 @@ class _Setup(eqx.Module):
     cap: Scalar | None
 
 
+def _python_int(value: Any) -> Any:
+    """A NumPy integer (from a config file, `np.arange`) as a Python int; anything else
+    as it is, for `__check_init__` to judge."""
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
 class LBFGS(AbstractMinimiser[_LBFGSState]):
     """Limited-memory BFGS (Liu & Nocedal, 1989), configuration only.
 
@@ -241,8 +249,8 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
         ```
     """
 
-    history_size: int = 10
-    max_steps: int = 15_000
+    history_size: int = eqx.field(default=10, converter=_python_int)
+    max_steps: int = eqx.field(default=15_000, converter=_python_int)
     gtol: float | None = None
     gtol_l2: float | None = None
     gtol_rel: float | None = None

@@ -451,3 +451,41 @@ def test_fn_with_one_parameter():
 def test_lbfgs_argument_names_of_other_libraries(kwargs, match):
     with pytest.raises(TypeError, match=match):
         li.LBFGS(**kwargs)
+
+
+def test_option_types_from_configs_and_flags():
+    # NumPy integers (a config file, np.arange) are integers; a flag that is not a
+    # boolean is refused rather than read as True.
+    assert li.LBFGS(max_steps=np.int64(50), history_size=np.int32(5)) == li.LBFGS(
+        max_steps=50, history_size=5
+    )
+    with pytest.raises(ValueError, match="max_steps >= 1"):
+        li.LBFGS(max_steps=np.float64(50))
+    for name in ("has_aux", "throw"):
+        # (Under the suite's runtime type checker, its own message names the parameter.)
+        with pytest.raises(TypeError, match=name):
+            li.optimize(lambda x, a: jnp.sum(x**2), jnp.ones(2), **{name: "no"})
+
+
+def test_bounds_that_do_not_fit_the_leaf_or_are_not_numbers():
+    def q(x, a):
+        return jnp.sum((x - 2.0) ** 2)
+
+    # (1, 3) broadcasts with (3,) but not to it.
+    with pytest.raises(ValueError, match=r"shape \(1, 3\), which does not broadcast"):
+        li.optimize(q, jnp.zeros(3), bounds=(jnp.zeros((1, 3)), 1.0))
+    with pytest.raises(TypeError, match="must be numeric"):
+        li.optimize(q, jnp.zeros(3), bounds=("0", None))
+
+
+def test_a_batch_of_solutions_as_warm_start_names_the_batch():
+    def f(x, t):
+        return jnp.sum((x - t) ** 2) + 0.1 * jnp.sum(x**4)
+
+    batch = jax.vmap(lambda t: li.optimize(f, jnp.zeros(3), t))(jnp.array([0.5, 1.0]))
+    with pytest.raises(ValueError, match="holds a batch of solutions"):
+        li.optimize(f, jnp.zeros(3), 0.6, warm_start=batch)
+    # One element of it is a valid warm start.
+    one = jax.tree.map(lambda leaf: leaf[0], batch)
+    sol = li.optimize(f, one.params, 0.6, warm_start=one)
+    assert sol.result == li.RESULTS.successful

@@ -38,6 +38,9 @@ def test_counts_over_a_vmapped_batch():
     assert result.counts() == {"successful": 2, "max_steps_reached": 1}
     assert str(result) == "RESULTS(shape (3,): successful=2, max_steps_reached=1)"
     np.testing.assert_array_equal(np.asarray(result == li.RESULTS.successful), [1, 0, 1])
+    # Each element's message, successful ones included.
+    messages = li.RESULTS[result]
+    assert messages.count("stopping test was met") == 2 and "max_steps" in messages
     with pytest.raises(ValueError, match=r"needs a single result.*counts\(\)"):
         result.name
     with pytest.raises(TypeError, match=r"needs a finished result, but this one is traced"):
