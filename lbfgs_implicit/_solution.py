@@ -216,13 +216,23 @@ def check_can_raise(tree: Any, where: str) -> None:
     """
     n = program_devices(tree)
     if n > 1:
+        if where == "backward pass":
+            # Differentiation traces the backward pass even under an eager `jax.grad`.
+            alternative = (
+                "The backward pass is always traced (also under an eager `jax.grad`), so "
+                "with inputs on several devices `throw=False` is the only way."
+            )
+        else:
+            alternative = (
+                "Or call `optimize` outside `jax.jit`, where `throw=True` checks the "
+                "solve's outcome on the host and raises `li.SolveError`."
+            )
         raise ValueError(
             f"`throw=True` cannot check the {where} inside this traced function: it runs "
             f"on {n} devices, and an error raised on one of them would leave the others "
             "waiting until XLA aborts the process. Pass `throw=False` and check "
             "`sol.result` after the step (a failed backward solve then gives NaN "
-            "gradients), or call `optimize` outside `jax.jit`, where `throw=True` checks "
-            "the solve's outcome on the host and raises `li.SolveError`."
+            f"gradients). {alternative}"
         )
 
 

@@ -197,8 +197,11 @@ def test_backward_throw_refused_on_several_devices():
     def loss(X):
         return jnp.sum(li.optimize(_ridge, x0, (X, y_s, jnp.asarray(LAM)), solver=SOLVER).value)
 
-    with pytest.raises(ValueError, match=r"cannot check the backward pass.*runs on 8"):
+    with pytest.raises(ValueError, match=r"cannot check the backward pass.*runs on 8") as info:
         jax.grad(loss)(X_s)
+    # Calling outside `jax.jit` is no way out for the backward pass: not suggested.
+    assert "outside `jax.jit`" not in str(info.value)
+    assert "`throw=False` is the only way" in str(info.value)
 
 
 @pytest.mark.parametrize("spec", [P("d", None), P(None, "d")])
