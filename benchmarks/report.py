@@ -1184,18 +1184,13 @@ def main(argv=None):
         forward_section(fwd, fwd_path, lines, compile_time)
         table, solvers, _ = forward_summary(fwd)
         profile_plot(table, solvers, img / "bench_profile.png")
-    small, small_path = _load("many_small", opts.mode)
-    if opts.many_small:
-        small_path = Path(opts.many_small).resolve()
-        small = json.loads(small_path.read_text())
-    if small:
-        many_small_section(small, small_path, lines)
-    small_map, small_map_path = _load("many_small-map", opts.mode)
-    if opts.many_small_map:
-        small_map_path = Path(opts.many_small_map).resolve()
-        small_map = json.loads(small_map_path.read_text())
-    if small_map:
-        many_small_section(small_map, small_map_path, lines)
+    for kind, given in (("many_small", opts.many_small), ("many_small-map", opts.many_small_map)):
+        small, small_path = _load(kind, opts.mode)
+        if given:
+            small_path = Path(given).resolve()
+            small = json.loads(small_path.read_text())
+        if small:
+            many_small_section(small, small_path, lines)
     if hyp:
         hyper_section(hyp, hyp_path, lines)
         if "sweep" in hyp:
