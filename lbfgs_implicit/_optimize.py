@@ -53,7 +53,11 @@ def _check_x0(x0: PyTree[ArrayLike]) -> PyTree[jax.Array]:
         where = jtu.keystr(path) or "x0"
         if not isinstance(leaf, (jax.Array, np.ndarray, np.generic, float, int, bool)):
             raise TypeError(
-                f"`x0` leaf {where} is a {type(leaf).__name__}; every leaf must be an array."
+                f"`x0` leaf {where} is a {type(leaf).__name__}; every leaf must be an array. "
+                "For a model with non-array parts (an equinox Module's activation "
+                "functions), split it: `params, static = eqx.partition(model, "
+                "eqx.is_inexact_array)`, pass `params` as `x0` and `static` in `args`, "
+                "and rebuild it in `fn` with `eqx.combine(params, static)`."
             )
         dtype = jnp.result_type(leaf)
         if not jnp.issubdtype(dtype, jnp.floating):

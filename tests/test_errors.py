@@ -489,3 +489,28 @@ def test_a_batch_of_solutions_as_warm_start_names_the_batch():
     one = jax.tree.map(lambda leaf: leaf[0], batch)
     sol = li.optimize(f, one.params, 0.6, warm_start=one)
     assert sol.result == li.RESULTS.successful
+
+
+def test_a_model_with_non_array_leaves_as_x0_says_how_to_split_it():
+    import inspect
+
+    import equinox as eqx
+
+    from lbfgs_implicit._optimize import _check_x0
+
+    model = eqx.nn.MLP(2, 1, 3, 1, key=jax.random.PRNGKey(0))
+    with pytest.raises(TypeError, match=_either(r"must be an array.*eqx\.partition", "x0")):
+        li.optimize(lambda m, a: jnp.sum(m(jnp.ones(2)) ** 2), model)
+    # What users see (the suite's runtime type checker answers first, above).
+    with pytest.raises(TypeError, match=r"every leaf must be an array.*eqx\.partition"):
+        inspect.unwrap(_check_x0)(model)
+    # The split the message gives works.
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+
+    def fn(p, static):
+        return jnp.sum(eqx.combine(p, static)(jnp.ones(2)) ** 2) + 0.1 * sum(
+            jnp.sum(leaf**2) for leaf in jax.tree_util.tree_leaves(p)
+        )
+
+    sol = li.optimize(fn, params, static)
+    assert sol.result == li.RESULTS.successful
