@@ -325,7 +325,6 @@ def _optimize(fn, x0, args, consts, bounds, solver, adjoint, has_aux, throw, war
     if unravel is not None:
         params, state = unravel(params), unflatten_state(state, unravel)
     _, stats = solver.postprocess(state)
-    value_dtype = eqx.filter_eval_shape(closed_fn, params, args)[0].dtype
     if has_aux or not _exact_round_trip(value_dtype, loop_value.dtype):
         # The loop carries neither `aux` nor a value wider than its own dtype: one more
         # call of `fn` at the solution, counted like every other, gives them (and their
