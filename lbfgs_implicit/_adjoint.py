@@ -185,7 +185,7 @@ class ImplicitAdjoint(AbstractAdjoint):
     linearisation and product are CG's own, in a loop of two turns around the steps).
     Compiling the MLP hypergradient of
     `python -m benchmarks.compile_mlp` (`benchmarks/results/compile_mlp.json`, with
-    `lbfgs_implicit_unchecked`) took 0.84x the CPU time for one task and 0.83x for 16
+    `lbfgs_implicit_unchecked`) took 0.80x the CPU time for one task and 0.80x for 16
     (medians of 3). A degenerate minimiser then gives a wrong
     hypergradient without an error.
     """

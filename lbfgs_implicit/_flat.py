@@ -2,8 +2,8 @@
 
 Every per-leaf operation of the solver (the memory's products and updates, the line
 search's steps, the backward pass's CG vectors) appears once per leaf in the compiled
-program: the value-and-gradient of a six-leaf MLP's hypergradient compiles 1.5x (one
-task) to 1.8x (`vmap` over 16) longer than the same parameters as one vector
+program: the value-and-gradient of a six-leaf MLP's hypergradient compiles 1.4x (one
+task) to 1.9x (`vmap` over 16) longer than the same parameters as one vector
 (`benchmarks/results/compile_mlp.json`, `lbfgs_implicit_leafwise` against
 `lbfgs_implicit`). Where it is safe, `optimize` therefore
 concatenates the leaves into one vector, solves `fn(unravel(v), args)` over it, and
