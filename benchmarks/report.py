@@ -666,9 +666,10 @@ def many_small_ratios(table, key="run_s"):
     return per_problem, per_peer, left_out
 
 
-def many_small_section(data, path, lines):
+def many_small_section(data, path, lines, title=None):
     """`python -m benchmarks.many_small`: small problems from many starts in one program,
-    under `vmap` or one after the other (`--form map`)."""
+    under `vmap` or one after the other (`--form map`); `title` replaces the heading."""
+    given_title = title
     settings = data["settings"]
     tasks = settings["tasks"]
     form = settings.get("form", "vmap")
@@ -702,11 +703,18 @@ def many_small_section(data, path, lines):
             'called one by one on CPU"), and over many starts instead of the forward '
             "set's one."
         )
+    runs = data.get("runs", ())
+    if runs:
+        command = "Commands: " + ", then ".join(
+            f"`{r['command']}`" + (f" ({r['note']})" if r.get("note") else "") for r in runs
+        )
+    else:
+        command = f"Command: `{data['command']}`"
     lines += [
-        title,
+        title if given_title is None else given_title,
         "",
-        f"Command: `{data['command']}` (results: `{_rel(path)}`, "
-        f"{data.get('wall_s', 0) / 60:.1f} min). {_machine_line(data)}.",
+        f"{command} (results: `{_rel(path)}`, {data.get('wall_s', 0) / 60:.1f} min). "
+        f"{_machine_line(data)}.",
         "",
         starts + how + " Each cell: median milliseconds per batch (solvers in turns over "
         f"{settings['rounds']} rounds; a batch slower than {settings['slow_s']:g} s is "
@@ -1083,9 +1091,10 @@ def _reference(row):
     return f"central differences ({row.get('reference_gtol', 1e-9):.0e})"
 
 
-def gpu_section(scale_path, hyper_path, lines):
-    """The scale benchmark and the hypergradient sweep of `benchmarks.gpu_scaling`, as
-    run on a GPU (the results files name the device)."""
+def gpu_section(scale_path, hyper_path, small_path, lines):
+    """The scale benchmark, the hypergradient sweep of `benchmarks.gpu_scaling` and the
+    many-small-problems benchmark under `vmap`, as run on a GPU (the results files name
+    the device)."""
     scale = json.loads(scale_path.read_text())
     device = scale["machine"].get("device_kind", scale["machine"].get("device"))
     versions = scale["machine"]["versions"]
@@ -1119,15 +1128,16 @@ def gpu_section(scale_path, hyper_path, lines):
         lines += [
             "",
             f"Hypergradients, from `{hyper['command']}` (`{_rel(hyper_path.resolve())}`, "
-            f"{hyper['device']}, jax {hyper['jax']}): the separable, non-quadratic inner "
+            f"{hyper['device']}, jax {hyper['jax']}"
+            + (f", the package at {hyper['tree']}" if "tree" in hyper else "")
+            + "): the separable, non-quadratic inner "
             "problem of `benchmarks/gpu_scaling.py` with n parameters and n "
             "hyperparameters, solved to `gtol` 1e-9 (float64) or 1e-4 (float32); warm "
             "medians of 5 runs, compile times apart. The error is the relative error of the "
             "hypergradient along a random direction, against central differences (float64, "
-            "of solves to the `gtol` in brackets) or against the float64 hypergradient of "
-            "the same data (float32). Differences of solves to 1e-9 carry about that much "
-            "error of their own, more than the hypergradient at n >= 1e6; the script now "
-            "solves them to 1e-12.",
+            "of solves to the `gtol` in brackets, tighter than the timed solves: a "
+            "difference of two solves carries about their `gtol` of error itself) or "
+            "against the float64 hypergradient of the same data (float32).",
             "",
             "| n | dtype | forward ms | value_and_grad ms | compile s (forward, value_and_grad) "
             "| error | against |",
@@ -1141,6 +1151,10 @@ def gpu_section(scale_path, hyper_path, lines):
                 f"{r['directional_derivative_rel_err']:.0e} | {_reference(r)} |"
             )
     lines.append("")
+    if small_path.exists():
+        data = json.loads(small_path.read_text())
+        title = f"#### Many small problems at once, under `vmap`, on the {device}"
+        many_small_section(data, small_path.resolve(), lines, title=title)
 
 
 def main(argv=None):
@@ -1215,7 +1229,12 @@ def main(argv=None):
         )
     gpu_scale = RESULTS_DIR / "scale-gpu-h200.json"
     if gpu_scale.exists():
-        gpu_section(gpu_scale, RESULTS_DIR / "gpu-scaling-h200.json", lines)
+        gpu_section(
+            gpu_scale,
+            RESULTS_DIR / "gpu-scaling-h200.json",
+            RESULTS_DIR / "many_small-gpu-h200.json",
+            lines,
+        )
     if not fwd and not hyp:
         lines.append("No results yet: run `make bench-quick`.")
     page.write_text("\n".join(lines).rstrip() + "\n")
