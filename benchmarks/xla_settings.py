@@ -1,4 +1,4 @@
-"""One benchmark command under several process-wide XLA:CPU settings, by turns.
+"""One benchmark command under several process-wide XLA settings, by turns.
 
 XLA reads `XLA_FLAGS` once per process, so each setting runs the command in its own
 subprocess; the settings take turns within each of `--rounds` rounds, so that a slow
@@ -15,9 +15,11 @@ named like `--metric`, the median over rounds of each round's ratio to `default`
 Settings (`--settings`, comma-separated): `default` (`XLA_FLAGS` as inherited), `O0`
 and `O1` (`--xla_backend_optimization_level`: no or little LLVM optimisation of the CPU
 kernels), `1thread` (XLA:CPU's multi-threaded Eigen kernels off),
-`1thread-O0`, `pinned` (`1thread` under `taskset -c 0`), and `loops64k` and `loops1M`
+`1thread-O0`, `pinned` (`1thread` under `taskset -c 0`), `loops64k` and `loops1M`
 (XLA:CPU's threshold for compiling a small `while` loop into one kernel raised from
-1 kB to 64 kB or 1 MB).
+1 kB to 64 kB or 1 MB), and on a GPU `gpu_loops` (XLA:GPU runs `while` loops and
+conditionals inside CUDA graphs, on the device, instead of copying each condition to
+the host).
 """
 
 import argparse
@@ -52,6 +54,12 @@ SETTINGS = {
     # from about 16 kB.
     "loops64k": (_SMALL_LOOPS.format(65_536), False),
     "loops1M": (_SMALL_LOOPS.format(1_048_576), False),
+    # On a GPU each turn of a `while` loop (and each `lax.cond`) otherwise waits for its
+    # predicate on the host: on problems of a few parameters, most of an iteration.
+    "gpu_loops": (
+        "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL --xla_gpu_graph_min_graph_size=1",
+        False,
+    ),
 }
 _LABELS = ("solver", "problem", "mode", "dtype", "tasks", "n")
 
