@@ -66,6 +66,8 @@ def _check_x0(x0: PyTree[ArrayLike]) -> PyTree[jax.Array]:
                 "imaginary parts as separate leaves"
                 if jnp.issubdtype(dtype, jnp.complexfloating)
                 else "cast it, e.g. `x0.astype(jnp.float32)`"
+                if hasattr(leaf, "astype")
+                else f"write it as a float, e.g. `{float(leaf)!r}` or `jnp.asarray(x0, float)`"
             )
             raise TypeError(
                 f"`x0` leaf {where} has dtype {dtype}; L-BFGS needs real floating-point "

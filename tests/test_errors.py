@@ -117,6 +117,13 @@ def test_x0_non_float(x0, where, dtype):
         li.optimize(_sphere, x0)
 
 
+@pytest.mark.parametrize("x0, where", [(3, "x0"), ({"w": jnp.zeros(2), "n": 2}, r"\['n'\]")])
+def test_x0_python_int_is_told_to_write_a_float(x0, where):
+    # A Python int has no `.astype`: the hint says what to write instead.
+    with pytest.raises(TypeError, match=rf"`x0` leaf {where} has dtype .*e\.g\. `[23]\.0`"):
+        li.optimize(lambda x, a: sum(jnp.sum(v**2) for v in jax.tree.leaves(x)), x0)
+
+
 def test_x0_complex():
     with pytest.raises(TypeError, match=r"complex parameters are not supported yet"):
         li.optimize(_sphere, jnp.zeros(2, jnp.complex128))
