@@ -1104,7 +1104,9 @@ def gpu_section(scale_path, hyper_path, small_path, lines):
         f"### On a GPU ({device})",
         "",
         f"From `{scale['command']}` (`{_rel(scale_path.resolve())}`), run on one {device} "
-        f"with jax {versions['jax']} and that machine's {peers}; the protocol and columns "
+        f"with jax {versions['jax']}"
+        + (f", the package at {scale['tree']}" if "tree" in scale else "")
+        + f" and that machine's {peers}; the protocol and columns "
         "are those above, less the floor: timed one call at a time, it is mostly dispatch "
         "on a GPU at these sizes, and read below one iteration's cost. Every matrix "
         "product of the solver runs at its inputs' full precision "
