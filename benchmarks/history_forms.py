@@ -1,13 +1,16 @@
 """Two-loop recursion against the compact form of H_k, by problem size (float64, CPU).
 
-    python -m benchmarks.history_forms [--sizes 16,32,64,128,256,1000] [--repeats 5]
+    python -m benchmarks.history_forms [--sizes 2,4,8,16,32,64,128,256,1000,4000] [--repeats 5]
+        [--out benchmarks/results/history_forms.json]
 
 For extended Rosenbrock at each n, solves with each form of the L-BFGS inverse-Hessian
 product (`lbfgs_implicit._history`) and reports the time per solve, measured as 100
 solves inside one jitted `fori_loop` (so per-call dispatch does not hide the
 difference), best of `--repeats`, ending each with `jax.block_until_ready`. Each form
 runs in its own subprocess, because the form is chosen when the solve is traced. This is
-the measurement behind `COMPACT_MIN_SIZE`.
+the measurement behind `COMPACT_MIN_SIZE`. The two forms round differently, so a solve
+can take a different number of iterations with each: the rows (written to `--out` as
+JSON) hold both counts and the ratio per iteration as well as per solve.
 """
 
 import argparse
@@ -16,11 +19,14 @@ import subprocess
 import sys
 import time
 
+from ._common import machine, RESULTS_DIR, write_json
+
 
 SOLVES_PER_CALL = 100
 
 
-def _measure(form: str, sizes: list[int], repeats: int) -> dict[int, float]:
+def _measure(form: str, sizes: list[int], repeats: int) -> dict[int, tuple[float, int]]:
+    """Seconds per solve and the solve's iteration count, by size."""
     import jax
     import jax.numpy as jnp
 
@@ -45,8 +51,8 @@ def _measure(form: str, sizes: list[int], repeats: int) -> dict[int, float]:
 
             return jax.lax.fori_loop(0, SOLVES_PER_CALL, body, jnp.zeros((), x0.dtype))
 
-        used = li.optimize(prob.fn, prob.x0, prob.args, solver=solver).state.history.compact
-        if used != (form == "compact"):
+        sol = li.optimize(prob.fn, prob.x0, prob.args, solver=solver)
+        if sol.state.history.compact != (form == "compact"):
             raise RuntimeError(f"asked for the {form} form at n={n}, the solve used the other")
         f = jax.jit(many)
         jax.block_until_ready(f(prob.x0, prob.args))
@@ -55,14 +61,15 @@ def _measure(form: str, sizes: list[int], repeats: int) -> dict[int, float]:
             t = time.perf_counter()
             jax.block_until_ready(f(prob.x0, prob.args))
             best = min(best, time.perf_counter() - t)
-        out[n] = best / SOLVES_PER_CALL
+        out[n] = (best / SOLVES_PER_CALL, int(sol.stats["num_steps"]))
     return out
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sizes", default="16,32,64,128,256,1000")
+    parser.add_argument("--sizes", default="2,4,8,16,32,64,128,256,1000,4000")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default=str(RESULTS_DIR / "history_forms.json"))
     parser.add_argument("--form", choices=("compact", "two-loop"), help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
     sizes = [int(s) for s in opts.sizes.split(",")]
@@ -74,11 +81,38 @@ def main(argv=None):
         cmd = [sys.executable, "-m", "benchmarks.history_forms", "--form", form]
         cmd += ["--sizes", opts.sizes, "--repeats", str(opts.repeats)]
         line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        times[form] = {int(k): v for k, v in json.loads(line.splitlines()[-1]).items()}
+        times[form] = {int(k): tuple(v) for k, v in json.loads(line.splitlines()[-1]).items()}
     print("extended Rosenbrock, ms per solve (in-jit), and two-loop / compact")
+    rows = []
     for n in sizes:
-        a, b = times["two-loop"][n] * 1e3, times["compact"][n] * 1e3
-        print(f"  n={n:<6d} two-loop {a:7.3f}  compact {b:7.3f}  ratio {a / b:5.2f}")
+        (a, sa), (b, sb) = times["two-loop"][n], times["compact"][n]
+        a, b = 1e3 * a, 1e3 * b
+        # The two forms round differently, so a solve may take a different number of steps.
+        rows.append(
+            {
+                "n": n,
+                "two_loop_ms": a,
+                "compact_ms": b,
+                "two_loop_over_compact": a / b,
+                "two_loop_steps": sa,
+                "compact_steps": sb,
+                "per_step_two_loop_over_compact": (a / sa) / (b / sb),
+            }
+        )
+        print(
+            f"  n={n:<6d} two-loop {a:7.3f}  compact {b:7.3f}  ratio {a / b:5.2f}"
+            f"  steps {sa} / {sb}  per-step ratio {(a / sa) / (b / sb):5.2f}"
+        )
+    argv_text = " ".join(sys.argv[1:] if argv is None else argv)
+    payload = {
+        "command": ("python -m benchmarks.history_forms " + argv_text).strip(),
+        "solves_per_call": SOLVES_PER_CALL,
+        "timing": "best of --repeats calls, each of solves_per_call solves in one jitted loop",
+        "machine": machine(),
+        "rows": rows,
+    }
+    write_json(opts.out, payload)
+    print(f"wrote {opts.out}")
 
 
 if __name__ == "__main__":

@@ -13,10 +13,13 @@ representation of Byrd, Nocedal & Schnabel (1994), N&W (7.24): the same $H_k$ fr
 passes over the buffers (`S'v, Y'v`, then `S c_s + Y c_y`) around two `m x m`
 triangular solves, with `S'Y` and `Y'Y` kept up to date as pairs are pushed. The
 compact form has a fixed cost in small matrix operations that the recursion does not.
-Whole solves of extended Rosenbrock on a 2-core CPU
-(`python -m benchmarks.history_forms`, timings vary by tens of percent between runs):
-the two-loop is 2.5x faster at n <= 4 and 1-2x at n = 8-16; the compact form is
-1.1-1.8x faster at n = 32 and 1.4-1.7x from n = 64 to 1000.
+Whole solves of extended Rosenbrock on a shared 2-core CPU
+(`python -m benchmarks.history_forms`, one run at load 3-4, in
+`benchmarks/results/history_forms.json`; both forms take the same number of
+iterations): the two-loop is 2.3-7.7x faster at n <= 8. From n = 16 to 4000 the two
+are within that run's noise of each other (two-loop / compact 0.69 to 1.25, with no
+trend in n), so this measurement shows no size up to 4000 where the compact form is
+faster on a CPU.
 """
 
 import equinox as eqx

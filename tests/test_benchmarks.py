@@ -191,13 +191,16 @@ def test_report_page(results):
     assert (page.parent / "img" / "bench_sweep_time.png").exists()
 
 
-def test_history_forms_reports_both_forms():
-    out = _run("benchmarks.history_forms", "--sizes", "2,40", "--repeats", "1").stdout
+def test_history_forms_reports_both_forms(tmp_path):
+    args = ("--sizes", "2,40", "--repeats", "1", "--out", str(tmp_path / "history_forms.json"))
+    out = _run("benchmarks.history_forms", *args).stdout
     rows = [line.split() for line in out.splitlines() if line.strip().startswith("n=")]
     assert [row[0] for row in rows] == ["n=2", "n=40"]
     for row in rows:
         two_loop, compact = float(row[2]), float(row[4])
         assert row[1] == "two-loop" and row[3] == "compact" and two_loop > 0 and compact > 0
+    saved = json.loads((tmp_path / "history_forms.json").read_text())["rows"]
+    assert [row["n"] for row in saved] == [2, 40]
 
 
 def test_closure_compile_reports_both_ways():
