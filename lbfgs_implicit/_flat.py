@@ -13,15 +13,18 @@ Safe means: all leaves share one floating dtype (a concatenation would promote m
 ones) and the program runs on one device (concatenating sharded leaves would gather
 them; the per-leaf path keeps each leaf's sharding).
 
-It pays below `FLAT_MAX_SIZE` parameters. The flat solve moves every gradient and trial
-point through one concatenation or slicing more per evaluation, and holds one more
-parameter-sized vector in the forward pass (about five more with the backward pass:
-17.0 n against 16.1 n of temporaries forward and 25.8 n against 20.6 n for the
-value-and-gradient of `tests/test_memory.py`'s MLP at `history_size=4`). Per solve, on a
-six-leaf MLP with an elementwise objective (`python -m benchmarks.flatten`, CPU seconds,
-flat over per-leaf, two runs on a shared machine): 0.84-0.89 at n = 861, 0.95-1.00 at
-n = 10^4, 0.42-1.16 at n = 10^5 (noise), 1.08-1.33 at n = 10^6. Larger models keep the
-per-leaf solve, whose memory stays within `(2 m + 10) n` as before.
+It is used up to `FLAT_MAX_SIZE` parameters. The flat solve moves every gradient and
+trial point through one concatenation or slicing more per evaluation, and holds one more
+parameter-sized vector in the forward pass (17.0 n against 16.1 n of temporaries) and
+half a vector more in the value-and-gradient (21.6 n against 21.1 n), for
+`tests/test_memory.py`'s MLP at `history_size=4`. Per solve, on a six-leaf MLP with an
+elementwise objective (`python -m benchmarks.flatten --rounds 15`, in
+`benchmarks/results/flatten.json`: CPU seconds, median over rounds of flat over
+per-leaf, on a shared 2-core machine at load 2.5-4): 0.87 at n = 861, 1.06 at
+n = 10^4, 1.18 at n = 10^5 and 1.06 at n = 10^6, with single rounds from 0.34 to 2.4
+at n = 10^4. So at run time the flat solve gains only on the smallest model and costs
+up to a fifth from n = 10^4; what it saves up to `FLAT_MAX_SIZE` is compile time (above).
+Larger models keep the per-leaf solve, whose memory stays within `(2 m + 10) n`.
 """
 
 from typing import Any
