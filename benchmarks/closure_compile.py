@@ -4,9 +4,10 @@
 program, so compile time grows with their size; arrays passed as arguments are not
 constants. The problem is the one of `benchmarks.gpu_scaling` (two data vectors of length
 n); each case compiles `jax.jit(jax.value_and_grad(outer))` in a fresh process and reports
-trace + lower + compile seconds.
+trace + lower + compile seconds, also written to `--out` as JSON.
 
     python -m benchmarks.closure_compile [--sizes 100000,1000000,10000000]
+        [--out benchmarks/results/closure_compile.json]
 """
 
 import argparse
@@ -14,6 +15,8 @@ import json
 import subprocess
 import sys
 import time
+
+from ._common import machine, RESULTS_DIR, write_json
 
 
 def _child(n: int, closed: bool) -> float:
@@ -57,6 +60,7 @@ def _child(n: int, closed: bool) -> float:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", default="100000,1000000,10000000")
+    parser.add_argument("--out", default=str(RESULTS_DIR / "closure_compile.json"))
     parser.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
     if opts.child:
@@ -69,13 +73,22 @@ def main(argv=None):
             cmd = [sys.executable, "-m", "benchmarks.closure_compile", "--child", str(n), how]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             seconds[how] = json.loads(out.strip().splitlines()[-1])
-        rows.append({"n": n, **seconds})
+        rows.append({"n": n, **seconds, "closure_over_args": seconds["closure"] / seconds["args"]})
         print(
             f"n={n:>9d}  compile with data in args {seconds['args']:6.2f} s, "
             f"closed over {seconds['closure']:6.2f} s "
             f"({seconds['closure'] / seconds['args']:.1f}x)",
             flush=True,
         )
+    argv_text = " ".join(sys.argv[1:] if argv is None else argv)
+    payload = {
+        "command": ("python -m benchmarks.closure_compile " + argv_text).strip(),
+        "timing": "trace + lower + compile seconds of jax.jit(jax.value_and_grad(outer))",
+        "machine": machine(),
+        "rows": rows,
+    }
+    write_json(opts.out, payload)
+    print(f"wrote {opts.out}")
     return rows
 
 

@@ -203,12 +203,14 @@ def test_history_forms_reports_both_forms(tmp_path):
     assert [row["n"] for row in saved] == [2, 40]
 
 
-def test_closure_compile_reports_both_ways():
-    out = _run("benchmarks.closure_compile", "--sizes", "1000").stdout
+def test_closure_compile_reports_both_ways(tmp_path):
+    saved = tmp_path / "closure_compile.json"
+    out = _run("benchmarks.closure_compile", "--sizes", "1000", "--out", str(saved)).stdout
     (line,) = [line for line in out.splitlines() if line.startswith("n=")]
     found = re.search(r"n=\s*1000 .*args\s+([\d.]+) s, closed over\s+([\d.]+) s", line)
     assert found, line
     assert float(found.group(1)) > 0 and float(found.group(2)) > 0, line
+    assert [row["n"] for row in json.loads(saved.read_text())["rows"]] == [1000]
 
 
 def test_compile_mlp_split_adds_up_and_counts_the_program(tmp_path):
