@@ -454,11 +454,11 @@ class QuasiNewtonAdjoint(AbstractAdjoint):
     started from $H_k v$. Exact when $H_k$ equals $H^{-1}$ (a quadratic that L-BFGS
     explored in at most `history_size` directions); otherwise the error depends on
     how well the history captured the Hessian in the direction of `v`, and a tighter
-    forward tolerance does not reduce it. Measured (docs, "Measured accuracy and cost"):
-    6% to 68% off on ridge, logistic and digits regressions, and on an iMAML MLP with
-    1761 parameters 390% off with a cosine of -0.15 to the true hypergradient, i.e. an
-    ascent direction. Compare with `ImplicitAdjoint()` on your problem before relying on
-    it.
+    forward tolerance does not reduce it. Measured (docs, "Measured accuracy and cost",
+    `benchmarks/results/adjoint_table.json`): 18% to 62% off on ridge, logistic and
+    digits regressions, and on an iMAML MLP with 1761 parameters 660% off with a cosine
+    of 0.10 to the true hypergradient, nearly orthogonal to it. Compare with
+    `ImplicitAdjoint()` on your problem before relying on it.
 
     ??? cite "References"
 

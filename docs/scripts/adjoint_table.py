@@ -1,8 +1,9 @@
 """Accuracy and cost of the adjoints, for the table in docs/pages/adjoints.md.
 
-Run: `python docs/scripts/adjoint_table.py` (float64, CPU). It prints the rows as they are
-measured, then the Markdown table and a machine line to paste into the page. The problems
-are the ones users bring:
+Run: `python docs/scripts/adjoint_table.py [--out FILE]` (float64, CPU). It prints the rows
+as they are measured, then the Markdown table and a machine line to paste into the page,
+and writes the rows, the command and the machine to `--out` (by default
+`benchmarks/results/adjoint_table.json`). The problems are the ones users bring:
 
 - ridge regression with a scalar log-penalty, 200 samples, 100 features, whose
   hypergradient has a closed form;
@@ -21,8 +22,16 @@ direction is used), and the median warm time of the forward solve and of forward
 backward.
 """
 
+import argparse
 import platform
+import sys
 import time
+from pathlib import Path
+
+
+# Run as a file, the script's folder is on the path and not the repository's root, where
+# `benchmarks` (and the library itself, rather than an installed copy) are.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import jax
 
@@ -32,6 +41,7 @@ jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp
 import lineax as lx
 import numpy as np
+from benchmarks._common import machine, RESULTS_DIR, write_json
 from jax.flatten_util import ravel_pytree
 from sklearn.datasets import load_breast_cancer, load_digits
 
@@ -184,7 +194,10 @@ def median_time(fn, arg, repeats=7):
     return float(np.median(times))
 
 
-def main():
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default=str(RESULTS_DIR / "adjoint_table.json"))
+    opts = parser.parse_args(argv)
     rows = []
     problems = (ridge_problem(), logistic_problem(), digits_problem(), imaml_problem())
     for name, inner, outer_of_w, x0, theta, reference in problems:
@@ -221,6 +234,17 @@ def main():
         f"{jax.default_backend()} device(s); jax {jax.__version__}, "
         f"lbfgs_implicit {li.__version__}."
     )
+    keys = ("problem", "forward_tolerance", "adjoint", "relative_error", "cosine")
+    keys += ("forward_s", "forward_backward_s")
+    argv_text = " ".join(sys.argv[1:] if argv is None else argv)
+    payload = {
+        "command": ("python docs/scripts/adjoint_table.py " + argv_text).strip(),
+        "timing": "median wall seconds of 7 warm runs of the jitted function",
+        "machine": machine(),
+        "rows": [dict(zip(keys, row)) for row in rows],
+    }
+    write_json(opts.out, payload)
+    print(f"wrote {opts.out}")
 
 
 if __name__ == "__main__":
