@@ -151,8 +151,9 @@ def _project2(buf: PyTree[Array], v: PyTree[Array], w: PyTree[Array], dtype):
 
     Not one product with `v` and `w` stacked as two columns: XLA:CPU runs that as a
     matrix-matrix product, slower than two matrix-vector ones even though it reads `buf`
-    once (per product, m = 10: 1.2x at n = 1000, 2-3x at n = 4000, 1.4x at n = 1e5),
-    and the stacking copies `v` and `w`.
+    once, and the stacking copies `v` and `w`: per projection, float64, m = 10, 1.9x at
+    n = 1000, 1.7x at n = 4000 and 1.2x at n = 1e5 (`python -m benchmarks.projections`,
+    `benchmarks/results/projections.json`, one run on a shared 2-core CPU at load 2.7).
     """
     return _project(buf, v, dtype), _project(buf, w, dtype)
 

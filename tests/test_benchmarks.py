@@ -203,6 +203,14 @@ def test_history_forms_reports_both_forms(tmp_path):
     assert [row["n"] for row in saved] == [2, 40]
 
 
+def test_projections_times_both_ways(tmp_path):
+    saved = tmp_path / "projections.json"
+    args = ("--sizes", "100", "--rounds", "1", "--inner", "2", "--out", str(saved))
+    _run("benchmarks.projections", *args)
+    (row,) = json.loads(saved.read_text())["rows"]
+    assert row["n"] == 100 and row["two_us"] > 0 and row["stacked_us"] > 0
+
+
 def test_closure_compile_reports_both_ways(tmp_path):
     saved = tmp_path / "closure_compile.json"
     out = _run("benchmarks.closure_compile", "--sizes", "1000", "--out", str(saved)).stdout
