@@ -1,6 +1,7 @@
 """What the L-BFGS memory buys in the backward pass, in time: the jitted pullback.
 
     python -m benchmarks.preconditioner [--quick] [--out PATH]
+    python -m benchmarks.preconditioner --estimates [--out PATH]
 
 For each problem the inner solve runs once (float64, gtol 1e-10); then the pullback of
 `jax.vjp` through `li.optimize` (the backward pass alone: Hessian linearisation, the
@@ -28,6 +29,11 @@ Variants:
   by $H_k$ and started from $H_k v$ (the library's default before issue 15).
 - `default_unchecked`, `plain_unchecked` (only when named in `--variants`): `default`
   and `plain` with `check_degenerate=False`, one Hessian-vector product fewer each.
+
+With `--estimates` nothing is timed: for each problem (cold start) it records the
+default's estimate, read while tracing, of a product with the memory and of a
+Hessian-vector product, their ratio and so whether the default uses the memory
+(`benchmarks/results/preconditioner-estimates.json` unless `--out` says otherwise).
 
 Problems: the four of the hypergradient benchmark's preconditioner table, ridge with
 `lam I` + rank 8 (8 rows, n = 2000: ten pairs span the Hessian's low-rank part), the
@@ -228,6 +234,44 @@ def _case(name, inner, outer, x0, data, theta, warm, rounds, variants):
     }
 
 
+def _estimate(name, inner, outer, x0, data, theta):
+    """The default's cost estimates, memory product and Hessian-vector product, as traced."""
+    from lbfgs_implicit import _adjoint
+
+    costs = []
+    cost = _adjoint._cost
+
+    def recording(fn, *args):
+        costs.append(cost(fn, *args))
+        return costs[-1]
+
+    solver = li.LBFGS(max_steps=5000, gtol=1e-10)
+
+    def loss(theta, data, x0):
+        sol = li.optimize(
+            inner, x0, (theta, data), solver=solver, adjoint=VARIANTS["default"], throw=False
+        )
+        return outer(sol.params, data)
+
+    # Problems that share `ridge_inner` and its shapes would reuse a cached trace.
+    jax.clear_caches()
+    _adjoint._cost = recording
+    try:
+        jax.jit(jax.grad(loss)).lower(theta, data, x0)
+    finally:
+        _adjoint._cost = cost
+    # `ImplicitAdjoint` estimates the memory's product first, then the Hessian's.
+    memory, hvp = costs[:2]
+    return {
+        "problem": name,
+        "n": sum(leaf.size for leaf in jtu.tree_leaves(x0)),
+        "memory_cost": memory,
+        "hvp_cost": hvp,
+        "memory_over_hvp": memory / hvp,
+        "default_uses_memory": memory <= _adjoint.MEMORY_COST * hvp,
+    }
+
+
 def _rel(a, b):
     a, b = jtu.tree_leaves(a), jtu.tree_leaves(b)
     num = sum(float(jnp.sum((x - y) ** 2)) for x, y in zip(a, b))
@@ -279,8 +323,22 @@ def main(argv=None):
     )
     parser.add_argument("--starts", default="cold,warm", help="cold, warm or both")
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS))
+    parser.add_argument("--estimates", action="store_true")
     opts = parser.parse_args(argv)
     setup()
+    if opts.estimates:
+        rows = []
+        for problem in _problems(opts.quick):
+            if opts.only and not any(part in problem[0] for part in opts.only.split(",")):
+                continue
+            rows.append(_estimate(*problem))
+            print(rows[-1], flush=True)
+        payload = _payload(opts, rows)
+        payload["command"] = payload["command"].replace(
+            "benchmarks.preconditioner", "benchmarks.preconditioner --estimates", 1
+        )
+        write_json(opts.out or RESULTS_DIR / "preconditioner-estimates.json", payload)
+        return
     rows = []
     for problem in _problems(opts.quick):
         if opts.only and not any(part in problem[0] for part in opts.only.split(",")):
