@@ -9,7 +9,8 @@ most: 10 iterations with the stopping test off, CPU seconds of the process per s
 the two taking turns over `--rounds` rounds; the median ratio flat / per-leaf. It also
 records XLA's temporaries (`memory_analysis`, deterministic) of both programs for the
 four-leaf MLP of `tests/test_memory.py` at `history_size=4`, forward and
-value-and-gradient, in parameter-sized vectors.
+value-and-gradient, in parameter-sized vectors, and those of the value-and-gradient
+(flat) with `ImplicitAdjoint(all_pairs=True)`.
 
     python -m benchmarks.flatten [--widths 20,70,220,700] [--rounds 5]
         [--out benchmarks/results/flatten.json]
@@ -83,13 +84,13 @@ def _temporaries(history_size=4):
     n_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jtu.tree_leaves(x0))
     solver = li.LBFGS(history_size=history_size, max_steps=15)
 
-    def programs():
+    def programs(adjoint=li.ImplicitAdjoint()):
         def objective(x, t):  # a new function per program: nothing from a cache
             leaves = jtu.tree_leaves(x)
             return sum(jnp.sum(jax.nn.softplus(-leaf) + 0.5 * t * leaf**2) for leaf in leaves)
 
         def solve(t, x0):
-            return li.optimize(objective, x0, t, solver=solver, throw=False).params
+            return li.optimize(objective, x0, t, solver=solver, adjoint=adjoint, throw=False).params
 
         def value_and_grad(t, x0):
             def loss(t):
@@ -105,6 +106,9 @@ def _temporaries(history_size=4):
             compiled = _traced(flatten, programs()[name], jnp.asarray(1.5), x0)
             temp = compiled.memory_analysis().temp_size_in_bytes
             out[f"{name}_{'flat' if flatten else 'per_leaf'}_vectors"] = temp / n_bytes
+    program = programs(li.ImplicitAdjoint(all_pairs=True))["value_and_grad"]
+    temp = _traced(True, program, jnp.asarray(1.5), x0).memory_analysis().temp_size_in_bytes
+    out["value_and_grad_flat_all_pairs_vectors"] = temp / n_bytes
     return out
 
 

@@ -20,8 +20,8 @@ half a vector more in the value-and-gradient (21.6 n against 21.1 n), for
 `tests/test_memory.py`'s MLP at `history_size=4`. Per solve, on a six-leaf MLP with an
 elementwise objective (`python -m benchmarks.flatten --rounds 15`, in
 `benchmarks/results/flatten.json`: CPU seconds, median over rounds of flat over
-per-leaf, on a shared 2-core machine at load 2.5-4): 0.87 at n = 861, 1.06 at
-n = 10^4, 1.18 at n = 10^5 and 1.06 at n = 10^6, with single rounds from 0.34 to 2.4
+per-leaf, on a shared 2-core machine at load 1-2): 0.88 at n = 861, 1.06 at
+n = 10^4, 1.22 at n = 10^5 and 1.07 at n = 10^6, with single rounds from 0.51 to 2.6
 at n = 10^4. So at run time the flat solve gains only on the smallest model and costs
 up to a fifth from n = 10^4; what it saves up to `FLAT_MAX_SIZE` is compile time (above).
 Larger models keep the per-leaf solve, whose memory stays within `(2 m + 10) n`.
