@@ -211,8 +211,8 @@ def check_can_raise(tree: Any, where: str) -> None:
 
     An error raised inside a compiled program comes from a host callback, which XLA runs
     on one device; the other devices then wait for it in the next collective until XLA
-    aborts the whole process (seen on CPU after 74 s, as SIGABRT). A Python exception
-    now, at trace time, is catchable and names the fix.
+    aborts the whole process with SIGABRT. A Python exception now, at trace time, is
+    catchable and names the fix.
     """
     n = program_devices(tree)
     if n > 1:
