@@ -34,8 +34,11 @@ The first outer step's hyperparameters are solved once, cold, for all starts; th
 start solves at each of the `outer_steps` new hyperparameters. Reported per start: inner
 value-and-gradient evaluations summed over those solves, backward CG steps, CPU time
 (`time.process_time`) of the jitted value-and-hypergradient (compiled beforehand,
-interleaved with the other starts; median per-step ratio to cold), and the largest
-relative difference of the hypergradient from the cold one.
+interleaved with the other starts; median per-step ratio to cold), the largest
+relative difference of the hypergradient from the cold one, the fewest and most L-BFGS
+steps of one solve (`inner_steps_range`), and the median over the first
+`START_GRAD_STEPS` outer steps of the inner gradient's infinity norm at the start
+(`start_grad_inf_median`, computed apart from the timed calls).
 """
 
 import argparse
@@ -60,6 +63,9 @@ from ._common import machine, RESULTS_DIR, setup, write_json
 
 START_KINDS = ("cold", "x0", "warm", "newton", "extrapolated")
 NEWTON_RTOL = 1e-2
+# The gradient's infinity norm at each start is taken, untimed, over this many first
+# outer steps.
+START_GRAD_STEPS = 30
 
 
 class _Counting(li.AbstractAdjoint):
@@ -135,26 +141,41 @@ def digits_problem(dtype):
     return inner, outer, x0, data, jnp.full(64, np.log(1e-2), dtype), 0.05
 
 
+def _start(kind, inner, x0, data, rho, prev, before):
+    """The start of `kind`'s solve and the Hessian-vector products it took."""
+    hvps = jnp.zeros((), jnp.int32)
+    if kind == "cold":
+        return x0, hvps
+    if kind == "newton":
+        # `li.newton_start`, through its private form, which also returns the
+        # Hessian-vector products it used.
+        start, hvps, _ = _newton_start(inner, prev.params, (rho, data), False, NEWTON_RTOL, 50)
+        return start, hvps
+    if kind == "extrapolated":
+        start, hvps, _ = _newton_start(
+            inner, prev.params, (rho, data), False, NEWTON_RTOL, 50, earlier=before.params
+        )
+        return start, hvps
+    return prev.params, hvps
+
+
+def _start_grad_fns(inner, x0, data):
+    """Per start kind: the infinity norm of the inner gradient at that start (untimed)."""
+
+    def norm(kind, rho, prev, before):
+        start, _ = _start(kind, inner, x0, data, rho, prev, before)
+        grad = jax.grad(inner)(start, (rho, data))
+        return jnp.max(jnp.stack([jnp.max(jnp.abs(g)) for g in jtu.tree_leaves(grad)]))
+
+    return {kind: jax.jit(lambda r, p, b, kind=kind: norm(kind, r, p, b)) for kind in START_KINDS}
+
+
 def _step_fns(inner, outer, x0, data, solver, sink):
     adjoint = _Counting(li.ImplicitAdjoint(), sink)
 
     def run(kind, rho, prev, before):
-        warm = None
-        if kind == "cold":
-            start = x0
-        else:
-            start = prev.params
-        if kind in ("warm", "newton", "extrapolated"):
-            warm = prev
-        hvps = jnp.zeros((), jnp.int32)
-        if kind == "newton":
-            # `li.newton_start`, through its private form, which also returns the
-            # Hessian-vector products it used.
-            start, hvps, _ = _newton_start(inner, prev.params, (rho, data), False, NEWTON_RTOL, 50)
-        if kind == "extrapolated":
-            start, hvps, _ = _newton_start(
-                inner, prev.params, (rho, data), False, NEWTON_RTOL, 50, earlier=before.params
-            )
+        warm = prev if kind in ("warm", "newton", "extrapolated") else None
+        start, hvps = _start(kind, inner, x0, data, rho, prev, before)
 
         def loss(rho):
             sol = li.optimize(
@@ -178,6 +199,7 @@ def loop(name, problem, solver, outer_steps):
     inner, outer, x0, data, rho, lr = problem
     sink: list = []
     fns = _step_fns(inner, outer, x0, data, solver, sink)
+    start_grad_fns = _start_grad_fns(inner, x0, data)
     # The first hyperparameters, solved cold once for every start: their hypergradient
     # makes the first Adam step, and the starts compete from the next one on.
     _, first_grad, first, _ = jax.block_until_ready(fns["cold"](rho, None, None))
@@ -191,6 +213,8 @@ def loop(name, problem, solver, outer_steps):
     resets = {kind: 0 for kind in START_KINDS}
     predictor_hvps = {kind: 0 for kind in START_KINDS}
     failures = {kind: [] for kind in START_KINDS}
+    steps = {kind: [] for kind in START_KINDS}
+    start_grads = {kind: [] for kind in START_KINDS}
     optimiser = optax.adam(lr)
     opt_state = optimiser.init(rho)
     updates, opt_state = optimiser.update(first_grad, opt_state)
@@ -202,6 +226,9 @@ def loop(name, problem, solver, outer_steps):
     for step in range(outer_steps):
         grads = {}
         for kind, fn in fns.items():
+            if step < START_GRAD_STEPS:
+                norm = start_grad_fns[kind](rho, prev[kind], before[kind])
+                start_grads[kind].append(float(norm))
             t0 = time.process_time()
             value, grad, sol, hvps = jax.block_until_ready(fn(rho, prev[kind], before[kind]))
             times[kind].append(time.process_time() - t0)
@@ -216,6 +243,7 @@ def loop(name, problem, solver, outer_steps):
             evals[kind] += int(sol.stats["num_fun_evals"]) + extra
             predictor_hvps[kind] += int(hvps)
             resets[kind] += int(sol.stats["num_resets"])
+            steps[kind].append(int(sol.stats["num_steps"]))
             grads[kind] = grad
             before[kind], prev[kind] = prev[kind], sol
             if kind == "cold":
@@ -244,6 +272,8 @@ def loop(name, problem, solver, outer_steps):
         "time_ratio_median": ratio_t,
         "max_hypergrad_rel_diff": max_diff,
         "num_resets": resets,
+        "inner_steps_range": {k: [min(steps[k]), max(steps[k])] for k in START_KINDS},
+        "start_grad_inf_median": {k: statistics.median(start_grads[k]) for k in START_KINDS},
         "failures": failures,
     }
 
