@@ -38,8 +38,9 @@ def test_indefinite_operator_reports_breakdown():
 
 
 def test_exact_preconditioner_in_float32_at_large_n():
-    # lineax.CG returns NaN here: its breakdown test |p'Ap| <= 100 eps n |r'z| fires
-    # whenever the preconditioner is good and 100 eps32 n > 1.
+    # lineax.CG returns NaN here: its breakdown test |p'Ap| <= 200 eps n |r'z| fires
+    # whenever the preconditioner is good and 200 eps32 n > 1, from n = 4.2e4 (the
+    # backward page cites this test).
     n = 200_000
     d = jnp.linspace(0.5, 5.0, n, dtype=jnp.float32)
     op = lx.DiagonalLinearOperator(d)
@@ -53,6 +54,8 @@ def test_exact_preconditioner_in_float32_at_large_n():
     sol = lx.linear_solve(op, b, li.CG(rtol=1e-5), options=options, throw=False)
     assert sol.result == lx.RESULTS.successful
     np.testing.assert_allclose(sol.value, b / d, rtol=1e-4)
+    theirs = lx.linear_solve(op, b, lx.CG(rtol=1e-5, atol=0.0), options=options, throw=False)
+    assert not bool(jnp.all(jnp.isfinite(theirs.value)))
 
 
 def test_fixed_step_refinement_is_not_a_failure():
