@@ -221,6 +221,17 @@ def test_closure_compile_reports_both_ways(tmp_path):
     assert [row["n"] for row in json.loads(saved.read_text())["rows"]] == [1000]
 
 
+def test_first_step_solves_each_problem_with_both_rules(tmp_path):
+    out = tmp_path / "first_step.json"
+    _run("benchmarks.first_step", "--mode", "smoke", "--out", str(out))
+    payload = json.loads(out.read_text())
+    assert [(r["problem"], r["rule"]) for r in payload["rows"]] == [
+        (name, rule) for name in ("rosenbrock-2", "logreg-breast-cancer") for rule in ("l2", "max")
+    ]
+    assert all(r["converged"] and r["evals"] > 0 for r in payload["rows"])
+    assert payload["both_converged"]["problems"] == 2
+
+
 def test_compile_mlp_split_adds_up_and_counts_the_program(tmp_path):
     out = tmp_path / "compile_mlp.json"
     args = ("--rounds", "1", "--tasks", "2", "--solvers", "unrolled_gd", "--split")
