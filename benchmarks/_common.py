@@ -5,6 +5,7 @@ import os
 import platform
 import resource
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -117,6 +118,15 @@ def write_json(path, payload: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1, default=_jsonable) + "\n")
+
+
+def write_results(path, program: str, argv, rows, **fields) -> None:
+    """Write a results file: the command that made it (`program` followed by `argv`, or
+    by this process's arguments when `argv` is None), `fields`, the machine and `rows`."""
+    arguments = " ".join(sys.argv[1:] if argv is None else argv)
+    payload = {"command": f"{program} {arguments}".strip(), **fields}
+    write_json(path, {**payload, "machine": machine(), "rows": rows})
+    print(f"wrote {path}")
 
 
 def _jsonable(obj):

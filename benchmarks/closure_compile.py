@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from ._common import machine, RESULTS_DIR, write_json
+from ._common import RESULTS_DIR, write_results
 
 
 def _child(n: int, closed: bool) -> float:
@@ -80,15 +80,13 @@ def main(argv=None):
             f"({seconds['closure'] / seconds['args']:.1f}x)",
             flush=True,
         )
-    argv_text = " ".join(sys.argv[1:] if argv is None else argv)
-    payload = {
-        "command": ("python -m benchmarks.closure_compile " + argv_text).strip(),
-        "timing": "trace + lower + compile seconds of jax.jit(jax.value_and_grad(outer))",
-        "machine": machine(),
-        "rows": rows,
-    }
-    write_json(opts.out, payload)
-    print(f"wrote {opts.out}")
+    write_results(
+        opts.out,
+        "python -m benchmarks.closure_compile",
+        argv,
+        rows,
+        timing="trace + lower + compile seconds of jax.jit(jax.value_and_grad(outer))",
+    )
     return rows
 
 

@@ -18,7 +18,6 @@ value-and-gradient, in parameter-sized vectors, and those of the value-and-gradi
 
 import argparse
 import statistics
-import sys
 import time
 
 import jax
@@ -28,7 +27,7 @@ import jax.tree_util as jtu
 import lbfgs_implicit as li
 from lbfgs_implicit import _flat, _optimize
 
-from ._common import machine, RESULTS_DIR, setup, write_json
+from ._common import RESULTS_DIR, setup, write_results
 
 
 def _mlp(h):
@@ -153,16 +152,14 @@ def main(argv=None):
             f"flat / per-leaf {flat / per_leaf:.2f}",
             flush=True,
         )
-    argv_text = " ".join(sys.argv[1:] if argv is None else argv)
-    payload = {
-        "command": ("python -m benchmarks.flatten " + argv_text).strip(),
-        "timing": "CPU seconds of the process per solve (10 iterations), median over rounds",
-        "machine": machine(),
-        "temporaries": temporaries,
-        "rows": rows,
-    }
-    write_json(opts.out, payload)
-    print(f"wrote {opts.out}")
+    write_results(
+        opts.out,
+        "python -m benchmarks.flatten",
+        argv,
+        rows,
+        timing="CPU seconds of the process per solve (10 iterations), median over rounds",
+        temporaries=temporaries,
+    )
 
 
 if __name__ == "__main__":

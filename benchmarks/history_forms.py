@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 
-from ._common import machine, RESULTS_DIR, write_json
+from ._common import RESULTS_DIR, write_results
 
 
 SOLVES_PER_CALL = 100
@@ -103,16 +103,14 @@ def main(argv=None):
             f"  n={n:<6d} two-loop {a:7.3f}  compact {b:7.3f}  ratio {a / b:5.2f}"
             f"  steps {sa} / {sb}  per-step ratio {(a / sa) / (b / sb):5.2f}"
         )
-    argv_text = " ".join(sys.argv[1:] if argv is None else argv)
-    payload = {
-        "command": ("python -m benchmarks.history_forms " + argv_text).strip(),
-        "solves_per_call": SOLVES_PER_CALL,
-        "timing": "best of --repeats calls, each of solves_per_call solves in one jitted loop",
-        "machine": machine(),
-        "rows": rows,
-    }
-    write_json(opts.out, payload)
-    print(f"wrote {opts.out}")
+    write_results(
+        opts.out,
+        "python -m benchmarks.history_forms",
+        argv,
+        rows,
+        solves_per_call=SOLVES_PER_CALL,
+        timing="best of --repeats calls, each of solves_per_call solves in one jitted loop",
+    )
 
 
 if __name__ == "__main__":

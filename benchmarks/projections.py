@@ -13,7 +13,6 @@ projection and the median ratio stacked / two products per size. Written to `--o
 
 import argparse
 import statistics
-import sys
 import time
 
 import jax
@@ -22,7 +21,7 @@ import jax.numpy as jnp
 from lbfgs_implicit._history import _project2
 from lbfgs_implicit._misc import EXACT
 
-from ._common import machine, RESULTS_DIR, setup, write_json
+from ._common import RESULTS_DIR, setup, write_results
 
 
 def _stacked(buf, v, w):
@@ -89,15 +88,13 @@ def main(argv=None):
             f" ({row['stacked_over_two_min']:.2f}-{row['stacked_over_two_max']:.2f})",
             flush=True,
         )
-    argv_text = " ".join(sys.argv[1:] if argv is None else argv)
-    payload = {
-        "command": ("python -m benchmarks.projections " + argv_text).strip(),
-        "timing": "wall seconds per projection, --inner in one jitted loop, median over rounds",
-        "machine": machine(),
-        "rows": rows,
-    }
-    write_json(opts.out, payload)
-    print(f"wrote {opts.out}")
+    write_results(
+        opts.out,
+        "python -m benchmarks.projections",
+        argv,
+        rows,
+        timing="wall seconds per projection, --inner in one jitted loop, median over rounds",
+    )
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp
 import lineax as lx
 import numpy as np
-from benchmarks._common import machine, RESULTS_DIR, write_json
+from benchmarks._common import RESULTS_DIR, write_results
 from jax.flatten_util import ravel_pytree
 from sklearn.datasets import load_breast_cancer, load_digits
 
@@ -257,15 +257,13 @@ def main(argv=None):
     )
     keys = ("problem", "forward_tolerance", "adjoint", "relative_error", "cosine")
     keys += ("forward_s", "forward_backward_s")
-    argv_text = " ".join(sys.argv[1:] if argv is None else argv)
-    payload = {
-        "command": ("python docs/scripts/adjoint_table.py " + argv_text).strip(),
-        "timing": "median wall seconds of 7 warm runs of the jitted function",
-        "machine": machine(),
-        "rows": [dict(zip(keys, row)) for row in rows],
-    }
-    write_json(opts.out, payload)
-    print(f"wrote {opts.out}")
+    write_results(
+        opts.out,
+        "python docs/scripts/adjoint_table.py",
+        argv,
+        [dict(zip(keys, row)) for row in rows],
+        timing="median wall seconds of 7 warm runs of the jitted function",
+    )
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import jax
 import jax.numpy as jnp
 import numpy as np
-from benchmarks._common import machine, RESULTS_DIR, write_json
+from benchmarks._common import RESULTS_DIR, write_results
 from sklearn.datasets import load_breast_cancer
 
 import lbfgs_implicit as li
@@ -83,14 +83,7 @@ def main(argv=None):
                     "plain_over_preconditioned": off / on,
                 }
             )
-    argv_text = " ".join(sys.argv[1:] if argv is None else argv)
-    payload = {
-        "command": ("python docs/scripts/preconditioner_table.py " + argv_text).strip(),
-        "machine": machine(),
-        "rows": rows,
-    }
-    write_json(opts.out, payload)
-    print(f"wrote {opts.out}")
+    write_results(opts.out, "python docs/scripts/preconditioner_table.py", argv, rows)
 
 
 if __name__ == "__main__":
