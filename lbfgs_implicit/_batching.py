@@ -85,12 +85,14 @@ def num_lanes(num_tasks: int, num_bytes: int) -> int:
     for finished tasks (a lane waits idle once the queue is empty, so the last tasks'
     tail costs about the lanes times the slowest task's turns), but each turn has a
     fixed cost (the loop, its branches, the
-    per-lane selects: some 130 small kernels, about as many as one iteration of plain
-    `vmap` runs, but 64 copies of one iMAML task in 16 lanes take 5.4 times as many
-    turns as plain `vmap` takes iterations). On two CPU cores XLA hands these kernels
-    from one core to the other, and in float32 that is what loses: the 64 copies' forward
-    solves in 16 lanes take 0.87x the CPU time of plain `vmap` in a process held to one
-    core (`taskset -c 1`), 1.16-1.18x on two.
+    per-lane selects: about as many small kernels as an iteration of plain `vmap` runs,
+    but 64 copies of one iMAML task in 16 lanes take 920 turns where plain `vmap` takes
+    213 iterations). On two CPU cores XLA hands these kernels from one core to the
+    other, and in float32 that is what loses: the 64 copies' forward solves in 16 lanes
+    take 0.81x the CPU time of plain `vmap` in a process held to one core
+    (`taskset -c 1`, `batching-imaml-float32-forward-1core.json`) and 1.10x on two
+    (`batching-imaml-float32-forward-2cores.json`, the same command without `taskset`;
+    the turns are `copies_lane_evals` over the lanes).
     Measured with `python -m benchmarks.batching --forward --time` (forward solves, 2
     shared CPU cores, CPU seconds against plain `vmap`, interleaved; mixed batch /
     copies of its slowest task; each figure's file is in `benchmarks/results/`, with its
