@@ -669,7 +669,6 @@ def many_small_ratios(table, key="run_s"):
 def many_small_section(data, path, lines, title=None):
     """`python -m benchmarks.many_small`: small problems from many starts in one program,
     under `vmap` or one after the other (`--form map`); `title` replaces the heading."""
-    given_title = title
     settings = data["settings"]
     tasks = settings["tasks"]
     form = settings.get("form", "vmap")
@@ -683,7 +682,7 @@ def many_small_section(data, path, lines, title=None):
         "[-1, 1], seeded by the name)"
     )
     if form == "vmap":
-        title = "### Many small problems at once, under `vmap`"
+        heading = "### Many small problems at once, under `vmap`"
         how = (
             " as one jitted `jax.vmap` of each library's solve, with the settings above "
             f"(at most {settings['max_steps']} iterations): the multi-start and per-task "
@@ -692,7 +691,7 @@ def many_small_section(data, path, lines, title=None):
             "form itself."
         )
     else:
-        title = "### Many small problems in one program, one after the other (`lax.map`)"
+        heading = "### Many small problems in one program, one after the other (`lax.map`)"
         how = (
             " one after the other, by one jitted `jax.lax.map` of each library's solve, "
             f"with the settings above (at most {settings['max_steps']} iterations): each "
@@ -711,7 +710,7 @@ def many_small_section(data, path, lines, title=None):
     else:
         command = f"Command: `{data['command']}`"
     lines += [
-        title if given_title is None else given_title,
+        title or heading,
         "",
         f"{command} (results: `{_rel(path)}`, {data.get('wall_s', 0) / 60:.1f} min). "
         f"{_machine_line(data)}.",
@@ -891,11 +890,14 @@ def batching_section(lines):
     ]
     for path in paths:
         data = json.loads(path.read_text())
-        args = data["command"].split("benchmarks/batching.py", 1)[-1]
-        args = args.split("benchmarks.batching", 1)[-1].strip()
+        command = data["command"].replace("benchmarks/batching.py", "benchmarks.batching")
+        head, _, args = command.partition("benchmarks.batching")
+        prefix = head[: head.rfind("python")]  # e.g. `taskset -c 1 `
+        args = args.strip()
         program = "forward solves" if "--forward" in args else "value and gradient"
         lines += [
-            f"`python -m benchmarks.batching {args}` (`benchmarks/results/{path.name}`), "
+            f"`{prefix}python -m benchmarks.batching {args}` "
+            f"(`benchmarks/results/{path.name}`), "
             f"{program}:",
             "",
             "| problem | T | dtype | mode | lanes | evaluations (own) | CPU / vmap, mixed "
@@ -1157,14 +1159,22 @@ def gpu_section(scale_path, hyper_path, small_path, lines):
         data = json.loads(small_path.read_text())
         title = f"#### Many small problems at once, under `vmap`, on the {device}"
         many_small_section(data, small_path.resolve(), lines, title=title)
-        lines += [
-            "Every library here waits on the host for each turn of a `while` loop and "
-            'launches its kernels one by one; the FAQ\'s "Many small problems on a GPU" '
-            "measures XLA's "
-            "flags that keep loops on the device (1.37x to 2.13x faster batches, ours the "
-            "most).",
-            "",
-        ]
+        buffers = small_path.with_name("many_small-gpu-h200-command-buffers.json")
+        if buffers.exists():
+            runs = json.loads(buffers.read_text())["runs"]
+            default = {(r["problem"], r["solver"]): r["run_s"] for r in runs["default"]["rows"]}
+            gains = {}
+            for r in runs["command_buffers"]["rows"]:
+                key = (r["problem"], r["solver"])
+                gains.setdefault(r["solver"], []).append(default[key] / r["run_s"])
+            spans = ", ".join(f"{s} {min(g):.2f}x-{max(g):.2f}x" for s, g in gains.items())
+            lines += [
+                "Every library here waits on the host for each turn of a `while` loop and "
+                'launches its kernels one by one; the FAQ\'s "Many small problems on a GPU" '
+                "measures XLA's flags that keep loops on the device "
+                f"(`{_rel(buffers)}`): batches {spans} faster.",
+                "",
+            ]
 
 
 def main(argv=None):
