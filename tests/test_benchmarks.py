@@ -191,6 +191,18 @@ def test_report_page(results):
     assert (page.parent / "img" / "bench_sweep_time.png").exists()
 
 
+def test_benchmarks_page_is_what_report_renders_from_the_results_files(tmp_path):
+    """The committed page's numbers come from `benchmarks/results/`: a results file
+    re-run, or a page edited by hand, without `python -m benchmarks.report` fails here."""
+    page = tmp_path / "benchmarks.md"
+    _run("benchmarks.report", "--page", str(page))
+    committed = (ROOT / "docs" / "pages" / "benchmarks.md").read_text()
+    assert page.read_text() == committed, (
+        "docs/pages/benchmarks.md is not what `python -m benchmarks.report` renders from "
+        "benchmarks/results/: run it and commit the page"
+    )
+
+
 def test_history_forms_reports_both_forms(tmp_path):
     args = ("--sizes", "2,40", "--repeats", "1", "--out", str(tmp_path / "history_forms.json"))
     out = _run("benchmarks.history_forms", *args).stdout
