@@ -48,6 +48,16 @@ def common_dtype(tree: Y) -> Any:
     return _widest([jnp.asarray(x).dtype for x in leaves]) if leaves else jnp.result_type(float)
 
 
+def coarsest_dtype(tree: Y) -> Any:
+    """The floating dtype of `tree`'s least precise leaf (the largest epsilon).
+
+    What a solve can reach: the gradient of a float32 leaf stops at float32's rounding
+    however precise the other leaves and the objective are.
+    """
+    dtypes = [jnp.asarray(x).dtype for x in jtu.tree_leaves(tree)]
+    return max(dtypes, key=eps) if dtypes else jnp.result_type(float)
+
+
 def eps(dtype) -> float:
     """Machine epsilon of a floating `dtype` as a Python float.
 

@@ -34,6 +34,7 @@ from ._history import (
 from ._linesearch import AbstractLineSearch, StrongWolfe, ValueAndGrad
 from ._misc import (
     accumulation_dtype,
+    coarsest_dtype,
     common_dtype,
     eps,
     tree_dot,
@@ -101,6 +102,22 @@ def default_gtol(dtype) -> float:
     gradients of order one at the start; otherwise see `LBFGS(gtol_rel=...)`.
     """
     return max(eps(dtype) ** (2 / 3), 1e-10)
+
+
+def _norm_inf_by_dtype(g: PyTree[Array]) -> Scalar:
+    """The infinity norm of `g` with each leaf in units of its own dtype's default `gtol`
+    (times the least precise leaf's, so that one dtype gives the plain norm).
+
+    Leaves of mixed precision are held each to its own default: a float32 leaf's
+    gradient stops at float32's rounding, which float64's `gtol` asks to go below, while
+    the float64 leaves can still be solved to theirs.
+    """
+    leaves = jtu.tree_leaves(g)
+    base = default_gtol(coarsest_dtype(g))
+    weights = [base / default_gtol(leaf.dtype) for leaf in leaves]
+    if all(w == 1.0 for w in weights):
+        return tree_norm_inf(g)
+    return tree_norm_inf([leaf * jnp.asarray(w, leaf.dtype) for leaf, w in zip(leaves, weights)])
 
 
 # Argument names of SciPy, jaxopt, optax and optimistix, and what they are called here.
@@ -207,7 +224,9 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
     - `gtol`: bound on the infinity norm of the gradient (SciPy's `gtol`). `None`
       (default) means `1e-10` in float64, `2.4e-5` in float32, `9.8e-3` in float16 and
       `3.9e-2` in bfloat16 (see `default_gtol`; the parameters' dtype, or that of
-      `fn`'s value where it is less precise), or `0.0` when `gtol_rel` is given:
+      `fn`'s value where it is less precise; where the leaves' dtypes differ, each leaf's
+      gradient is held to its own dtype's, since a float32 leaf's cannot go below
+      float32's rounding), or `0.0` when `gtol_rel` is given:
       tight, because the hypergradient error is proportional to the final gradient.
       It is absolute, so it assumes gradients of order one.
     - `gtol_rel`: optional bound on the gradient relative to the initial one:
@@ -300,16 +319,22 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
                 f"got {self.linesearch!r}."
             )
 
-    def _grad_tol(self, g0, precision) -> Scalar:
-        """The bound on the infinity norm of the gradient, fixed at `x0`."""
+    def _grad_tol(self, g0, precision, coarsest) -> Scalar:
+        """The bound on the infinity norm of the gradient, fixed at `x0`; the default is
+        the least precise leaf's (`coarsest`), and `_norm_inf_by_dtype` holds the more
+        precise leaves to their own."""
         if self.gtol_rel is None:
-            gtol = default_gtol(precision) if self.gtol is None else self.gtol
+            gtol = default_gtol(coarsest) if self.gtol is None else self.gtol
             return jnp.asarray(gtol, accumulation_dtype(precision))
         scale = tree_norm_inf(g0).astype(accumulation_dtype(precision))
         return self.gtol_rel * scale + (0.0 if self.gtol is None else self.gtol)
 
     def _grad_small(self, g, grad_tol) -> Bool[Array, ""]:
-        ok = tree_norm_inf(g).astype(grad_tol.dtype) <= grad_tol
+        if self.gtol is None and self.gtol_rel is None:
+            norm = _norm_inf_by_dtype(g)
+        else:
+            norm = tree_norm_inf(g)
+        ok = norm.astype(grad_tol.dtype) <= grad_tol
         if self.gtol_l2 is not None:
             ok = ok & (tree_norm2(g) <= self.gtol_l2)
         return ok
@@ -333,7 +358,7 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
         f = f.astype(dtype)
         finite = jnp.isfinite(f) & jnp.isfinite(tree_norm_inf(g))
         stationarity = _stationarity(x0, g, box)
-        grad_tol = self._grad_tol(stationarity, precision)
+        grad_tol = self._grad_tol(stationarity, precision, coarsest_dtype(x0))
         converged = self._grad_small(stationarity, grad_tol)
         result = RESULTS.where(finite, RESULTS.successful, RESULTS.nonfinite)
         stop = ~finite | (converged & finite)

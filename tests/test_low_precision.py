@@ -147,3 +147,31 @@ def test_objective_less_precise_than_its_parameters():
     np.testing.assert_allclose(sol.params, np.linalg.solve(a, b), rtol=1e-4, atol=1e-4)
     strict = li.optimize(fn, x0, (a, b), solver=li.LBFGS(gtol=1e-12), throw=False)
     assert strict.result == li.RESULTS.linesearch_failed
+
+
+def test_mixed_precision_leaves_are_each_held_to_their_own_dtypes_tolerance():
+    # A float32 leaf next to a float64 one (x64 on), the objective computed in float64:
+    # the float32 leaf's gradient stops at its rounding (about 3e-7 here), far above
+    # float64's default gtol (1e-10), which the float64 leaf can still reach. With one
+    # bound for all leaves the solve ran to `max_steps` (15,000 steps).
+    a, b, _ = _problem(5)
+    weights = jnp.arange(1.0, 4.0)
+
+    def fn(x, args):
+        a, b = args
+        narrow = x["narrow"].astype(weights.dtype)
+        return _quadratic(x["wide"], (a, b)) + jnp.sum(weights * (narrow - 1.3) ** 2)
+
+    x0 = {"narrow": jnp.zeros(3, jnp.float32), "wide": jnp.zeros(5, jnp.float64)}
+    sol = li.optimize(fn, x0, (a, b))
+    assert sol.result == li.RESULTS.successful
+    assert sol.params["narrow"].dtype == jnp.float32 and sol.value.dtype == jnp.float64
+    g = jax.grad(fn)(sol.params, (a, b))
+    assert float(jnp.max(jnp.abs(g["wide"]))) <= default_gtol(jnp.float64)
+    assert float(jnp.max(jnp.abs(g["narrow"]))) <= default_gtol(jnp.float32)
+    # Eigenvalues >= 1 (weights >= 2): |x - x*| <= |g|.
+    np.testing.assert_allclose(sol.params["wide"], np.linalg.solve(a, b), atol=1e-10)
+    np.testing.assert_allclose(sol.params["narrow"], 1.3, atol=2e-5)
+    # A `gtol` the user sets is one bound for every leaf.
+    strict = li.optimize(fn, x0, (a, b), solver=li.LBFGS(gtol=1e-9, max_steps=100), throw=False)
+    assert strict.result != li.RESULTS.successful
