@@ -341,8 +341,15 @@ def _near_gtol(solution) -> str:
         return ""
     try:
         near = float(solution.stats["grad_norm"]) <= 10 * float(grad_tol)
+        exact = float(grad_tol) == 0
     except jax.errors.ConcretizationTypeError:
         return ""
+    if exact:
+        return (
+            " `gtol=0` asks for a gradient of exactly zero, which rounding rarely allows: "
+            "the steps went on at the gradient's rounding floor until `max_steps`. Pass "
+            "a small `gtol` (e.g. `1e-12` in float64) or `ftol=` to stop there."
+        )
     if not near:
         return ""
     return (

@@ -221,6 +221,10 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
       `RESULTS.max_steps_reached`. A cap, not a budget: a solve that converges stops
       earlier, and one that stalls ends with `linesearch_failed`. Lower it to bound
       the cost of a hard problem (under `jax.vmap` every lane waits for the slowest).
+      A `gtol` below the gradient's rounding error (`gtol=0`, or float64's default
+      for an objective of large scale) can leave the steps wandering at that floor
+      until `max_steps`, each accepted within the line search's rounding allowance:
+      `ftol` or a reachable `gtol` stops them.
     - `gtol`: bound on the infinity norm of the gradient (SciPy's `gtol`). `None`
       (default) means `1e-10` in float64, `2.4e-5` in float32, `9.8e-3` in float16 and
       `3.9e-2` in bfloat16 (see `default_gtol`; the parameters' dtype, or that of

@@ -248,6 +248,23 @@ def test_max_steps_reached_at_the_rounding_floor_suggests_a_relative_gtol():
     assert sol.result == li.RESULTS.successful
 
 
+def test_max_steps_reached_with_gtol_zero_says_it_asks_for_an_exact_zero():
+    # Logistic regression in float64: the gradient reaches its rounding floor (~1e-17)
+    # in about 20 steps, then the steps wander there; `gtol=0` never stops them.
+    rng = np.random.default_rng(0)
+    x, y = jnp.asarray(rng.normal(size=(50, 8))), jnp.asarray(rng.integers(0, 2, 50) * 2.0 - 1)
+
+    def logistic(w, lam):
+        return jnp.mean(jnp.logaddexp(0, -y * (x @ w))) + lam * jnp.sum(w**2)
+
+    with pytest.raises(li.SolveError, match=MAX_STEPS) as info:
+        li.optimize(logistic, jnp.zeros(8), 0.01, solver=li.LBFGS(gtol=0.0, max_steps=60))
+    assert "`gtol=0` asks for a gradient of exactly zero" in str(info.value)
+    assert float(info.value.solution.stats["grad_norm"]) < 1e-15
+    sol = li.optimize(logistic, jnp.zeros(8), 0.01, solver=li.LBFGS(gtol=1e-12, max_steps=60))
+    assert sol.result == li.RESULTS.successful
+
+
 # ---------------------------------------------------------------------------------------
 # Row: the line search fails (a gradient inconsistent with the value).
 
