@@ -196,6 +196,31 @@ def test_forward_mode_raises_on_a_singular_hessian():
         jax.block_until_ready(jax.jvp(solve, (c0,), (t,)))
 
 
+def test_forward_mode_at_a_curve_of_minimisers_gives_the_least_norm_tangent():
+    # f = (x0 x1 - theta)^2: a curve of minimisers, the Hessian 2 u u' (u = (x1, x0)) of
+    # rank one. The tangent equation H x_dot = 2 u lies in H's range, so CG converges to
+    # the least-norm tangent u / |u|^2 and no check can object (documented in
+    # docs/pages/backward.md). It is not the derivative of the solve, whose end point
+    # moves along a path-dependent direction: central differences of re-solves differ by
+    # about 1% here. Reverse mode raises for the same derivative (its cotangent e_0 has a
+    # component in H's null space).
+    solver = li.LBFGS(gtol=1e-12)
+
+    def solve(theta):
+        return li.optimize(
+            lambda x, t: (x[0] * x[1] - t) ** 2, jnp.array([1.0, 0.5]), theta, solver=solver
+        ).params
+
+    x, tangent = jax.jvp(solve, (2.0,), (1.0,))
+    u = jnp.array([x[1], x[0]])
+    np.testing.assert_allclose(tangent, u / (u @ u), rtol=1e-8)
+    h = 1e-4
+    solve_derivative = (solve(2.0 + h) - solve(2.0 - h)) / (2 * h)
+    assert 0.005 < float(jnp.max(jnp.abs(tangent - solve_derivative) / jnp.abs(solve_derivative)))
+    with pytest.raises(jax.errors.JaxRuntimeError, match="damping"):
+        jax.block_until_ready(jax.grad(lambda t: solve(t)[0])(2.0))
+
+
 @pytest.mark.parametrize("has_aux", [False, True])
 def test_num_fun_evals_counts_every_call(has_aux):
     calls = []
