@@ -175,3 +175,20 @@ def test_mixed_precision_leaves_are_each_held_to_their_own_dtypes_tolerance():
     # A `gtol` the user sets is one bound for every leaf.
     strict = li.optimize(fn, x0, (a, b), solver=li.LBFGS(gtol=1e-9, max_steps=100), throw=False)
     assert strict.result != li.RESULTS.successful
+
+
+def test_mixed_precision_leaves_differentiate_by_default():
+    # Every coordinate of the minimiser is c, none of them representable in float32 for
+    # c = 1/3: d(sum of the parameters)/dc = 4 in closed form.
+    def fn(x, c):
+        return jnp.sum((x["a"] - c) ** 2) + jnp.sum((x["b"].astype(jnp.float64) - c) ** 2)
+
+    x0 = {"a": jnp.zeros(2, jnp.float64), "b": jnp.zeros(2, jnp.float32)}
+
+    def total(c):
+        sol = li.optimize(fn, x0, c)
+        return jnp.sum(sol.params["a"]) + jnp.sum(sol.params["b"].astype(jnp.float64))
+
+    value, grad = jax.value_and_grad(total)(1.0 / 3.0)
+    np.testing.assert_allclose(float(value), 4.0 / 3.0, rtol=1e-7)
+    np.testing.assert_allclose(float(grad), 4.0, rtol=1e-6)
