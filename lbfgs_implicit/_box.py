@@ -85,6 +85,11 @@ def check_bounds(bounds, x0) -> None:
                 jnp.result_type(side), jnp.number
             ):
                 raise TypeError(f"`bounds` {name} for leaf {where} must be numeric, got {side!r}.")
+            if jnp.issubdtype(jnp.result_type(side), jnp.complexfloating):
+                raise TypeError(
+                    f"`bounds` {name} for leaf {where} must be real, got a complex bound "
+                    f"{side!r}; pass its real part."
+                )
             try:
                 fits = np.broadcast_shapes(jnp.shape(side), jnp.shape(leaf)) == jnp.shape(leaf)
             except ValueError:
@@ -99,6 +104,21 @@ def check_bounds(bounds, x0) -> None:
                     f"`bounds` {name} for leaf {where} contains NaN; use -inf/+inf (or None) "
                     "for an unbounded side."
                 )
+            if not isinstance(side, jax.core.Tracer):
+                # In the leaf's dtype, as the solve uses it: a finite bound can overflow.
+                with np.errstate(over="ignore"):
+                    rounded = np.asarray(side).astype(np.dtype(leaf.dtype))
+                sign, word = (1, "+inf") if name == "lower" else (-1, "-inf")
+                empty = rounded == sign * np.inf
+                if np.any(empty):
+                    unbounded = "-inf" if name == "lower" else "+inf"
+                    raise ValueError(
+                        f"`bounds` {name} for leaf {where} is {word} at {int(np.sum(empty))} "
+                        f"coordinate(s) (in the leaf's dtype {jnp.dtype(leaf.dtype).name}, "
+                        "where a finite bound beyond its range rounds to infinity), so no "
+                        f"finite point satisfies it and the box is empty; use {unbounded} "
+                        "(or None) for an unbounded side."
+                    )
         concrete = all(s is None or not isinstance(s, jax.core.Tracer) for s in (lo, up))
         if concrete and lo is not None and up is not None:
             bad = np.asarray(lo) > np.asarray(up)
@@ -127,11 +147,13 @@ def normalise_bounds(bounds, x0: PyTree[Array]) -> Box:
 
 
 def infeasible(box: Box) -> Bool[Array, ""]:
-    """Whether `lower > upper` or a bound is NaN anywhere (for bounds only known at run
-    time; a NaN would make the projected start NaN)."""
+    """Whether `lower > upper`, a bound is NaN, or a lower bound is +inf or an upper
+    bound -inf anywhere (for bounds only known at run time; a NaN would make the
+    projected start NaN, an infinite one infinite)."""
 
     def bad(lo, up):
-        return jnp.any((lo > up) | jnp.isnan(lo) | jnp.isnan(up))
+        empty = (lo == jnp.inf) | (up == -jnp.inf)
+        return jnp.any((lo > up) | jnp.isnan(lo) | jnp.isnan(up) | empty)
 
     leaves = jtu.tree_leaves(jtu.tree_map(bad, box.lower, box.upper))
     return jnp.any(jnp.stack(leaves))

@@ -134,7 +134,9 @@ class RESULTS(lx.RESULTS, metaclass=_ResultsMeta):  # pyright: ignore[reportGene
     )
     infeasible_bounds = (
         "The bounds are inconsistent: some lower bound is above its upper bound, so the "
-        "box is empty, or some bound is NaN. Check `bounds=(lower, upper)`, using "
+        "box is empty, or some lower bound is +inf or upper bound -inf (also a finite "
+        "bound beyond the range of the parameters' dtype), or some bound is NaN. Check "
+        "`bounds=(lower, upper)`, using "
         "-inf/+inf for an unbounded side (with concrete bounds this is a ValueError "
         "before the solve)."
     )

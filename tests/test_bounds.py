@@ -537,3 +537,40 @@ def test_sharded_matches_single_device():
     # And the single-device hypergradient of the upper bound is nonzero only where held.
     held = np.asarray(sol1.params) == 0.2
     assert np.all(np.asarray(g1[1])[~held] == 0) and np.any(np.asarray(g1[1])[held] != 0)
+
+
+def _shifted_square(x, args):
+    return jnp.sum((x - 2.0) ** 2)
+
+
+# A lower bound of +inf (or an upper bound of -inf) leaves no real point in the box:
+# the same empty box as lower > upper. It was accepted; the start was projected to
+# +-inf and the solve ended with `nonfinite`, whose message blames `fn` and `x0`.
+@pytest.mark.parametrize(
+    "x0, bounds, side",
+    [
+        (jnp.zeros(2), (jnp.inf, None), "lower"),
+        (jnp.zeros(2), (None, jnp.array([1.0, -jnp.inf])), "upper"),
+        # Finite in float64 but +inf once rounded to the leaf's float16.
+        (jnp.zeros(2, jnp.float16), (1e5, None), "lower"),
+    ],
+    ids=["lower-inf", "upper-minus-inf", "float16-overflow"],
+)
+def test_concrete_infinite_bound_that_empties_the_box_is_refused(x0, bounds, side):
+    with pytest.raises(ValueError, match=rf"`bounds` {side} for leaf x0.*inf"):
+        li.optimize(_shifted_square, x0, bounds=bounds, throw=False)
+
+
+def test_traced_infinite_bound_that_empties_the_box_is_infeasible():
+    run = jax.jit(
+        lambda lo: li.optimize(_shifted_square, jnp.zeros(2), bounds=(lo, None), throw=False)
+    )
+    sol = run(jnp.asarray(jnp.inf))
+    assert sol.result == li.RESULTS.infeasible_bounds
+
+
+# A complex bound was accepted and its imaginary part dropped (only a JAX deprecation
+# warning said so); `x0`, `fn`'s value and tolerances refuse complex numbers.
+def test_complex_bound_is_refused():
+    with pytest.raises(TypeError, match=r"`bounds` lower for leaf x0 must be real"):
+        li.optimize(_shifted_square, jnp.zeros(2), bounds=(0.5 + 3j, 1.0))
