@@ -111,10 +111,19 @@ def _normalise_fn(fn: Callable, has_aux: bool) -> Callable:
     return with_aux
 
 
-def _closed_over(fn: Callable, x0, args, has_aux: bool) -> list:
+def _closed_over(fn: Callable, x0, args, has_aux: bool) -> tuple[list, str]:
     """The arrays `fn` reads besides its arguments (closed over, attributes of its
-    object, module globals), as they are now: the constants of its jaxpr."""
-    return list(eqx.filter_closure_convert(_normalise_fn(fn, has_aux), x0, args).consts)
+    object, module globals), as they are now: the constants of its jaxpr; and the jaxpr's
+    text, in which the Python and NumPy scalars `fn` reads that way appear as literals.
+
+    `_optimize` takes the text as a static argument, so that a changed scalar (a global
+    `LAM = 0.1`, `self.lam`), or a changed Python branch in `fn`, traces and compiles a
+    new program instead of solving the old problem; arrays are refreshed without one
+    (`_with_consts`).
+    """
+    closed = eqx.filter_closure_convert(_normalise_fn(fn, has_aux), x0, args)
+    jaxpr = getattr(closed, "jaxpr", None)
+    return list(getattr(closed, "consts", [])), "" if jaxpr is None else str(jaxpr)
 
 
 def _with_consts(closed_fn, consts: list):
@@ -301,7 +310,8 @@ _FLATTEN = True
 
 
 @eqx.filter_jit
-def _optimize(fn, x0, args, consts, bounds, solver, adjoint, has_aux, throw, warm_start):
+def _optimize(fn, x0, args, consts, fn_text, bounds, solver, adjoint, has_aux, throw, warm_start):
+    del fn_text  # static: part of the cache key (see `_closed_over`)
     value_dtype = _check_output(fn, x0, args, has_aux)
     solver = _to_value_precision(solver, value_dtype, x0)
     warm = None if warm_start is None else _warm_history(warm_start, x0, solver, bounds is not None)
@@ -500,8 +510,10 @@ def optimize(
             raise TypeError(f"`{name}` must be True or False, got {flag!r}.")
     throw = bool(throw)
     has_aux = bool(has_aux)
-    consts = _closed_over(fn, x0, args, has_aux)
-    sol = _optimize(fn, x0, args, consts, bounds, solver, adjoint, has_aux, throw, warm_start)
+    consts, fn_text = _closed_over(fn, x0, args, has_aux)
+    sol = _optimize(
+        fn, x0, args, consts, fn_text, bounds, solver, adjoint, has_aux, throw, warm_start
+    )
     if not throw:
         return sol
     try:
