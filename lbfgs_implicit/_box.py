@@ -81,6 +81,11 @@ def check_bounds(bounds, x0) -> None:
         for name, side in (("lower", lo), ("upper", up)):
             if side is None:
                 continue
+            if isinstance(side, list | tuple):
+                raise TypeError(
+                    f"`bounds` {name} for leaf {where} is a Python {type(side).__name__}; "
+                    f"pass an array, e.g. `jnp.asarray({side!r})`."
+                )
             if isinstance(side, str | bytes) or not jnp.issubdtype(
                 jnp.result_type(side), jnp.number
             ):

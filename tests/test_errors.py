@@ -500,6 +500,17 @@ def test_bounds_that_do_not_fit_the_leaf_or_are_not_numbers():
         li.optimize(q, jnp.zeros(3), bounds=(jnp.zeros((1, 3)), 1.0))
     with pytest.raises(TypeError, match="must be numeric"):
         li.optimize(q, jnp.zeros(3), bounds=("0", None))
+    # A list where `x0` is one array (it was JAX's "Cannot determine dtype").
+    with pytest.raises(TypeError, match=r"is a Python list; pass an array, e.g. `jnp.asarray"):
+        li.optimize(q, jnp.zeros(3), bounds=([0.0, -5.0, 0.0], None))
+    # A list where `x0` is a list of leaves is its structure, and fine.
+    sol = li.optimize(
+        lambda x, a: q(x[0], a) + q(x[1], a),
+        [jnp.zeros(1), jnp.zeros(2)],
+        bounds=([0.0, 3.0], None),
+    )
+    np.testing.assert_allclose(sol.params[0], [2.0])
+    np.testing.assert_allclose(sol.params[1], [3.0, 3.0])
 
 
 def test_a_batch_of_solutions_as_warm_start_names_the_batch():
