@@ -363,6 +363,29 @@ def _near_gtol(solution) -> str:
     )
 
 
+# A value this far below zero at `max_steps` suggests an objective unbounded below (the
+# advice is worded as a possibility: a legitimate minimum can lie lower).
+UNBOUNDED_VALUE = -1e12
+
+
+def _unbounded(solution) -> str:
+    """Advice where `max_steps` ran out at a value so negative that `fn` is likely
+    unbounded below (more steps would only lower it further)."""
+    if solution.result != RESULTS.max_steps_reached:
+        return ""
+    try:
+        value = float(solution.state.f)
+    except jax.errors.ConcretizationTypeError:
+        return ""
+    if not value <= UNBOUNDED_VALUE:
+        return ""
+    return (
+        f" The value reached {value:.3e}: if `fn` is unbounded below (linear in some "
+        "direction, say), no number of steps converges; bound it with a regulariser or "
+        "`bounds=`."
+    )
+
+
 class SolveError(RuntimeError):
     """Raised by [`lbfgs_implicit.optimize`][] with `throw=True`, called outside
     `jax.jit`, when the solve does not succeed.
@@ -401,7 +424,7 @@ class SolveError(RuntimeError):
             f"{int(stats['num_steps'])} steps ({int(stats['num_fun_evals'])} evaluations of "
             f"fn), final |grad|_inf = {_number(stats['grad_norm'])}, "
             f"f = {_number(solution.state.f)}.\n{RESULTS[solution.result]}"
-            f"{_near_gtol(solution)}\n"
+            f"{_near_gtol(solution)}{_unbounded(solution)}\n"
             "The best point found is in `error.solution.params`. To handle failures "
             "without an exception (an outer loop that should go on), pass `throw=False` "
             "and check `sol.result`."

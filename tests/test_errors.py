@@ -549,3 +549,16 @@ def test_a_model_with_non_array_leaves_as_x0_says_how_to_split_it():
 
     sol = li.optimize(fn, params, static)
     assert sol.result == li.RESULTS.successful
+
+
+def test_max_steps_at_a_huge_negative_value_suggests_an_unbounded_objective():
+    def linear(x, a):
+        return -jnp.sum(x)
+
+    with pytest.raises(li.SolveError, match=MAX_STEPS) as info:
+        li.optimize(linear, jnp.zeros(2), solver=li.LBFGS(max_steps=200))
+    assert "unbounded below" in str(info.value)
+    # A bounded problem that runs out of steps is not told so.
+    with pytest.raises(li.SolveError, match=MAX_STEPS) as info:
+        li.optimize(lambda x, a: jnp.sum(x**4), jnp.ones(2), solver=li.LBFGS(max_steps=3))
+    assert "unbounded below" not in str(info.value)
