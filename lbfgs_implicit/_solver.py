@@ -104,22 +104,6 @@ def default_gtol(dtype) -> float:
     return max(eps(dtype) ** (2 / 3), 1e-10)
 
 
-def _norm_inf_by_dtype(g: PyTree[Array]) -> Scalar:
-    """The infinity norm of `g` with each leaf in units of its own dtype's default `gtol`
-    (times the least precise leaf's, so that one dtype gives the plain norm).
-
-    Leaves of mixed precision are held each to its own default: a float32 leaf's
-    gradient stops at float32's rounding, which float64's `gtol` asks to go below, while
-    the float64 leaves can still be solved to theirs.
-    """
-    leaves = jtu.tree_leaves(g)
-    base = default_gtol(coarsest_dtype(g))
-    weights = [base / default_gtol(leaf.dtype) for leaf in leaves]
-    if all(w == 1.0 for w in weights):
-        return tree_norm_inf(g)
-    return tree_norm_inf([leaf * jnp.asarray(w, leaf.dtype) for leaf, w in zip(leaves, weights)])
-
-
 # Argument names of SciPy, jaxopt, optax and optimistix, and what they are called here.
 _OTHER_NAMES = {
     "tol": "`gtol` (the infinity norm of the gradient, SciPy's `gtol`; `gtol_l2` bounds "
@@ -228,9 +212,9 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
     - `gtol`: bound on the infinity norm of the gradient (SciPy's `gtol`). `None`
       (default) means `1e-10` in float64, `2.4e-5` in float32, `9.8e-3` in float16 and
       `3.9e-2` in bfloat16 (see `default_gtol`; the parameters' dtype, or that of
-      `fn`'s value where it is less precise; where the leaves' dtypes differ, each leaf's
-      gradient is held to its own dtype's, since a float32 leaf's cannot go below
-      float32's rounding), or `0.0` when `gtol_rel` is given:
+      `fn`'s value where it is less precise; where the leaves' dtypes differ, the least
+      precise leaf's, since a float32 leaf's gradient cannot go below float32's
+      rounding), or `0.0` when `gtol_rel` is given:
       tight, because the hypergradient error is proportional to the final gradient.
       It is absolute, so it assumes gradients of order one.
     - `gtol_rel`: optional bound on the gradient relative to the initial one:
@@ -325,8 +309,8 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
 
     def _grad_tol(self, g0, precision, coarsest) -> Scalar:
         """The bound on the infinity norm of the gradient, fixed at `x0`; the default is
-        the least precise leaf's (`coarsest`), and `_norm_inf_by_dtype` holds the more
-        precise leaves to their own."""
+        the least precise leaf's (`coarsest`): its gradient can go no lower, and where
+        the leaves are coupled the others' cannot either."""
         if self.gtol_rel is None:
             gtol = default_gtol(coarsest) if self.gtol is None else self.gtol
             return jnp.asarray(gtol, accumulation_dtype(precision))
@@ -334,11 +318,7 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
         return self.gtol_rel * scale + (0.0 if self.gtol is None else self.gtol)
 
     def _grad_small(self, g, grad_tol) -> Bool[Array, ""]:
-        if self.gtol is None and self.gtol_rel is None:
-            norm = _norm_inf_by_dtype(g)
-        else:
-            norm = tree_norm_inf(g)
-        ok = norm.astype(grad_tol.dtype) <= grad_tol
+        ok = tree_norm_inf(g).astype(grad_tol.dtype) <= grad_tol
         if self.gtol_l2 is not None:
             ok = ok & (tree_norm2(g) <= self.gtol_l2)
         return ok

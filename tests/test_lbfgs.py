@@ -268,5 +268,12 @@ def test_compact_form_float32_and_mixed_precision():
     sol = li.optimize(fn, x0, None)
     assert sol.state.history.compact and sol.result == li.RESULTS.successful
     assert sol.params["a"].dtype == jnp.float64 and sol.params["b"].dtype == jnp.float32
+    # The default gtol of mixed leaves is the least precise one's (float32's 2.4e-5,
+    # `test_low_precision.py`), and the curvature is at least 2: |a - 1| <= 1.2e-5.
+    np.testing.assert_allclose(sol.params["a"], 1.0, atol=1.2e-5)
+    np.testing.assert_allclose(sol.params["b"], -2.0, atol=1.2e-5)
+    # With a float64 tolerance, which the float32 leaf meets here (-2 is exact in it).
+    sol = li.optimize(fn, x0, None, solver=li.LBFGS(gtol=1e-10))
+    assert sol.result == li.RESULTS.successful
     np.testing.assert_allclose(sol.params["a"], 1.0, rtol=1e-9)
     np.testing.assert_allclose(sol.params["b"], -2.0, rtol=1e-6)

@@ -149,11 +149,13 @@ def test_objective_less_precise_than_its_parameters():
     assert strict.result == li.RESULTS.linesearch_failed
 
 
-def test_mixed_precision_leaves_are_each_held_to_their_own_dtypes_tolerance():
+def test_mixed_precision_leaves_take_the_least_precise_leafs_tolerance():
     # A float32 leaf next to a float64 one (x64 on), the objective computed in float64:
     # the float32 leaf's gradient stops at its rounding (about 3e-7 here), far above
-    # float64's default gtol (1e-10), which the float64 leaf can still reach. With one
-    # bound for all leaves the solve ran to `max_steps` (15,000 steps).
+    # float64's default gtol (1e-10), and where the leaves are coupled the float64
+    # leaf's cannot go lower either (a model's float32 weights next to a bias that a
+    # Python float made float64). So the default is float32's. With float64's the
+    # solve ran to `max_steps` (15,000 steps) and raised.
     a, b, _ = _problem(5)
     weights = jnp.arange(1.0, 4.0)
 
@@ -166,15 +168,13 @@ def test_mixed_precision_leaves_are_each_held_to_their_own_dtypes_tolerance():
     sol = li.optimize(fn, x0, (a, b))
     assert sol.result == li.RESULTS.successful
     assert sol.params["narrow"].dtype == jnp.float32 and sol.value.dtype == jnp.float64
-    g = jax.grad(fn)(sol.params, (a, b))
-    assert float(jnp.max(jnp.abs(g["wide"]))) <= default_gtol(jnp.float64)
-    assert float(jnp.max(jnp.abs(g["narrow"]))) <= default_gtol(jnp.float32)
-    # Eigenvalues >= 1 (weights >= 2): |x - x*| <= |g|.
-    np.testing.assert_allclose(sol.params["wide"], np.linalg.solve(a, b), atol=1e-10)
+    assert float(sol.stats["grad_norm"]) <= default_gtol(jnp.float32)
+    # Eigenvalues >= 1 (weights >= 2): |x - x*| <= |g| <= 2.4e-5.
+    np.testing.assert_allclose(sol.params["wide"], np.linalg.solve(a, b), atol=3e-5)
     np.testing.assert_allclose(sol.params["narrow"], 1.3, atol=2e-5)
-    # A `gtol` the user sets is one bound for every leaf.
-    strict = li.optimize(fn, x0, (a, b), solver=li.LBFGS(gtol=1e-9, max_steps=100), throw=False)
-    assert strict.result != li.RESULTS.successful
+    # A tighter `gtol`, set by the user, holds for the float64 leaf alone where it can.
+    tight = li.optimize(fn, x0, (a, b), solver=li.LBFGS(gtol=1e-6))
+    np.testing.assert_allclose(tight.params["wide"], np.linalg.solve(a, b), atol=1e-6)
 
 
 def test_mixed_precision_leaves_differentiate_by_default():
