@@ -34,7 +34,7 @@ from ._history import (
     memory_of,
 )
 from ._misc import (
-    common_dtype,
+    coarsest_dtype,
     eps,
     EXACT,
     explicit_sharding,
@@ -224,7 +224,8 @@ class ImplicitAdjoint(AbstractAdjoint):
         product once for the solve and the check.
         """
         hessian = _damped(self.damping, hessian)
-        dtype = common_dtype(v)
+        # The least precise leaf's: its products' rounding bounds the whole residual.
+        dtype = coarsest_dtype(v)
         solver = self.linear_solver
         if solver is None:
             size = sum(leaf.size for leaf in jtu.tree_leaves(v))
@@ -750,7 +751,7 @@ def _scaled_solve(
         stats = {**stats, "hessian_change": check(w, rhs)}
     if "hessian_change" in stats:
         change = stats["hessian_change"]
-        ok = ~(change > degenerate_tolerance(common_dtype(w)))
+        ok = ~(change > degenerate_tolerance(coarsest_dtype(w)))
         result = RESULTS.where(ok, result, RESULTS.backward_failed)
     w = tree_scale(safe, w)
     failed = result != RESULTS.successful
@@ -948,8 +949,10 @@ def _implicit_solve_jvp(primals, tangents, *, x0, solver, adjoint, throw, warm_s
     # d f(x*(theta), theta) = <grad_x f, x_dot> + <grad_theta f, theta_dot>, from the
     # gradients already computed; the first term is ~0 at an unconstrained minimiser
     # but kept, so the derivative is that of the value actually returned.
-    t_value = tree_dot(g_x, t_x)
+    # Each term in the value's dtype: the parameters' and theta's can differ (float32
+    # data, a float64 leaf), which a user's strict dtype promotion would refuse to add.
+    t_value = tree_dot(g_x, t_x).astype(value.dtype)
     if has_t_diff:
-        t_value = t_value + tree_dot(g_theta, t_diff)
+        t_value = t_value + tree_dot(g_theta, t_diff).astype(value.dtype)
     t_state = jtu.tree_map(lambda _: None, state)
-    return out, (t_x, t_value.astype(value.dtype), t_state)
+    return out, (t_x, t_value, t_state)

@@ -192,3 +192,22 @@ def test_mixed_precision_leaves_differentiate_by_default():
     value, grad = jax.value_and_grad(total)(1.0 / 3.0)
     np.testing.assert_allclose(float(value), 4.0 / 3.0, rtol=1e-7)
     np.testing.assert_allclose(float(grad), 4.0, rtol=1e-6)
+
+
+def test_float32_model_with_a_python_float_leaf_differentiates():
+    # {"w": float32, "b": 0.0} with x64 on: `b` becomes a float64 leaf beside float32
+    # data and `w`. The backward's tolerances follow the least precise leaf, as the
+    # forward's do: with float64's (CG to 3.7e-11, a residual of at most 1.5e-8) the
+    # float32 products' rounding failed the check and the gradient was NaN.
+    x = jnp.linspace(-1, 1, 20, dtype=jnp.float32)
+    y = 2 * x + 0.3
+
+    def fn(p, lam):
+        fit = (p["w"] * x).astype(jnp.float64) + p["b"] - y.astype(jnp.float64)
+        return jnp.mean(fit**2) + (lam * p["w"] ** 2).astype(jnp.float64)
+
+    x0 = {"w": jnp.zeros((), jnp.float32), "b": 0.0}
+    grad = jax.grad(lambda lam: li.optimize(fn, x0, lam).params["w"])(jnp.float32(0.1))
+    # Closed form (mean(x) = 0): w* = 2 v / (v + lam), dw*/dlam = -2 v / (v + lam)^2.
+    v = float(jnp.mean(x.astype(jnp.float64) ** 2))
+    np.testing.assert_allclose(float(grad), -2 * v / (v + 0.1) ** 2, rtol=1e-4)
