@@ -922,8 +922,13 @@ def _implicit_solve_jvp(primals, tangents, *, x0, solver, adjoint, throw, warm_s
             and isinstance(adjoint.linear_solver, type(None) | CG)
             and not _in_mesh()
         ):
-            g_x = state.g
-            x_newton = _newton_point(x_star, g_x, inverse_approx, free)
+            if free is None:
+                # The solver's own gradient: the linearisation before the solve is then
+                # dead code. With bounds `g_x` stays the differentiable one: it is not
+                # zero on the active set, and `t_value`'s <g_x, t_x> needs its
+                # derivative in second-order modes (`state` is stop-gradiented).
+                g_x = state.g
+            x_newton = _newton_point(x_star, state.g, inverse_approx, free)
             newton_hvp = jtu.Partial(_hvp_between, theta, x_star, x_newton)
         else:
             x_newton = _newton_point(x_star, g_x, inverse_approx, free)

@@ -574,3 +574,36 @@ def test_traced_infinite_bound_that_empties_the_box_is_infeasible():
 def test_complex_bound_is_refused():
     with pytest.raises(TypeError, match=r"`bounds` lower for leaf x0 must be real"):
         li.optimize(_shifted_square, jnp.zeros(2), bounds=(0.5 + 3j, 1.0))
+
+
+def _square_with_slope(x, args):
+    t, s = args
+    return 0.5 * jnp.sum((x - t) ** 2) + s * jnp.sum(x)
+
+
+@pytest.mark.parametrize(
+    "adjoint",
+    [li.ImplicitAdjoint(), li.ImplicitAdjoint(check_degenerate=False)],
+    ids=["default", "unchecked"],
+)
+def test_second_derivatives_of_the_value_through_an_active_bound(adjoint):
+    # min 0.5 (x - t)^2 + s x over x <= u, with t - s > u: x* = u is held, and
+    # f* = 0.5 (u - t)^2 + s u, so d2f*/du2 = 1, d2f*/du dt = -1, d2f*/dt2 = 1.
+    # The value's tangent is <g(x*), x_dot> + <d_theta f, theta_dot>, and g(x*) != 0 on
+    # the active set: its own derivative is needed by second-order modes.
+    def value(u, t):
+        sol = li.optimize(
+            _square_with_slope,
+            jnp.zeros(1),
+            (t, jnp.asarray(0.5)),
+            bounds=(None, u),
+            adjoint=adjoint,
+        )
+        return sol.value
+
+    u, t = jnp.asarray([1.0]), jnp.asarray(3.0)
+    grads = jax.grad(value, argnums=(0, 1))(u, t)
+    np.testing.assert_allclose([float(grads[0][0]), float(grads[1])], [-1.5, 2.0], rtol=1e-9)
+    hess = jax.jit(jax.hessian(value, argnums=(0, 1)))(u, t)
+    got = np.array([[float(np.ravel(hess[i][j])[0]) for j in range(2)] for i in range(2)])
+    np.testing.assert_allclose(got, [[1.0, -1.0], [-1.0, 1.0]], rtol=1e-8, atol=1e-10)
