@@ -121,7 +121,9 @@ class RESULTS(lx.RESULTS, metaclass=_ResultsMeta):  # pyright: ignore[reportGene
 
     linesearch_failed = (
         "The line search could not decrease the objective, even along steepest descent "
-        "with the L-BFGS history reset. The point returned is the best one found. "
+        "with the L-BFGS history reset, or 100 steps in a row made no progress (no value "
+        "lower by more than rounding, no gradient below the smallest so far). The point "
+        "returned is the best one found, to rounding. "
         "Likely causes: the gradient is wrong or inconsistent with the value, the "
         "problem is badly scaled, or the tolerance is below what the precision can "
         "resolve (try float64 via `jax.config.update('jax_enable_x64', True)`, or a "
@@ -337,16 +339,18 @@ def _number(x) -> str:
 
 
 def _near_gtol(solution) -> str:
-    """Advice where `max_steps` ran out with the gradient close to `gtol`."""
+    """Advice where `max_steps` ran out, or the steps stalled, with the gradient close to
+    `gtol`."""
     grad_tol = getattr(solution.state, "grad_tol", None)
-    if solution.result != RESULTS.max_steps_reached or grad_tol is None:
+    ended = (RESULTS.max_steps_reached, RESULTS.linesearch_failed)
+    if grad_tol is None or not any(solution.result == r for r in ended):
         return ""
     try:
         near = float(solution.stats["grad_norm"]) <= 10 * float(grad_tol)
         exact = float(grad_tol) == 0
     except jax.errors.ConcretizationTypeError:
         return ""
-    if exact:
+    if exact and solution.result == RESULTS.max_steps_reached:
         return (
             " `gtol=0` asks for a gradient of exactly zero, which rounding rarely allows: "
             "the steps went on at the gradient's rounding floor until `max_steps`. Pass "

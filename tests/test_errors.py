@@ -232,17 +232,22 @@ def test_max_steps_reached():
     assert "gtol_rel" not in str(info.value)
 
 
-def test_max_steps_reached_at_the_rounding_floor_suggests_a_relative_gtol():
+def test_stall_at_the_rounding_floor_suggests_a_relative_gtol():
     # A well-conditioned least-squares problem times 1e6: its gradient's rounding error
-    # (~1e-10) sits at the absolute default gtol, so the solve wanders at the floor.
+    # (~1e-10) sits at the absolute default gtol, so the solve wanders at the floor
+    # until the stall test ends it (or `max_steps`, if that comes first).
     rng = np.random.default_rng(5)
     a, b = jnp.asarray(rng.normal(size=(12, 3))), jnp.asarray(rng.normal(size=12))
 
     def big(x, args):
         return 1e6 * (0.5 * jnp.sum((a @ x - b) ** 2) + 0.35 * jnp.sum(x**2))
 
-    with pytest.raises(li.SolveError, match=MAX_STEPS) as info:
+    with pytest.raises(li.SolveError, match="linesearch_failed") as info:
         li.optimize(big, jnp.zeros(3), solver=li.LBFGS(max_steps=300))
+    assert int(info.value.solution.stats["num_steps"]) <= 3 * li._solver.STALL_STEPS
+    assert "within 10x of `gtol`" in str(info.value) and "gtol_rel" in str(info.value)
+    with pytest.raises(li.SolveError, match=MAX_STEPS) as info:
+        li.optimize(big, jnp.zeros(3), solver=li.LBFGS(max_steps=40))
     assert "within 10x of `gtol`" in str(info.value) and "gtol_rel" in str(info.value)
     sol = li.optimize(big, jnp.zeros(3), solver=li.LBFGS(gtol_rel=1e-12))
     assert sol.result == li.RESULTS.successful
@@ -250,7 +255,8 @@ def test_max_steps_reached_at_the_rounding_floor_suggests_a_relative_gtol():
 
 def test_max_steps_reached_with_gtol_zero_says_it_asks_for_an_exact_zero():
     # Logistic regression in float64: the gradient reaches its rounding floor (~1e-17)
-    # in about 20 steps, then the steps wander there; `gtol=0` never stops them.
+    # in about 20 steps, then the steps wander there; `gtol=0` never stops them, and 60
+    # steps end before the stall test would (`STALL_STEPS` steps without progress).
     rng = np.random.default_rng(0)
     x, y = jnp.asarray(rng.normal(size=(50, 8))), jnp.asarray(rng.integers(0, 2, 50) * 2.0 - 1)
 

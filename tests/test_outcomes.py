@@ -114,3 +114,24 @@ def test_failure_inside_jit_names_itself_once_and_its_call(caplog):
     for noise in ("equinox", "filter_jit", "stack inside of JIT"):
         assert noise not in message
     assert not [r for r in caplog.records if "callback failed" in r.getMessage()]
+
+
+def test_stall_ends_the_solve():
+    # Logistic regression in float64 with `gtol=0`: the gradient reaches its rounding
+    # floor (~1e-17) in about 20 steps; the steps after it are accepted within the line
+    # search's rounding allowance and lower neither the value nor the gradient, so the
+    # solve ends `STALL_STEPS` later instead of at `max_steps` (it took all 15,000).
+    rng = np.random.default_rng(0)
+    x, y = jnp.asarray(rng.normal(size=(50, 8))), jnp.asarray(rng.integers(0, 2, 50) * 2.0 - 1)
+
+    def logistic(w, lam):
+        return jnp.mean(jnp.logaddexp(0, -y * (x @ w))) + lam * jnp.sum(w**2)
+
+    stall = li._solver.STALL_STEPS
+    sol = li.optimize(logistic, jnp.zeros(8), 0.01, solver=li.LBFGS(gtol=0.0), throw=False)
+    assert sol.result == li.RESULTS.linesearch_failed
+    assert stall < int(sol.stats["num_steps"]) <= 3 * stall
+    assert float(sol.stats["grad_norm"]) < 1e-15
+    # Within 1e-13 / (smallest Hessian eigenvalue >= 2 * 0.01) of the minimiser.
+    reached = li.optimize(logistic, jnp.zeros(8), 0.01, solver=li.LBFGS(gtol=1e-13))
+    np.testing.assert_allclose(sol.params, reached.params, rtol=0, atol=1e-11)
