@@ -157,29 +157,20 @@ def _reads_a_python_scalar(x, args):
     return jnp.sum((x - _SCALE * jnp.array([1.0, 2.0])) ** 2)
 
 
-class _Scaled:
-    def __init__(self, lam):
-        self.lam = lam
-
-    def loss(self, x, args):
-        _TRACES.append(1)
-        return jnp.sum((x - self.lam) ** 2)
-
-
 def test_eager_calls_see_a_changed_python_scalar_that_fn_reads():
     # Python and NumPy scalars are literals of the traced program, not inputs: a changed
-    # one (a global, `self.lam`) compiles a new program instead of solving the old problem
+    # one (a global, `self.target`) compiles a new program instead of solving the old problem
     # and reporting success, and an unchanged one compiles nothing more.
     global _SCALE
     _SCALE = 1.0
-    model = _Scaled(np.float64(1.0))
+    model = _Model(np.float64(1.0))
     for fn, target in ((_reads_a_python_scalar, [1.0, 2.0]), (model.loss, [1.0, 1.0])):
         np.testing.assert_allclose(li.optimize(fn, jnp.zeros(2)).params, target)
         _TRACES.clear()
         np.testing.assert_allclose(li.optimize(fn, jnp.zeros(2)).params, target)
         assert len(_TRACES) == 1  # the read of what `fn` reads, no compile
     _SCALE = 3.0
-    model.lam = np.float64(3.0)
+    model.target = np.float64(3.0)
     for fn, target in ((_reads_a_python_scalar, [3.0, 6.0]), (model.loss, [3.0, 3.0])):
         _TRACES.clear()
         np.testing.assert_allclose(li.optimize(fn, jnp.zeros(2)).params, target, rtol=1e-8)
