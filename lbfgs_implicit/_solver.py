@@ -170,7 +170,7 @@ class _LBFGSState(eqx.Module):
     # more than rounding or the gradient to a new low (see `STALL_STEPS`)
     best_f: Scalar
     best_g: Scalar
-    stale: Int[Array, ""]
+    idle: Int[Array, ""]
     # the bounds (data, fixed for the solve); None when unconstrained
     box: Box | None = None
 
@@ -398,7 +398,7 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
             result=result,
             best_f=f,
             best_g=tree_norm_inf(stationarity).astype(dtype),
-            stale=jnp.zeros((), jnp.int32),
+            idle=jnp.zeros((), jnp.int32),
             box=box,
         )
 
@@ -518,21 +518,21 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
                 h, s, y, ls.success & active, grad=g, proj=state.proj, defer=True, lower=lower
             )
         history = reset_history(history, ~ls.success)
-        stale = self._stale_warm_memory(state, h, history, ls, s, y, dg)
-        history = eqx.tree_at(lambda t: t.count, history, jnp.where(stale, 1, history.count))
+        stale_memory = self._stale_warm_memory(state, h, history, ls, s, y, dg)
+        history = eqx.tree_at(lambda t: t.count, history, jnp.where(stale_memory, 1, history.count))
         failed = ~ls.success & (h.count == 0)
         resets = (
             ((h.count == 0) & (prev_count > 0)).astype(jnp.int32)
             + (~ls.success & (h.count > 0)).astype(jnp.int32)
-            + stale.astype(jnp.int32)
+            + stale_memory.astype(jnp.int32)
         )
         stationarity = _stationarity(x, g, state.box)
         converged = ls.success & self._converged(state.f, f, stationarity, state.grad_tol)
         gnorm = tree_norm_inf(stationarity).astype(state.best_g.dtype)
         rounding = eps(common_dtype(x)) ** (2 / 3) * jnp.abs(state.best_f)
         progress = (f < state.best_f - rounding) | (gnorm < state.best_g)
-        stale = jnp.where(progress, 0, state.stale + 1)
-        failed = failed | (~converged & (stale >= STALL_STEPS))
+        idle = jnp.where(progress, 0, state.idle + 1)
+        failed = failed | (~converged & (idle >= STALL_STEPS))
         result = RESULTS.where(failed, RESULTS.linesearch_failed, RESULTS.successful)
 
         num_steps = state.num_steps + 1
@@ -542,7 +542,7 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
                 "L-BFGS step {k}: f={f:.10e} |g|_inf={gn:.3e} step={a:.3e} line-search evals={e}",
                 k=num_steps,
                 f=f,
-                gn=tree_norm_inf(_stationarity(x, g, state.box)),
+                gn=gnorm,
                 a=ls.step,
                 e=ls.num_evals,
                 ordered=True,
@@ -562,7 +562,7 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
             result=result,
             best_f=jnp.minimum(state.best_f, f),
             best_g=jnp.minimum(state.best_g, gnorm),
-            stale=stale,
+            idle=idle,
             box=state.box,
         )
         return new if active is None else (new, pair)
