@@ -215,8 +215,10 @@ class StrongWolfe(AbstractLineSearch):
             raise ValueError(f"StrongWolfe needs 0 < c1 < c2 < 1, got c1={self.c1}, c2={self.c2}.")
         if self.max_evals < 1:
             raise ValueError(f"StrongWolfe needs max_evals >= 1, got {self.max_evals}.")
-        if self.approx_tol is not None and not self.approx_tol >= 0:
-            raise ValueError(f"StrongWolfe needs approx_tol >= 0, got {self.approx_tol}.")
+        if self.approx_tol is not None and not 0 <= self.approx_tol < float("inf"):
+            raise ValueError(
+                f"StrongWolfe needs approx_tol >= 0 and finite, got {self.approx_tol}."
+            )
 
     # The search in pieces, so that a batch of searches can also be run one trial per
     # turn of the solver's loop (`_batching.py`): `start`, then `next_trial` and

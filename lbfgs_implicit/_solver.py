@@ -317,6 +317,15 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
                 )
             if value is not None and not (value >= 0):
                 raise ValueError(f"LBFGS needs {name} >= 0, got {value!r}.")
+            # `gtol=inf` with a finite `gtol_l2` stops on the 2-norm alone (jaxopt's
+            # test); otherwise an infinite tolerance is met everywhere.
+            l2_only = name in ("gtol", "gtol_rel") and self.gtol_l2 is not None
+            if value == float("inf") and not (l2_only and self.gtol_l2 < float("inf")):
+                raise ValueError(
+                    f"LBFGS needs a finite {name}, got inf: every point would meet it, so "
+                    "the solve would stop without minimising (`gtol=float('inf')` with a "
+                    "finite `gtol_l2` stops on the gradient's 2-norm alone)."
+                )
         if not isinstance(self.linesearch, AbstractLineSearch):
             raise TypeError(
                 f"`linesearch` must be a line search module such as li.StrongWolfe(), "

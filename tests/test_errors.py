@@ -349,6 +349,11 @@ def test_backward_failed_message_names_fixes():
         (dict(gtol_l2=-1.0), ValueError, r"gtol_l2 >= 0, got -1.0"),
         (dict(ftol=-1e-9), ValueError, r"ftol >= 0, got -1e-09"),
         (dict(gtol=float("nan")), ValueError, r"gtol >= 0, got nan"),
+        # An infinite tolerance was accepted and the solve "succeeded" at x0.
+        (dict(gtol=float("inf")), ValueError, r"finite gtol, got inf: every point"),
+        (dict(gtol_rel=float("inf")), ValueError, r"finite gtol_rel, got inf"),
+        (dict(ftol=float("inf")), ValueError, r"finite ftol, got inf"),
+        (dict(gtol=float("inf"), gtol_l2=float("inf")), ValueError, r"finite gtol, got inf"),
         (dict(gtol="1e-6"), TypeError, _either(r"gtol to be a Python float, got str", "gtol")),
         (dict(gtol=jnp.array(1e-6)), TypeError, _either(r"gtol to be a Python float", "gtol")),
         (
@@ -363,6 +368,13 @@ def test_lbfgs_config(kwargs, exc, match):
         li.LBFGS(**kwargs)
 
 
+def test_infinite_gtol_with_a_finite_gtol_l2_stops_on_the_2_norm_alone():
+    # The migration guide's way to reproduce jaxopt's stopping test.
+    sol = li.optimize(_sphere, jnp.zeros(4), solver=li.LBFGS(gtol=float("inf"), gtol_l2=1e-3))
+    assert sol.result == li.RESULTS.successful and int(sol.stats["num_steps"]) >= 1
+    assert float(sol.stats["grad_norm_l2"]) <= 1e-3
+
+
 @pytest.mark.parametrize(
     "make, match",
     [
@@ -370,6 +382,7 @@ def test_lbfgs_config(kwargs, exc, match):
         (lambda: li.StrongWolfe(c1=0.5, c2=0.4), r"0 < c1 < c2 < 1, got c1=0.5, c2=0.4"),
         (lambda: li.StrongWolfe(c2=1.0), r"0 < c1 < c2 < 1"),
         (lambda: li.StrongWolfe(max_evals=0), r"max_evals >= 1, got 0"),
+        (lambda: li.StrongWolfe(approx_tol=float("inf")), r"approx_tol >= 0 and finite, got inf"),
         (lambda: li.Backtracking(c1=1.5), r"0 < c1 < 1, got 1.5"),
         (lambda: li.Backtracking(factor=1.0), r"0 < factor < 1, got 1.0"),
         (lambda: li.Backtracking(max_evals=0), r"max_evals >= 1, got 0"),
