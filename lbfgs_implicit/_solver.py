@@ -56,13 +56,13 @@ WARM_CURVATURE_RATIO = 10.0
 
 # A solve ends with `RESULTS.linesearch_failed` after this many steps in a row without
 # progress: no value below the lowest so far by more than rounding (`eps**(2/3) * |f|`,
-# the line search's allowance) and no gradient below the smallest so far. Steps
-# accepted within the line search's rounding allowance can otherwise wander at the
-# gradient's rounding floor until `max_steps` when `gtol` is below that floor. Before
-# that floor the gradient of an ill-conditioned problem falls unevenly while the value
-# no longer moves beyond rounding (by half in 10 to 30 steps, with new lows every few,
-# on the ridge of `benchmarks.hypergrad`'s preconditioner table): any new low counts,
-# and the margin is wide.
+# the line search's default allowance) and no gradient below the smallest so far.
+# Steps accepted within the line search's rounding allowance can otherwise wander at
+# the gradient's rounding floor until `max_steps` when `gtol` is below that floor.
+# Before that floor the gradient of an ill-conditioned problem falls unevenly while the
+# value no longer moves beyond rounding (docs/pages/linesearch.md names a problem where
+# a halving-in-50-steps rule stopped short of gtol): any new low counts, and the margin
+# is wide.
 STALL_STEPS = 100
 
 
@@ -332,12 +332,12 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
                 f"got {self.linesearch!r}."
             )
 
-    def _grad_tol(self, g0, precision, coarsest) -> Scalar:
+    def _grad_tol(self, g0, precision) -> Scalar:
         """The bound on the infinity norm of the gradient, fixed at `x0`; the default is
-        the least precise leaf's (`coarsest`): its gradient can go no lower, and where
-        the leaves are coupled the others' cannot either."""
+        the least precise leaf's (`g0`'s leaves have `x0`'s dtypes): its gradient can go
+        no lower, and where the leaves are coupled the others' cannot either."""
         if self.gtol_rel is None:
-            gtol = default_gtol(coarsest) if self.gtol is None else self.gtol
+            gtol = default_gtol(coarsest_dtype(g0)) if self.gtol is None else self.gtol
             return jnp.asarray(gtol, accumulation_dtype(precision))
         scale = tree_norm_inf(g0).astype(accumulation_dtype(precision))
         return self.gtol_rel * scale + (0.0 if self.gtol is None else self.gtol)
@@ -367,7 +367,7 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
         f = f.astype(dtype)
         finite = jnp.isfinite(f) & jnp.isfinite(tree_norm_inf(g))
         stationarity = _stationarity(x0, g, box)
-        grad_tol = self._grad_tol(stationarity, precision, coarsest_dtype(x0))
+        grad_tol = self._grad_tol(stationarity, precision)
         converged = self._grad_small(stationarity, grad_tol)
         result = RESULTS.where(finite, RESULTS.successful, RESULTS.nonfinite)
         stop = ~finite | (converged & finite)
