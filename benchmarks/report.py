@@ -115,7 +115,7 @@ def per_problem_ratios(table, key="run_s"):
     (`higher`: problem -> [(peer, its value, ours)]); `lower` lists the peers that found
     a better one, which stay in the comparison.
     """
-    ratios, unsolved, higher, lower = {}, [], {}, {}
+    ratios, unsolved, higher, lower, fastest = {}, [], {}, {}, {}
     for p, r in table.items():
         solved = [s for s in JAX_PEERS if _solved(r.get(s))]
         if not solved:
@@ -129,10 +129,60 @@ def per_problem_ratios(table, key="run_s"):
                 higher.setdefault(p, []).append((s, r[s]["value"], ours["value"]))
             elif _higher(ours, r[s]):
                 lower.setdefault(p, []).append((s, r[s]["value"], ours["value"]))
-        peers = [r[s][key] for s in solved if not _higher(r[s], ours)]
+        peers = [s for s in solved if not _higher(r[s], ours)]
         if peers:
-            ratios[p] = ours[key] / min(peers)
-    return {"ratios": ratios, "unsolved": unsolved, "higher": higher, "lower": lower}
+            fastest[p] = min(peers, key=lambda s: r[s][key])
+            ratios[p] = ours[key] / r[fastest[p]][key]
+    return {
+        "ratios": ratios,
+        "unsolved": unsolved,
+        "higher": higher,
+        "lower": lower,
+        "fastest": fastest,
+    }
+
+
+def _vg_evals(row, solver):
+    """Value-and-gradient evaluations of a results row (jaxopt's count also has one
+    value-only evaluation per iteration)."""
+    return row["evals"] - row["iters"] if solver == "jaxopt" else row["evals"]
+
+
+# XLA:CPU runs a program whose cost estimate is below this many flops on the calling
+# thread, and hands a larger one to a worker thread (the FAQ's "Many tiny solves").
+INLINE_FLOPS = 1000
+
+
+def _above_lines(table, per, above):
+    """Where each problem above 1.2x the fastest peer loses: evaluations (a different
+    path) or time per evaluation, and whether our program and the peer's fall on either
+    side of XLA:CPU's inline line."""
+    if not above:
+        return []
+    lines = [
+        "Where the problems above 1.2x lose: more evaluations than the fastest peer (a "
+        "different path to the minimum) or more time per evaluation. A program whose "
+        f"cost estimate (XLA's flops, `xla_flops` in the results file) is {INLINE_FLOPS} or "
+        "more is handed from the calling thread to a worker thread, below the line it runs "
+        "on the calling thread; the FAQ's *Many tiny solves called one by one on CPU* "
+        "measures what the hand-off costs a call.",
+        "",
+        "| problem | n | fastest peer | time, ours / peer | evaluations, ours / peer | "
+        "time per evaluation, ours / peer | program flops, ours / peer |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for p, x in above:
+        peer = per["fastest"][p]
+        ours_row, peer_row = table[p][OURS], table[p][peer]
+        e_ours, e_peer = _vg_evals(ours_row, OURS), _vg_evals(peer_row, peer)
+        per_eval = (ours_row["run_s"] / e_ours) / (peer_row["run_s"] / e_peer)
+        flops = [r.get("xla_flops") for r in (ours_row, peer_row)]
+        flop_text = " / ".join("-" if f is None else f"{f:,.0f}" for f in flops)
+        lines.append(
+            f"| {p} | {ours_row['n']} | {peer} | {x:.2f} | {e_ours} / {e_peer} | "
+            f"{per_eval:.2f} | {flop_text} |"
+        )
+    return lines + [""]
 
 
 def _answers_note(per):
@@ -311,6 +361,7 @@ def forward_section(fwd, path, lines, compile_time=None):
         f"{_met(summ['eval_ratio_scipy'] <= 1.1)} |",
         "",
     ]
+    lines += _above_lines(table, per, above)
     lines += _answers_note(per)
     lines += [
         "![performance profile](img/bench_profile.png)",

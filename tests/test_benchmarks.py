@@ -303,7 +303,13 @@ def test_per_problem_ratios_take_the_fastest_peer_that_converged():
         "C": {"lbfgs_implicit": row(1.0), "scipy": row(0.1)},  # no JAX peer solved it
     }
     out = per_problem_ratios(table)
-    assert out == {"ratios": {"A": 0.5}, "unsolved": ["B"], "higher": {}, "lower": {}}
+    assert out == {
+        "ratios": {"A": 0.5},
+        "unsolved": ["B"],
+        "higher": {},
+        "lower": {},
+        "fastest": {"A": "jaxopt"},
+    }
 
 
 def test_per_problem_ratios_leave_out_peers_that_stopped_higher():
@@ -328,3 +334,27 @@ def test_per_problem_ratios_leave_out_peers_that_stopped_higher():
     assert out["ratios"] == {"A": 2.0, "B": 0.25}
     assert out["higher"] == {"A": [("jaxopt", 2020.0, 124.36)], "C": [("optax", 1.0, 0.0)]}
     assert out["lower"] == {"B": [("jaxopt", 1.0, 16.0)]}
+
+
+def test_above_lines_split_evaluations_from_time_per_evaluation():
+    from benchmarks.report import _above_lines, per_problem_ratios
+
+    def row(run_s, evals, iters, flops):
+        return {
+            "run_s": run_s,
+            "converged": True,
+            "error": None,
+            "n": 3,
+            "evals": evals,
+            "iters": iters,
+            "xla_flops": flops,
+        }
+
+    table = {
+        # jaxopt's count has one value-only evaluation per iteration: 30 - 10 = 20 of ours.
+        "P": {"lbfgs_implicit": row(3.0, 40, 30, 1200.0), "jaxopt": row(1.0, 30, 10, 800.0)},
+    }
+    per = per_problem_ratios(table)
+    lines = _above_lines(table, per, [("P", per["ratios"]["P"])])
+    assert lines[-2] == "| P | 3 | jaxopt | 3.00 | 40 / 20 | 1.50 | 1,200 / 800 |"
+    assert _above_lines(table, per, []) == []
