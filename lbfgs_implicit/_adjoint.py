@@ -38,6 +38,7 @@ from ._misc import (
     eps,
     EXACT,
     explicit_sharding,
+    python_number,
     replay,
     tree_allfinite,
     tree_axpy,
@@ -194,7 +195,7 @@ class ImplicitAdjoint(AbstractAdjoint):
     precondition: bool = True
     memory_preconditioner: bool = False
     all_pairs: bool | None = None
-    damping: float = 0.0
+    damping: float = eqx.field(default=0.0, converter=python_number)
     check_degenerate: bool = True
     exact: ClassVar[bool] = True
 

@@ -22,6 +22,7 @@ from ._misc import (
     common_dtype,
     eps,
     explicit_sharding,
+    python_number,
     tree_axpy,
     tree_dot,
     tree_sub,
@@ -205,10 +206,10 @@ class StrongWolfe(AbstractLineSearch):
       ill-conditioned $A$) stall where rounding in $f$ exceeds the decrease still to be made.
     """
 
-    c1: float = 1e-4
-    c2: float = 0.9
-    max_evals: int = 20
-    approx_tol: float | None = None
+    c1: float = eqx.field(default=1e-4, converter=python_number)
+    c2: float = eqx.field(default=0.9, converter=python_number)
+    max_evals: int = eqx.field(default=20, converter=python_number)
+    approx_tol: float | None = eqx.field(default=None, converter=python_number)
 
     def __check_init__(self):
         if not 0 < self.c1 < self.c2 < 1:
@@ -424,9 +425,9 @@ class Backtracking(AbstractLineSearch):
     - `max_evals`: the most evaluations per search, default 30.
     """
 
-    c1: float = 1e-4
-    factor: float = 0.5
-    max_evals: int = 30
+    c1: float = eqx.field(default=1e-4, converter=python_number)
+    factor: float = eqx.field(default=0.5, converter=python_number)
+    max_evals: int = eqx.field(default=30, converter=python_number)
 
     def __check_init__(self):
         if not 0 < self.c1 < 1:

@@ -14,6 +14,7 @@ import jax.extend
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 from jaxtyping import Array, Bool, PyTree, Scalar
 
 
@@ -28,6 +29,21 @@ Y: TypeAlias = PyTree[Array]
 # of the commit that added `EXACT`; `benchmarks/ab_trees.py` repeats them on a GPU). On
 # CPUs the setting changes nothing.
 EXACT = lax.Precision.HIGHEST
+
+
+def python_number(value: Any) -> Any:
+    """A NumPy integer or float (from a config file, `np.arange`, `np.logspace`) as the
+    Python number it equals; anything else as it is, for `__check_init__` to judge.
+
+    Configuration modules are static to `equinox.filter_jit` only where their fields are
+    not arrays, and a NumPy scalar counts as one: left as it is, a tolerance would be a
+    traced value inside the solve (and fail where it is compared in Python).
+    """
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    return value
 
 
 def matmul(a: Array, b: Array) -> Array:

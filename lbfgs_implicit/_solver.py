@@ -2,14 +2,13 @@
 
 import abc
 import dataclasses
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 import equinox as eqx
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-import numpy as np
 from jaxtyping import Array, Bool, Int, PyTree, Scalar
 
 from ._batching import solve as batched_solve
@@ -37,6 +36,7 @@ from ._misc import (
     coarsest_dtype,
     common_dtype,
     eps,
+    python_number,
     tree_dot,
     tree_neg,
     tree_norm2,
@@ -186,14 +186,6 @@ class _Setup(eqx.Module):
     cap: Scalar | None
 
 
-def _python_int(value: Any) -> Any:
-    """A NumPy integer (from a config file, `np.arange`) as a Python int; anything else
-    as it is, for `__check_init__` to judge."""
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
 class LBFGS(AbstractMinimiser[_LBFGSState]):
     """Limited-memory BFGS (Liu & Nocedal, 1989), configuration only.
 
@@ -272,12 +264,12 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
         ```
     """
 
-    history_size: int = eqx.field(default=10, converter=_python_int)
-    max_steps: int = eqx.field(default=15_000, converter=_python_int)
-    gtol: float | None = None
-    gtol_l2: float | None = None
-    gtol_rel: float | None = None
-    ftol: float = 0.0
+    history_size: int = eqx.field(default=10, converter=python_number)
+    max_steps: int = eqx.field(default=15_000, converter=python_number)
+    gtol: float | None = eqx.field(default=None, converter=python_number)
+    gtol_l2: float | None = eqx.field(default=None, converter=python_number)
+    gtol_rel: float | None = eqx.field(default=None, converter=python_number)
+    ftol: float = eqx.field(default=0.0, converter=python_number)
     linesearch: AbstractLineSearch = StrongWolfe()
     verbose: bool = False
 
@@ -309,7 +301,7 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
             # Python numbers only: an array here would be hashed by identity and
             # recompile on every call, and a string would fail far from the cause.
             if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int | float | np.floating)
+                isinstance(value, bool) or not isinstance(value, int | float)
             ):
                 raise TypeError(
                     f"LBFGS needs {name} to be a Python float, got {type(value).__name__} "

@@ -510,6 +510,43 @@ def test_option_types_from_configs_and_flags():
             li.optimize(lambda x, a: jnp.sum(x**2), jnp.ones(2), **{name: "no"})
 
 
+@pytest.mark.parametrize(
+    "solver, adjoint",
+    [
+        (
+            li.LBFGS(
+                gtol=np.float64(1e-6),
+                gtol_rel=np.float64(1e-9),
+                ftol=np.float64(1e-12),
+                linesearch=li.StrongWolfe(c1=np.float64(1e-4), approx_tol=np.float64(1e-10)),
+            ),
+            li.ImplicitAdjoint(damping=np.float64(0.0)),
+        ),
+        (
+            li.LBFGS(gtol_l2=np.float64(1e-6), linesearch=li.Backtracking(factor=np.float64(0.5))),
+            li.ImplicitAdjoint(),
+        ),
+    ],
+    ids=["wolfe", "backtracking"],
+)
+def test_numpy_float_options_from_a_config_solve_and_differentiate(solver, adjoint):
+    # NumPy floats pass the options' type check (a config file, `np.logspace`); they
+    # must act as the equal Python floats, not crash as traced values.
+    a = jnp.array([1.0, 2.0])
+
+    def outer(a):
+        def f(x, a):
+            return jnp.sum(a * (x - 3.0) ** 2) + jnp.sum(x**4)
+
+        return jnp.sum(li.optimize(f, jnp.zeros(2), a, solver=solver, adjoint=adjoint).params)
+
+    grad = jax.grad(outer)(a)
+    assert np.all(np.isfinite(np.asarray(grad)))
+    # Equal to, and hashed as, the same options given as Python floats (no recompile).
+    plain = jax.tree.map(lambda v: float(v) if isinstance(v, np.floating) else v, solver)
+    assert hash(solver) == hash(plain) and solver == plain
+
+
 def test_bounds_that_do_not_fit_the_leaf_or_are_not_numbers():
     def q(x, a):
         return jnp.sum((x - 2.0) ** 2)
