@@ -539,13 +539,16 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
         num_steps = state.num_steps + 1
         num_fun_evals = state.num_fun_evals + ls.num_evals
         if self.verbose:  # a Python branch: nothing is traced when off
-            jax.debug.print(
-                "L-BFGS step {k}: f={f:.10e} |g|_inf={gn:.3e} step={a:.3e} line-search evals={e}",
-                k=num_steps,
-                f=f,
-                gn=gnorm,
-                a=ls.step,
-                e=ls.num_evals,
+            # A finished state is stepped only as a finished element of a `vmap`-ed
+            # batch, whose step is discarded: not printed.
+            jax.debug.callback(
+                _print_step,
+                ~state.terminate,
+                num_steps,
+                f,
+                gnorm,
+                ls.step,
+                ls.num_evals,
                 ordered=True,
             )
         new = _LBFGSState(
@@ -583,6 +586,14 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
         if state.box is not None:
             stats.update(solve_info(state.x, state.g, state.box))
         return state.x, stats
+
+
+def _print_step(taken, k, f, gnorm, step, evals) -> None:
+    if taken:
+        print(
+            f"L-BFGS step {int(k)}: f={float(f):.10e} |g|_inf={float(gnorm):.3e} "
+            f"step={float(step):.3e} line-search evals={int(evals)}"
+        )
 
 
 def _stationarity(x, g, box: Box | None) -> PyTree[Array]:

@@ -189,6 +189,22 @@ def test_verbose_prints_one_line_per_step(capfd):
     assert "|g|_inf=" in lines[-1] and "line-search evals=" in lines[-1]
 
 
+def test_verbose_under_vmap_prints_only_the_steps_taken(capfd):
+    # Lanes that finish first are stepped with the batch and their steps discarded;
+    # those steps are not printed.
+    def f(x, a):
+        return jnp.sum(a * (x - 3.0) ** 2) + jnp.sum(x**4)
+
+    a = jnp.array([[1.0, 2.0], [5.0, 0.1]])
+    solve = lambda a: li.optimize(f, jnp.zeros(2), a, solver=li.LBFGS(verbose=True))  # noqa: E731
+    sols = jax.vmap(solve)(a)
+    jax.effects_barrier()
+    lines = [ln for ln in capfd.readouterr().out.splitlines() if ln.startswith("L-BFGS step")]
+    steps = [int(k) for k in np.asarray(sols.stats["num_steps"])]
+    assert steps[0] != steps[1]
+    assert len(lines) == sum(steps)
+
+
 def _extended_rosenbrock(x, args):
     del args
     return jnp.sum(100.0 * (x[1::2] - x[0::2] ** 2) ** 2 + (1.0 - x[0::2]) ** 2)
