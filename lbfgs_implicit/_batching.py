@@ -43,7 +43,7 @@ from jaxtyping import Array, Bool, Int, PyTree
 
 from ._history import Pair, write_pair
 from ._linesearch import _evaluate, _WolfeCarry, StrongWolfe
-from ._misc import common_dtype, replay, tree_where, tree_zeros_like, zeros_rows
+from ._misc import common_dtype, replay, step_limit, tree_where, tree_zeros_like, zeros_rows
 
 
 # Batches run by turns when their parameters take this many bytes, in enough lanes
@@ -347,7 +347,7 @@ def _machine(solver, init, value_and_grad_of):
     loaded with a task also pays no evaluation before its first turn.
     """
     linesearch = solver.linesearch
-    max_steps = solver.max_steps
+    max_steps = step_limit(solver.max_steps)
 
     def placeholder(x):
         return jnp.zeros((), common_dtype(x)), tree_zeros_like(x)

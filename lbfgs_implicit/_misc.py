@@ -31,6 +31,13 @@ Y: TypeAlias = PyTree[Array]
 EXACT = lax.Precision.HIGHEST
 
 
+def step_limit(max_steps: int) -> int:
+    """`max_steps` as the loops compare it with their int32 step counters: a larger
+    value (`max_steps=10**12` for "no limit") would wrap there, so it is clipped to the
+    largest int32, more steps than any solve takes."""
+    return min(max_steps, 2**31 - 1)
+
+
 def python_number(value: Any) -> Any:
     """A NumPy integer or float (from a config file, `np.arange`, `np.logspace`) as the
     Python number it equals; anything else as it is, for `__check_init__` to judge.

@@ -37,6 +37,7 @@ from ._misc import (
     common_dtype,
     eps,
     python_number,
+    step_limit,
     tree_dot,
     tree_neg,
     tree_norm2,
@@ -639,7 +640,7 @@ def iterate(
         def cond(carry):
             state, k = carry
             stop, _ = solver.terminate(state)
-            return ~stop & (k < solver.max_steps)
+            return ~stop & (k < step_limit(solver.max_steps))
 
         def body(carry):
             state, k = carry

@@ -173,6 +173,21 @@ def test_max_steps_reached_is_reported():
         li.optimize(p.fn, p.x0, p.args, solver=li.LBFGS(max_steps=3))
 
 
+@pytest.mark.parametrize("max_steps", [2**31, 10**12])
+def test_max_steps_beyond_int32_is_no_limit_rather_than_zero(max_steps):
+    # SciPy takes any `maxiter`; "practically unbounded" must not wrap to no steps.
+    p = PROBLEMS["quadratic"]
+    solver = li.LBFGS(max_steps=max_steps)
+    sol = li.optimize(p.fn, p.x0, p.args, solver=solver, throw=False)
+    assert sol.result == li.RESULTS.successful
+    assert int(sol.stats["num_steps"]) > 0
+    np.testing.assert_allclose(sol.params, p.solution, rtol=1e-8, atol=1e-8)
+    batch = jax.vmap(lambda x0: li.optimize(p.fn, x0, p.args, solver=solver).params)
+    np.testing.assert_allclose(
+        batch(jnp.stack([p.x0, p.x0])), jnp.stack([p.solution] * 2), rtol=1e-8, atol=1e-8
+    )
+
+
 def test_already_optimal_start_takes_no_step():
     p = PROBLEMS["quadratic"]
     sol = li.optimize(p.fn, p.solution, p.args)
