@@ -338,6 +338,14 @@ def _number(x) -> str:
         return "(traced)"
 
 
+def _stationarity_norm(stats: dict) -> tuple[str, Any]:
+    """What the stopping test compared with `gtol`, named: the gradient's infinity norm,
+    or with bounds the projected gradient's."""
+    if "projected_grad_norm" in stats:
+        return "projected |grad|_inf", stats["projected_grad_norm"]
+    return "|grad|_inf", stats["grad_norm"]
+
+
 def _near_gtol(solution) -> str:
     """Advice where `max_steps` ran out, or the steps stalled, with the gradient close to
     `gtol`."""
@@ -346,7 +354,7 @@ def _near_gtol(solution) -> str:
     if grad_tol is None or not any(solution.result == r for r in ended):
         return ""
     try:
-        near = float(solution.stats["grad_norm"]) <= 10 * float(grad_tol)
+        near = float(_stationarity_norm(solution.stats)[1]) <= 10 * float(grad_tol)
         exact = float(grad_tol) == 0
     except jax.errors.ConcretizationTypeError:
         return ""
@@ -423,10 +431,11 @@ class SolveError(RuntimeError):
         self.solution = solution
         self.result = solution.result
         stats = solution.stats
+        name, norm = _stationarity_norm(stats)
         super().__init__(
             f"lbfgs_implicit.optimize did not succeed: {solution.result} after "
             f"{int(stats['num_steps'])} steps ({int(stats['num_fun_evals'])} evaluations of "
-            f"fn), final |grad|_inf = {_number(stats['grad_norm'])}, "
+            f"fn), final {name} = {_number(norm)}, "
             f"f = {_number(solution.state.f)}.\n{RESULTS[solution.result]}"
             f"{_near_gtol(solution)}{_unbounded(solution)}\n"
             "The best point found is in `error.solution.params`. To handle failures "

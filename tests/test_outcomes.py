@@ -135,3 +135,22 @@ def test_stall_ends_the_solve():
     # Within 1e-13 / (smallest Hessian eigenvalue >= 2 * 0.01) of the minimiser.
     reached = li.optimize(logistic, jnp.zeros(8), 0.01, solver=li.LBFGS(gtol=1e-13))
     np.testing.assert_allclose(sol.params, reached.params, rtol=0, atol=1e-11)
+
+
+def test_bounded_failure_message_reports_the_projected_gradient():
+    # With bounds the stopping test measures the projected gradient; the raw one stays
+    # large at an active bound (here 3.5 on x[0], held at -0.5), so the message names
+    # what `gtol` was compared with.
+    def f(x, args):
+        return jnp.sum(100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2) + 5.0 * x[0]
+
+    x0 = jnp.array([-1.2, 1.0, 0.5])
+    bounds = (jnp.array([-0.5, -2.0, -2.0]), 2.0)
+    with pytest.raises(li.SolveError) as info:
+        li.optimize(f, x0, bounds=bounds, solver=li.LBFGS(max_steps=8, gtol=1e-3))
+    stats = info.value.solution.stats
+    assert float(stats["grad_norm"]) > 1.0
+    assert 1e-3 < float(stats["projected_grad_norm"]) < 1e-2
+    message = str(info.value)
+    assert f"{float(stats['projected_grad_norm']):.6e}" in message
+    assert "within 10x of `gtol`" in message
