@@ -739,6 +739,10 @@ def _scaled_solve(
 
     `direction` is `None` without `verbose`, else the name the printout gives the solve.
     """
+    # A non-finite (co)tangent comes from outside the solve (an outer loss whose own
+    # derivative is NaN): the answer is NaN, as autodiff gives it anywhere else, and not
+    # a failure of the solve, whose message would blame the Hessian.
+    finite = tree_allfinite(rhs)
     # Scale the right-hand side to unit infinity norm so absolute tolerances
     # mean the same thing whatever the size of the (co)tangent.
     scale = tree_norm_inf(rhs)
@@ -755,7 +759,7 @@ def _scaled_solve(
         ok = ~(change > degenerate_tolerance(coarsest_dtype(w)))
         result = RESULTS.where(ok, result, RESULTS.backward_failed)
     w = tree_scale(safe, w)
-    failed = result != RESULTS.successful
+    failed = (result != RESULTS.successful) & finite
     if direction is not None:
         jax.debug.print(
             f"implicit {direction}: "
@@ -770,7 +774,7 @@ def _scaled_solve(
         # A scalar through the error check, as in `optimize`: passing `w` itself
         # would gather a sharded `w` onto one device.
         failed = raise_in_program(failed, result._value, "backward")
-    return jtu.tree_map(lambda leaf: jnp.where(failed, jnp.nan, leaf), w)
+    return jtu.tree_map(lambda leaf: jnp.where(failed | ~finite, jnp.nan, leaf), w)
 
 
 def _is_none(x) -> bool:

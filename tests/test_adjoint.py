@@ -313,3 +313,15 @@ def test_default_backward_uses_the_memory_only_where_its_products_are_cheap():
             assert bool(stats["memory_preconditioned"]) and int(stats["num_steps"]) <= 4
         else:
             assert "memory_preconditioned" not in stats and int(stats["num_steps"]) == 5
+
+
+def test_nonfinite_cotangent_is_not_blamed_on_the_hessian():
+    # The outer loss's own derivative is NaN here (the norm at zero), as it is without
+    # `optimize`: the gradient is NaN, as JAX gives it, not a backward failure whose
+    # message says the Hessian looks singular and suggests damping or another solver.
+    def outer(log_lam):
+        w = li.optimize(ridge, jnp.zeros(D), log_lam).params
+        return jnp.sqrt(jnp.sum((w - w) ** 2))
+
+    assert np.isnan(jax.grad(lambda w: jnp.sqrt(jnp.sum((w - w) ** 2)))(jnp.ones(D))).all()
+    assert np.isnan(jax.grad(outer)(-1.0))
