@@ -20,6 +20,7 @@ import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import lineax as lx
+import numpy as np
 from jaxtyping import Array, PyTree
 
 from ._box import active_masks
@@ -200,6 +201,12 @@ class ImplicitAdjoint(AbstractAdjoint):
     exact: ClassVar[bool] = True
 
     def __check_init__(self):
+        # `bool("no")` is True: a flag that is not a boolean is refused, not coerced.
+        for name in ("precondition", "memory_preconditioner", "check_degenerate", "all_pairs"):
+            flag = getattr(self, name)
+            if not (isinstance(flag, bool | np.bool_) or (name == "all_pairs" and flag is None)):
+                allowed = "True, False or None" if name == "all_pairs" else "True or False"
+                raise TypeError(f"ImplicitAdjoint needs `{name}` to be {allowed}, got {flag!r}.")
         # An infinite damping would make every hypergradient zero; NaN fails `>= 0`.
         if not (isinstance(self.damping, int | float) and 0 <= self.damping < float("inf")):
             raise ValueError(
@@ -476,13 +483,18 @@ class QuasiNewtonAdjoint(AbstractAdjoint):
         ```
     """
 
-    refine_steps: int = 0
+    refine_steps: int = eqx.field(default=0, converter=python_number)
     exact: ClassVar[bool] = False
 
     def __check_init__(self):
-        if not isinstance(self.refine_steps, int) or self.refine_steps < 0:
+        # `bool` is a subclass of `int`: `refine_steps=True` is a mistake, not a 1.
+        if (
+            not isinstance(self.refine_steps, int)
+            or isinstance(self.refine_steps, bool)
+            or self.refine_steps < 0
+        ):
             raise ValueError(
-                f"QuasiNewtonAdjoint needs refine_steps >= 0, got {self.refine_steps!r}."
+                f"QuasiNewtonAdjoint needs an integer refine_steps >= 0, got {self.refine_steps!r}."
             )
 
     def solve(self, hessian, inverse_approx, v):

@@ -67,6 +67,11 @@ class CG(lx.AbstractLinearSolver):
     def __check_init__(self):
         if not (self.rtol >= 0 and self.atol >= 0):
             raise ValueError(f"CG needs rtol, atol >= 0, got {self.rtol!r}, {self.atol!r}.")
+        if self.rtol == float("inf") or self.atol == float("inf"):
+            raise ValueError(
+                f"CG needs finite rtol and atol, got {self.rtol!r}, {self.atol!r}: every "
+                "answer would meet an infinite tolerance, so it would stop without a step."
+            )
         if self.rtol == 0 and self.atol == 0 and self.max_steps is None:
             raise ValueError("CG needs a tolerance (rtol or atol > 0) or max_steps.")
         if self.max_steps is not None and self.max_steps < 0:

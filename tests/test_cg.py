@@ -83,7 +83,18 @@ def test_differentiable_through_linear_solve():
     np.testing.assert_allclose(jax.grad(f)(0.5), jax.grad(ref)(0.5), rtol=1e-8)
 
 
-@pytest.mark.parametrize("kwargs", [{"rtol": -1.0}, {"rtol": 0.0}, {"rtol": 1e-6, "max_steps": -1}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"rtol": -1.0},
+        {"rtol": 0.0},
+        {"rtol": 1e-6, "max_steps": -1},
+        # Met by any answer (zero steps from zero): the backward pass would then fail
+        # with a message that blames the Hessian.
+        {"rtol": float("inf")},
+        {"rtol": 1e-6, "atol": float("inf")},
+    ],
+)
 def test_bad_configuration(kwargs):
     with pytest.raises(ValueError, match="CG needs"):
         li.CG(**kwargs)

@@ -618,3 +618,12 @@ def test_max_steps_at_a_huge_negative_value_suggests_an_unbounded_objective():
     with pytest.raises(li.SolveError, match=MAX_STEPS) as info:
         li.optimize(lambda x, a: jnp.sum(x**4), jnp.ones(2), solver=li.LBFGS(max_steps=3))
     assert "unbounded below" not in str(info.value)
+
+
+def test_adjoint_option_types_from_configs_and_flags():
+    # As for LBFGS: a NumPy integer is an integer, and a flag that is not a boolean is
+    # refused rather than read as True.
+    assert li.QuasiNewtonAdjoint(refine_steps=np.int64(3)) == li.QuasiNewtonAdjoint(refine_steps=3)
+    for name in ("precondition", "memory_preconditioner", "check_degenerate"):
+        with pytest.raises(TypeError, match=_either(name, name)):
+            li.ImplicitAdjoint(**{name: "no"})
