@@ -325,3 +325,24 @@ def test_nonfinite_cotangent_is_not_blamed_on_the_hessian():
 
     assert np.isnan(jax.grad(lambda w: jnp.sqrt(jnp.sum((w - w) ** 2)))(jnp.ones(D))).all()
     assert np.isnan(jax.grad(outer)(-1.0))
+
+
+def test_quasi_newton_is_not_exact_on_a_quadratic_within_its_memory():
+    # All 11 pairs of a 4-parameter quadratic stay in a memory of 20, yet H_k keeps the
+    # secant equation of its newest pair only: w = H_k v is 0.56% off.
+    q, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(4, 4)))
+    a = jnp.asarray((q * np.array([1.0, 2.0, 5.0, 10.0])) @ q.T)
+    b = jnp.asarray(np.random.default_rng(1).normal(size=4))
+    c = jnp.arange(1.0, 5.0)
+    solver = li.LBFGS(history_size=20)
+
+    def fn(x, b):
+        return 0.5 * x @ (a @ x) - b @ x
+
+    def outer(b, adjoint):
+        return c @ li.optimize(fn, jnp.zeros(4), b, solver=solver, adjoint=adjoint).params
+
+    assert li.optimize(fn, jnp.zeros(4), b, solver=solver).stats["num_steps"] <= 20
+    reference = jnp.linalg.solve(a, c)
+    assert _rel(jax.grad(outer)(b, li.ImplicitAdjoint()), reference) <= 1e-10
+    assert _rel(jax.grad(outer)(b, li.QuasiNewtonAdjoint()), reference) >= 1e-3
