@@ -31,7 +31,15 @@ import jax.tree_util as jtu
 import lineax as lx
 
 from . import _batching
-from ._misc import tree_axpy, tree_dot, tree_norm2, tree_sub, tree_where, zeros_rows
+from ._misc import (
+    python_number,
+    tree_axpy,
+    tree_dot,
+    tree_norm2,
+    tree_sub,
+    tree_where,
+    zeros_rows,
+)
 
 
 class CG(lx.AbstractLinearSolver):
@@ -60,11 +68,24 @@ class CG(lx.AbstractLinearSolver):
       `lineax.RESULTS.max_steps_reached`.
     """
 
-    rtol: float
-    atol: float = 0.0
-    max_steps: int | None = None
+    rtol: float = eqx.field(converter=python_number)
+    atol: float = eqx.field(default=0.0, converter=python_number)
+    max_steps: int | None = eqx.field(default=None, converter=python_number)
 
     def __check_init__(self):
+        # Python numbers only: an array would be a traced leaf of the solver under
+        # `jit`, where the tolerances are read in Python.
+        for name in ("rtol", "atol"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TypeError(
+                    f"CG needs {name} to be a Python float, got {type(value).__name__} "
+                    f"{value!r}; pass e.g. `{name}=1e-8`."
+                )
+        if self.max_steps is not None and (
+            isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int)
+        ):
+            raise TypeError(f"CG needs max_steps to be an int or None, got {self.max_steps!r}.")
         if not (self.rtol >= 0 and self.atol >= 0):
             raise ValueError(f"CG needs rtol, atol >= 0, got {self.rtol!r}, {self.atol!r}.")
         if self.rtol == float("inf") or self.atol == float("inf"):

@@ -144,7 +144,8 @@ class RESULTS(lx.RESULTS, metaclass=_ResultsMeta):  # pyright: ignore[reportGene
     )
     backward_failed = (
         "The linear solve of the implicit backward pass failed: the Hessian at the "
-        "solution looks singular or indefinite, or the forward solve did not converge. "
+        "solution looks singular or indefinite, or the forward solve did not converge, "
+        "or a `linear_solver` given a `max_steps` ran out of them. "
         "This includes a degenerate minimiser, where the Hessian vanishes (as for "
         "x**4 at 0): there the Hessian changes by tens of percent between the returned "
         "point and the minimiser, and the implicit gradient would be wrong by as much "

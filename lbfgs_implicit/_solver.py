@@ -2,6 +2,7 @@
 
 import abc
 import dataclasses
+import functools
 from typing import Generic, TypeVar
 
 import equinox as eqx
@@ -543,7 +544,7 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
             # A finished state is stepped only as a finished element of a `vmap`-ed
             # batch, whose step is discarded: not printed.
             jax.debug.callback(
-                _print_step,
+                functools.partial(_print_step, "|g|_inf" if state.box is None else "|proj g|_inf"),
                 ~state.terminate,
                 num_steps,
                 f,
@@ -589,10 +590,12 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
         return state.x, stats
 
 
-def _print_step(taken, k, f, gnorm, step, evals) -> None:
+def _print_step(norm_name, taken, k, f, gnorm, step, evals) -> None:
+    """One line of `verbose` output; `norm_name` says which gradient the norm is of
+    (with bounds, the projected one that the stopping test reads)."""
     if taken:
         print(
-            f"L-BFGS step {int(k)}: f={float(f):.10e} |g|_inf={float(gnorm):.3e} "
+            f"L-BFGS step {int(k)}: f={float(f):.10e} {norm_name}={float(gnorm):.3e} "
             f"step={float(step):.3e} line-search evals={int(evals)}"
         )
 

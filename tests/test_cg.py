@@ -100,6 +100,26 @@ def test_bad_configuration(kwargs):
         li.CG(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"rtol": 1e-6, "max_steps": 2.5},
+        {"rtol": 1e-6, "max_steps": True},
+        {"rtol": jnp.asarray(1e-6)},
+        {"rtol": 1e-6, "atol": "1e-8"},
+    ],
+)
+def test_option_types(kwargs):
+    with pytest.raises(TypeError, match="CG needs"):
+        li.CG(**kwargs)
+
+
+def test_numpy_scalar_options_become_python_numbers():
+    solver = li.CG(rtol=np.float64(1e-6), atol=np.float32(0.5), max_steps=np.int64(7))
+    assert (type(solver.rtol), type(solver.atol), type(solver.max_steps)) == (float, float, int)
+    assert (solver.rtol, solver.atol, solver.max_steps) == (1e-6, 0.5, 7)
+
+
 def test_preconditioner_switched_once_before_the_loop():
     # `precondition_if` false runs exactly plain CG; true, preconditioned CG; a
     # preconditioner that is not positive definite breaks down and plain CG finishes.

@@ -204,6 +204,18 @@ def test_verbose_prints_one_line_per_step(capfd):
     assert "|g|_inf=" in lines[-1] and "line-search evals=" in lines[-1]
 
 
+def test_verbose_names_the_projected_gradient_with_bounds(capfd):
+    # With bounds the stopping test reads the projected gradient, which is zero at an
+    # active bound where the gradient is not: the printed norm says which it is.
+    f = lambda x, args: jnp.sum((x - 2.0) ** 2)  # noqa: E731
+    sol = li.optimize(f, jnp.zeros(2), bounds=(-1.0, 1.0), solver=li.LBFGS(verbose=True))
+    jax.effects_barrier()
+    lines = [ln for ln in capfd.readouterr().out.splitlines() if ln.startswith("L-BFGS step")]
+    assert len(lines) == int(sol.stats["num_steps"]) and float(sol.stats["grad_norm"]) == 2.0
+    assert all("|proj g|_inf=" in ln for ln in lines)
+    assert "|proj g|_inf=0.000e+00" in lines[-1]
+
+
 def test_verbose_under_vmap_prints_only_the_steps_taken(capfd):
     # Lanes that finish first are stepped with the batch and their steps discarded;
     # those steps are not printed.
