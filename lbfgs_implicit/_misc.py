@@ -147,8 +147,24 @@ def tree_scale(c: Scalar | float, a: Y) -> Y:
 
 
 def tree_axpy(c: Scalar | float, x: Y, y: Y) -> Y:
-    """`c * x + y`, with `c` cast to each leaf's dtype."""
-    return jtu.tree_map(lambda xi, yi: jnp.asarray(c, yi.dtype) * xi.astype(yi.dtype) + yi, x, y)
+    """`c * x + y`, with `c` cast to each leaf's dtype.
+
+    Leaves narrower than float32 are computed in float32 and rounded to their dtype by
+    `lax.reduce_precision`, which XLA keeps: a plain cast back is dropped where the
+    result is cast to float32 again (XLA's excess precision, on by default), so an `fn`
+    that computes in float32 would be evaluated at a point the solver never stores, and
+    the value and gradient it keeps would not be those of its iterate.
+    """
+
+    def one(xi, yi):
+        dtype = yi.dtype
+        if jnp.finfo(dtype).bits >= 32:
+            return jnp.asarray(c, dtype) * xi.astype(dtype) + yi
+        info = jnp.finfo(dtype)
+        wide = jnp.asarray(c, jnp.float32) * xi.astype(jnp.float32) + yi.astype(jnp.float32)
+        return lax.reduce_precision(wide, info.nexp, info.nmant).astype(dtype)
+
+    return jtu.tree_map(one, x, y)
 
 
 def tree_sub(a: Y, b: Y) -> Y:

@@ -211,3 +211,29 @@ def test_float32_model_with_a_python_float_leaf_differentiates():
     # Closed form (mean(x) = 0): w* = 2 v / (v + lam), dw*/dlam = -2 v / (v + lam)^2.
     v = float(jnp.mean(x.astype(jnp.float64) ** 2))
     np.testing.assert_allclose(float(grad), -2 * v / (v + 0.1) ** 2, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_value_and_gradient_are_those_of_the_returned_parameters(dtype):
+    # A bfloat16 or float16 model that computes in float32. `sol.value` and
+    # `sol.stats["grad_norm"]` are `fn`'s value and gradient at `sol.params`, and the
+    # stopping test judged that point: evaluated again there, they agree to float32's
+    # rounding of the value and to one unit in the last place of the gradient.
+    def fn(x, a):
+        x = x.astype(jnp.float32)
+        return jnp.sum(a * (x[1:] - x[:-1] ** 2) ** 2 + (1.0 - x[:-1]) ** 2) + 0.5 * jnp.sum(x**2)
+
+    solve = jax.jit(lambda x0, a: li.optimize(fn, x0, a, throw=False))
+    value_and_grad = jax.jit(jax.value_and_grad(fn))
+    eps = float(jnp.finfo(dtype).eps)
+    for i, a in enumerate([1.0, 10.0, 3.0, 0.3]):
+        x0 = (jnp.full(4, -1.2) + 0.1 * i).astype(dtype)
+        sol = solve(x0, jnp.float32(a))
+        value, grad = value_and_grad(sol.params, jnp.float32(a))
+        np.testing.assert_allclose(float(sol.value), float(value), rtol=1e-6, err_msg=str(i))
+        norm = float(jnp.max(jnp.abs(grad.astype(jnp.float32))))
+        np.testing.assert_allclose(
+            float(sol.stats["grad_norm"]), norm, rtol=eps, atol=eps * norm, err_msg=str(i)
+        )
+        if sol.result == li.RESULTS.successful:
+            assert norm <= default_gtol(dtype) * (1 + eps), (i, norm)
