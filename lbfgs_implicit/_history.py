@@ -56,7 +56,8 @@ class History(eqx.Module):
     order (pair `i` newer than pair `j`) are not kept up to date: $H_k$ does not use
     them, and [`complete_lower`][] fills them in when the solve ends. Without
     `compact`, `sy` holds only `s_i'y_i` (all the two-loop recursion uses) and `yy` is
-    empty.
+    an unused entry (not an empty array: `jax.lax.map` with `batch_size`, and
+    `reshape(-1, ...)` of a batch, cannot take leaves of size zero).
     """
 
     s: PyTree[Array]
@@ -84,7 +85,7 @@ def init_history(
         s=stacked,
         y=stacked,
         sy=jnp.zeros((history_size, history_size) if compact else (history_size,), dtype),
-        yy=jnp.zeros((history_size, history_size) if compact else (0,), dtype),
+        yy=jnp.zeros((history_size, history_size) if compact else (1,), dtype),
         gamma=jnp.ones((), dtype),
         head=jnp.zeros((), jnp.int32),
         count=jnp.zeros((), jnp.int32),

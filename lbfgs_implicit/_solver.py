@@ -374,7 +374,8 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
             history = init_history(
                 x0, self.history_size, dtype, compact=True if box is not None else None
             )
-            k = self.history_size if history.compact else 0  # the two-loop form keeps no proj
+            # The two-loop form keeps no proj: one unused entry (see `History`'s `yy`).
+            k = self.history_size if history.compact else 1
             proj = (jnp.zeros(k, dtype), jnp.zeros(k, dtype))
         else:
             # Pairs of an earlier solve: curvature of a nearby function. They are kept as
@@ -385,7 +386,7 @@ class LBFGS(AbstractMinimiser[_LBFGSState]):
             if history.compact:
                 proj = (_project(history.s, g, dtype), _project(history.y, g, dtype))
             else:
-                proj = (jnp.zeros(0, dtype), jnp.zeros(0, dtype))
+                proj = (jnp.zeros(1, dtype), jnp.zeros(1, dtype))
         return _LBFGSState(
             x=x0,
             f=f,

@@ -332,11 +332,10 @@ def test_batch_by_turns_with_bounds_warm_starts_pytrees_float32():
 
 
 def test_batch_by_turns_with_empty_batched_leaves():
-    # Batched leaves with no elements: an empty array among the arguments, and the
-    # two-loop memory's `yy` (shape (0,), N = 4 parameters) in a warm start. A batch in
-    # as many lanes as elements gathers every batched leaf's rows by a reshape, which
-    # cannot infer a size from an empty leaf. The library's own policy runs such a batch
-    # by turns from 16 tasks of 1,000 float32 parameters.
+    # Batched leaves with no elements: an empty array among the arguments, next to a
+    # warm start. A batch in as many lanes as elements gathers every batched leaf's rows
+    # by a reshape, which cannot infer a size from an empty leaf. The library's own
+    # policy runs such a batch by turns from 16 tasks of 1,000 float32 parameters.
     banana = _banana()
 
     def fn(x, args):
@@ -609,3 +608,20 @@ def test_backward_batching_traced_once(mode, monkeypatch):
     expected = sum(alone(w, SCALES[i], starts[i]) for i in range(len(SCALES)))
     # Within the CG tolerance (3.7e-11): batched and single arithmetic round differently.
     np.testing.assert_allclose(grad, expected, rtol=1e-9)
+
+
+def test_lax_map_in_batches_returns_solutions():
+    # `jax.lax.map(..., batch_size=k)` runs `vmap` over batches of `k` and joins their
+    # outputs with `reshape(-1, ...)`, which JAX cannot do for a leaf of size zero. The
+    # Solution of a small unconstrained solve (the two-loop form) has none: it maps
+    # like any other pytree of arrays, each element that of its solve alone.
+    banana = _banana()
+    solve = _solve(banana)
+    batch = jax.lax.map(lambda xa: solve(*xa), (STARTS[:5], SCALES[:5]), batch_size=2)
+    single = jax.jit(solve)
+    for i in range(5):
+        alone = single(STARTS[i], SCALES[i])
+        assert _code(batch.result, i) == _code(alone.result), i
+        assert int(batch.stats["num_steps"][i]) == int(alone.stats["num_steps"]), i
+        if i != 1:
+            np.testing.assert_allclose(batch.params[i], alone.params, rtol=1e-7)
