@@ -4,6 +4,7 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.extend.core
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -517,8 +518,12 @@ def optimize(
     if not throw:
         return sol
     try:
-        # Concrete when called eagerly, also under an eager `jax.grad`.
-        ok = bool(jnp.all(sol.result == RESULTS.successful))
+        # Concrete when called eagerly, also under an eager `jax.grad`. Read as a NumPy
+        # array, not compared with `jnp`: under `jax.grad` every call is a new trace, and
+        # each operation on its tracers leaves an entry keyed on that trace in JAX's
+        # caches (up to thousands, which slow every later call).
+        codes = jax.extend.core.concrete_or_error(np.asarray, sol.result._value)
+        ok = bool(np.all(codes == np.asarray(RESULTS.successful._value)))
     except jax.errors.ConcretizationTypeError:
         # Inside jax.jit or jax.vmap the outcome is only known when the program runs,
         # so the check has to be part of the program.
