@@ -15,6 +15,7 @@ from ._adjoint import _keep, _masked
 from ._box import active_masks, check_bounds, normalise_bounds, project
 from ._cg import CG
 from ._misc import tree_add, tree_allfinite, tree_neg, tree_where
+from ._optimize import _closed_over, _normalise_fn, _with_consts
 from ._solution import Solution
 
 
@@ -24,10 +25,16 @@ def _hvp(vjp, zero, u):
 
 
 @eqx.filter_jit
-def _newton_start(fn, params, args, has_aux, rtol, max_steps, box=None, earlier=None):
+def _newton_start(
+    fn, params, args, has_aux, rtol, max_steps, box=None, earlier=None, consts=(), fn_text=""
+):
+    del fn_text  # static: part of the cache key, as in `optimize`
+    # The arrays `fn` reads besides `args` as they are now, not as at the first trace.
+    closed = eqx.filter_closure_convert(_normalise_fn(fn, has_aux), params, args)
+    closed = _with_consts(closed, list(consts))
+
     def value(x):
-        out = fn(x, args)
-        return out[0] if has_aux else out
+        return closed(x, args)[0]
 
     prev_params = params
     if earlier is not None:
@@ -139,6 +146,8 @@ def newton_start(
     **Arguments:**
 
     - `fn`: the objective `fn(x, args)` of the solves (`(value, aux)` with `has_aux`).
+      As in `optimize`, the arrays it reads besides `args` (closed over, globals,
+      attributes of its object) are read as they are at each call.
     - `prev`: the [`lbfgs_implicit.Solution`][] of the previous solve (a batch of them
       under `jax.vmap`).
     - `args`: the arguments of the next solve.
@@ -179,5 +188,10 @@ def newton_start(
         box = lax.stop_gradient(normalise_bounds(bounds, params))
         params = project(params, box)
     before = None if earlier is None else lax.stop_gradient(earlier.params)
-    x0, _, _ = _newton_start(fn, params, args, bool(has_aux), rtol, max_steps, box, before)
+    has_aux = bool(has_aux)
+    consts, fn_text = _closed_over(fn, params, args, has_aux)
+    consts = [lax.stop_gradient(c) for c in consts]
+    x0, _, _ = _newton_start(
+        fn, params, args, has_aux, rtol, max_steps, box, before, consts, fn_text
+    )
     return x0

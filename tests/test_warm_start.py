@@ -361,3 +361,24 @@ def test_extrapolated_newton_start_is_no_worse_than_the_previous_solution():
     assert bool(jnp.all(x0 == prev.params))
     with pytest.raises(TypeError, match=r"(?s)earlier.*Solution"):
         li.newton_start(huber, prev, jnp.asarray(0.5), earlier=far.params)
+
+
+_CENTRE = jnp.asarray([1.0, 2.0])
+
+
+def _reads_a_global(x, args):
+    return jnp.sum((x - _CENTRE) ** 2) + 0.1 * jnp.sum(x**2)
+
+
+def test_newton_start_reads_what_fn_reads_now():
+    # An eager outer loop whose objective reads its data from a global (or an object's
+    # attribute) that changes between steps, as `optimize` allows: the Newton step is
+    # taken on the problem as it is now. On this quadratic it lands on the new
+    # minimiser; taken on the first call's problem it is a zero step from `prev`.
+    global _CENTRE
+    _CENTRE = jnp.asarray([1.0, 2.0])
+    prev = li.optimize(_reads_a_global, jnp.zeros(2))
+    li.newton_start(_reads_a_global, prev, None, rtol=1e-12)
+    _CENTRE = jnp.asarray([5.0, 6.0])
+    x0 = li.newton_start(_reads_a_global, prev, None, rtol=1e-12)
+    np.testing.assert_allclose(x0, _CENTRE / 1.1, rtol=1e-10)
