@@ -203,6 +203,23 @@ def explicit_sharding(x: Array | jax.ShapeDtypeStruct) -> jax.sharding.NamedShar
     return sharding
 
 
+def on_context_mesh(x: Array) -> Array:
+    """`x` replicated on the context mesh (`jax.set_mesh`) when that has explicit axes and
+    `x`'s type names no mesh (an array made before the mesh was set); else `x`.
+
+    What the solver makes under such a mesh is typed on it, and so is everything it
+    computes from `x` with them: the iterates would no longer have the type `fn` was
+    closure-converted with at `x0`.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if jax.sharding.AxisType.Explicit not in getattr(mesh, "axis_types", ()):
+        return x
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    if not getattr(getattr(sharding, "mesh", None), "empty", True):
+        return x
+    return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
+
+
 def reduced_sharding(x: Array, ndim: int = 0) -> jax.sharding.NamedSharding | None:
     """Replicated on `x`'s mesh when `x` is split along an explicit axis, else `None`: the
     sharding of a contraction over all of `x`'s axes, which JAX does not infer, for an

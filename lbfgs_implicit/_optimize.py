@@ -16,7 +16,7 @@ from ._box import check_bounds, normalise_bounds
 from ._flat import flat_box, flat_history, FlatFn, flattener, ravel, unflatten_state
 from ._history import COMPACT_MIN_SIZE, History, init_history
 from ._linesearch import StrongWolfe
-from ._misc import accumulation_dtype, common_dtype
+from ._misc import accumulation_dtype, common_dtype, on_context_mesh
 from ._solution import check_can_raise, raise_in_program, RESULTS, Solution, SolveError
 from ._solver import _LBFGSState, AbstractMinimiser, default_gtol, LBFGS
 
@@ -313,6 +313,7 @@ _FLATTEN = True
 @eqx.filter_jit
 def _optimize(fn, x0, args, consts, fn_text, bounds, solver, adjoint, has_aux, throw, warm_start):
     del fn_text  # static: part of the cache key (see `_closed_over`)
+    x0 = jtu.tree_map(on_context_mesh, x0)
     value_dtype = _check_output(fn, x0, args, has_aux)
     solver = _to_value_precision(solver, value_dtype, x0)
     warm = None if warm_start is None else _warm_history(warm_start, x0, solver, bounds is not None)

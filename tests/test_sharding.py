@@ -717,3 +717,25 @@ def test_vmap_split_with_parameters_split_along_another_axis(mode, bounded, per_
         ds, dt = _closed_form_grads(s1[i], {"w": t1[i]}, {"w": w[i]}, lower)
         np.testing.assert_allclose(gs[i], ds, rtol=1e-7)
         np.testing.assert_allclose(gt[i], dt["w"], rtol=1e-7, atol=1e-9)
+
+
+
+@pytest.mark.parametrize("where", ["eager", "jit"])
+def test_arrays_made_before_set_mesh(where):
+    # The usual order: data and starting point made first, then `jax.set_mesh` of an
+    # explicit mesh around the solve. Their types then name no mesh, while what the
+    # solver makes under the mesh does; the solve must still run and match one device.
+    x0 = {"w": jnp.zeros(64)}
+    t = {"w": jnp.asarray(_TARGETS["w"])}
+    s = jnp.asarray(0.7)
+
+    def solve(x0, t, s):
+        return li.optimize(_separable, x0, (t, s), solver=li.LBFGS(gtol=1e-10), throw=False)
+
+    sol1 = jax.jit(solve)(x0, t, s)
+    mesh = jax.make_mesh((8,), ("d",), axis_types=(AxisType.Explicit,))
+    with jax.set_mesh(mesh):
+        sol = (solve if where == "eager" else jax.jit(solve))(x0, t, s)
+    assert sol.result == li.RESULTS.successful
+    np.testing.assert_allclose(np.asarray(sol.params["w"]), np.asarray(sol1.params["w"]), rtol=1e-12)
+
