@@ -9,6 +9,7 @@ import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+from jax.sharding import AxisType
 from jaxtyping import ArrayLike, PyTree
 
 from ._adjoint import AbstractAdjoint, implicit_solve, ImplicitAdjoint
@@ -295,8 +296,23 @@ def _warm_history(warm_start: Solution, x0, solver: AbstractMinimiser, bounded: 
                 f"`warm_start` memory part {where} has shape {shape} and dtype {dtype}, "
                 f"but this solve needs shape {shape_w} and dtype {dtype_w}; {fix}."
             )
+    # Laid out as this solve's own memory would be (a Solution from one device for
+    # parameters split on an explicit mesh, or the other way round): the loop writes
+    # `x0`-shaped pairs into it and carries it with the types it starts with.
+    history = jtu.tree_map(_laid_out_like, history, expected)
     # Like `x0`, the memory only changes where the solve starts, not the minimiser.
     return lax.stop_gradient(history)
+
+
+def _laid_out_like(a, want: jax.ShapeDtypeStruct):
+    """`a` resharded to `want`'s sharding where that is on a mesh with explicit axes (on
+    `Auto` axes the compiler chooses, and a type's spec would force a replicated one)."""
+    sharding = getattr(want, "sharding", None)
+    if AxisType.Explicit not in getattr(getattr(sharding, "mesh", None), "axis_types", ()):
+        return a
+    if getattr(jax.typeof(a), "sharding", None) == sharding:
+        return a
+    return jax.sharding.reshard(a, sharding)
 
 
 def _exact_round_trip(value_dtype, loop_dtype) -> bool:

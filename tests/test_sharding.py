@@ -739,3 +739,30 @@ def test_arrays_made_before_set_mesh(where):
     assert sol.result == li.RESULTS.successful
     np.testing.assert_allclose(np.asarray(sol.params["w"]), np.asarray(sol1.params["w"]), rtol=1e-12)
 
+
+
+@pytest.mark.parametrize("direction", ["one-device-to-split", "split-to-replicated"])
+def test_warm_start_across_explicit_layouts(direction):
+    # A Solution computed with the parameters laid out one way warm-starts a solve whose
+    # `x0` is laid out another way on an explicit mesh: the memory holds the same pairs,
+    # so the solve runs, uses them, and gives the first solve's answer in `x0`'s layout.
+    mesh = jax.make_mesh((8,), ("d",), axis_types=(AxisType.Explicit,))
+    s = jnp.asarray(0.7)
+    solve = jax.jit(
+        lambda x0, t, prev: li.optimize(
+            _separable, x0, (t, s), solver=li.LBFGS(gtol=1e-10), throw=False, warm_start=prev
+        )
+    )
+    put = lambda a, spec: {"w": jax.device_put(jnp.asarray(a), NamedSharding(mesh, spec))}  # noqa: E731
+    if direction == "one-device-to-split":
+        prev = solve({"w": jnp.zeros(64)}, {"w": jnp.asarray(_TARGETS["w"])}, None)
+        spec = P("d")
+    with jax.set_mesh(mesh):
+        if direction == "split-to-replicated":
+            prev = solve(put(np.zeros(64), P("d")), put(_TARGETS["w"], P("d")), None)
+            spec = P()
+        sol = solve(put(np.zeros(64), spec), put(_TARGETS["w"], spec), prev)
+    assert sol.result == li.RESULTS.successful
+    assert int(sol.stats["warm_pairs"]) > 0
+    _assert_kept(sol.params["w"], mesh, spec)
+    np.testing.assert_allclose(np.asarray(sol.params["w"]), np.asarray(prev.params["w"]), rtol=1e-8)
