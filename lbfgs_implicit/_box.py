@@ -33,7 +33,15 @@ import numpy as np
 from jaxtyping import Array, Bool, PyTree, Scalar
 
 from ._history import History, reset_history
-from ._misc import eps as _eps, matmul, split_like, tree_dot, tree_norm_inf, unsplit
+from ._misc import (
+    eps as _eps,
+    explicit_sharding,
+    matmul,
+    split_like,
+    tree_dot,
+    tree_norm_inf,
+    unsplit,
+)
 
 
 class Box(eqx.Module):
@@ -140,11 +148,13 @@ def normalise_bounds(bounds, x0: PyTree[Array]) -> Box:
     lowers, uppers = _sides(bounds, x0)
     leaves, treedef = jtu.tree_flatten(x0)
 
-    # Split like the leaf along explicit mesh axes (elementwise with it from here on).
+    # Laid out like the leaf along explicit mesh axes, unsplit where it is (elementwise
+    # with it from here on: a bound split where its leaf is not would split the iterates).
     def full(side, leaf, sign):
         if side is None:
             return split_like(jnp.full(leaf.shape, sign * jnp.inf, leaf.dtype), leaf)
-        return split_like(jnp.broadcast_to(jnp.asarray(side).astype(leaf.dtype), leaf.shape), leaf)
+        side = jnp.broadcast_to(jnp.asarray(side).astype(leaf.dtype), leaf.shape)
+        return split_like(side, leaf) if explicit_sharding(leaf) is not None else unsplit(side)
 
     lower = [full(s, leaf, -1) for s, leaf in zip(lowers, leaves)]
     upper = [full(s, leaf, 1) for s, leaf in zip(uppers, leaves)]

@@ -719,7 +719,6 @@ def test_vmap_split_with_parameters_split_along_another_axis(mode, bounded, per_
         np.testing.assert_allclose(gt[i], dt["w"], rtol=1e-7, atol=1e-9)
 
 
-
 @pytest.mark.parametrize("where", ["eager", "jit"])
 def test_arrays_made_before_set_mesh(where):
     # The usual order: data and starting point made first, then `jax.set_mesh` of an
@@ -737,8 +736,9 @@ def test_arrays_made_before_set_mesh(where):
     with jax.set_mesh(mesh):
         sol = (solve if where == "eager" else jax.jit(solve))(x0, t, s)
     assert sol.result == li.RESULTS.successful
-    np.testing.assert_allclose(np.asarray(sol.params["w"]), np.asarray(sol1.params["w"]), rtol=1e-12)
-
+    np.testing.assert_allclose(
+        np.asarray(sol.params["w"]), np.asarray(sol1.params["w"]), rtol=1e-12
+    )
 
 
 @pytest.mark.parametrize("direction", ["one-device-to-split", "split-to-replicated"])
@@ -766,3 +766,34 @@ def test_warm_start_across_explicit_layouts(direction):
     assert int(sol.stats["warm_pairs"]) > 0
     _assert_kept(sol.params["w"], mesh, spec)
     np.testing.assert_allclose(np.asarray(sol.params["w"]), np.asarray(prev.params["w"]), rtol=1e-8)
+
+
+@pytest.mark.parametrize("layout", ["replicated-leaf", "other-axis"])
+def test_bounds_laid_out_unlike_their_leaf_on_an_explicit_mesh(layout):
+    # A bound is data: it may be split when its leaf is not, or along another axis of a
+    # 2-D mesh. The box is the same, so the answer is the one-device answer, in the
+    # leaf's layout.
+    t = {"w": jnp.asarray(_TARGETS["w"])}
+    lower = {"w": jnp.full(64, -0.5)}
+    s = jnp.asarray(0.7)
+    solve = jax.jit(
+        lambda x0, t, lower: li.optimize(
+            _separable, x0, (t, s), solver=li.LBFGS(gtol=1e-10), bounds=(lower, None), throw=False
+        )
+    )
+    sol1 = solve({"w": jnp.zeros(64)}, t, lower)
+    if layout == "replicated-leaf":
+        mesh = jax.make_mesh((8,), ("d",), axis_types=(AxisType.Explicit,))
+        x_spec, lower_spec = P(), P("d")
+    else:
+        mesh = jax.make_mesh((4, 2), ("a", "b"), axis_types=(AxisType.Explicit,) * 2)
+        x_spec, lower_spec = P("b"), P("a")
+    put = lambda tree, spec: jax.device_put(tree, NamedSharding(mesh, spec))  # noqa: E731
+    with jax.set_mesh(mesh):
+        sol = solve(put({"w": jnp.zeros(64)}, x_spec), put(t, x_spec), put(lower, lower_spec))
+    assert sol.result == li.RESULTS.successful
+    assert int(sol.stats["num_active"]) > 0
+    _assert_kept(sol.params["w"], mesh, x_spec)
+    np.testing.assert_allclose(
+        np.asarray(sol.params["w"]), np.asarray(sol1.params["w"]), rtol=1e-12
+    )
