@@ -34,6 +34,7 @@ from jaxtyping import Array, Bool, PyTree, Scalar
 
 from ._history import History, reset_history
 from ._misc import (
+    common_dtype,
     eps as _eps,
     explicit_sharding,
     matmul,
@@ -228,9 +229,9 @@ def snap(x, d, xt, box: Box):
     """`xt = x + a d` projected, with coordinates within rounding of the bound they move
     towards set exactly on it, so the iterate lands on the bound the step aimed at (the
     line search's step to the box's edge, or the projected subspace point)."""
-    eps = _eps(jnp.result_type(*jtu.tree_leaves(x)))  # jnp.finfo: bfloat16 too
 
     def one(xi, di, ti, lo, up):
+        eps = _eps(xi.dtype)  # each leaf's own rounding; jnp.finfo: bfloat16 too
         tol_lo = 4 * eps * (jnp.abs(xi) + jnp.abs(jnp.where(jnp.isfinite(lo), lo, 0)))
         tol_up = 4 * eps * (jnp.abs(xi) + jnp.abs(jnp.where(jnp.isfinite(up), up, 0)))
         hit_lo = (di < 0) & jnp.isfinite(lo) & (ti <= lo + tol_lo)
@@ -447,7 +448,7 @@ def max_step(x: PyTree[Array], d: PyTree[Array], box: Box) -> Scalar:
         return jnp.min(jnp.maximum(ratio, 0))
 
     leaves = jtu.tree_leaves(jtu.tree_map(one, x, d, *_b(box)))
-    dtype = jnp.result_type(*leaves)
+    dtype = common_dtype(leaves)
     cap = jnp.asarray(min(1e10, float(jnp.finfo(dtype).max)), dtype)
     return jnp.minimum(jnp.min(jnp.stack([v.astype(dtype) for v in leaves])), cap)
 

@@ -607,3 +607,17 @@ def test_second_derivatives_of_the_value_through_an_active_bound(adjoint):
     hess = jax.jit(jax.hessian(value, argnums=(0, 1)))(u, t)
     got = np.array([[float(np.ravel(hess[i][j])[0]) for j in range(2)] for i in range(2)])
     np.testing.assert_allclose(got, [[1.0, -1.0], [-1.0, 1.0]], rtol=1e-8, atol=1e-10)
+
+
+def test_mixed_dtype_leaves_with_bounds():
+    # A float64 leaf beside a float32 one, bounded; the suite runs with strict dtype
+    # promotion, so the box's step cap must not promote the leaves implicitly.
+    def fn(x, t):
+        return jnp.sum((x["w"] - t) ** 2) + jnp.sum((x["c"].astype(jnp.float64) - 0.3) ** 2)
+
+    x0 = {"w": jnp.zeros(4), "c": jnp.zeros(2, jnp.float32)}
+    t = jnp.asarray([-1.0, 0.0, 0.5, 2.0])
+    sol = li.optimize(fn, x0, t, bounds=(-0.5, 1.0), solver=li.LBFGS(gtol=1e-6))
+    np.testing.assert_allclose(np.asarray(sol.params["w"]), [-0.5, 0.0, 0.5, 1.0], atol=1e-6)
+    np.testing.assert_allclose(np.asarray(sol.params["c"]), [0.3, 0.3], atol=1e-6)
+    assert sol.params["c"].dtype == jnp.float32
