@@ -330,8 +330,8 @@ def _cauchy_point(x, g, lo, up, b: _Compact):
     Once the active set has settled, that is usually the first segment (most iterations
     of the bounds benchmark's problems pass no breakpoint), which needs only the smallest
     breakpoint: the sort is skipped then (`lax.cond`; under `vmap` both branches run).
-    Otherwise all segments are evaluated at once from cumulative sums
-    over the sorted breakpoints (`O(n m^2)`, no sequential loop).
+    Otherwise the segments are evaluated `CAUCHY_BLOCK` at a time from cumulative sums
+    over the sorted breakpoints (`O(n m^2)` at most, no loop over single breakpoints).
 
     Returns $x^c$, the breakpoints and the step $t^*$.
     """
@@ -358,37 +358,87 @@ def _cauchy_point(x, g, lo, up, b: _Compact):
     return xc, t, tstar
 
 
+# Segments of the Cauchy path evaluated together: the sorted branch holds `2 m` rows of
+# this many entries instead of `2 m` rows of the parameters (it scans the path a block at
+# a time and stops at the block holding the point).
+CAUCHY_BLOCK = 512
+
+
+def _exclusive_cumsum(a: Array) -> Array:
+    """Sums of the entries before each one along the last axis."""
+    return jnp.cumsum(a, axis=-1) - a
+
+
 def _cauchy_step_sorted(t, d, p0, b: _Compact):
-    """$t^*$ from all segments at once, over the sorted breakpoints."""
+    """$t^*$ over the sorted breakpoints, `CAUCHY_BLOCK` segments at a time.
+
+    Segment $j$ runs from $t_{(j)}$ ($t_{(0)} = 0$) to $t_{(j+1)}$ with the first $j$
+    sorted coordinates held: $p_j = p_0 - \\sum_{k<j} d_{(k)} w_{(k)}$ and
+    $c_j = \\sum_{k<j} (t_{(k+1)} - t_{(k)}) p_k$. A block's segments are evaluated at
+    once from cumulative sums, continuing the running sums of the blocks before it, and
+    the scan stops at the first segment that holds a minimiser of the model.
+    """
     dtype = t.dtype
     eps = jnp.finfo(dtype).eps
+    n = t.shape[0]
+    size = min(CAUCHY_BLOCK, n + 1)
+    blocks = -(-(n + 1) // size)
     order = jnp.argsort(t)
     ts = t[order]
-    ds = d[order]
-    ws = b.w[:, order]
-    zero_col = jnp.zeros((b.w.shape[0], 1), dtype)
-    # p_j = p0 - sum_{k<j} d_(k) w_(k): segment j has the first j sorted coordinates fixed.
-    p = p0[:, None] - jnp.concatenate([zero_col, jnp.cumsum(ws * ds[None, :], axis=1)], axis=1)
-    dsq = ds * ds
-    q = jnp.maximum(jnp.sum(dsq) - jnp.concatenate([jnp.zeros(1, dtype), jnp.cumsum(dsq)]), 0)
-    start = jnp.concatenate([jnp.zeros(1, dtype), ts])
-    end = jnp.concatenate([ts, jnp.full(1, jnp.inf, dtype)])
-    reachable = jnp.isfinite(start)
-    width = jnp.where(reachable, end - start, jnp.inf)
-    finite_width = jnp.where(jnp.isfinite(width), width, 0)
-    # c_j = sum_{k<j} (T_{k+1} - T_k) p_k
-    c = jnp.concatenate([zero_col, jnp.cumsum(p[:, :-1] * finite_width[None, :-1], axis=1)], axis=1)
-    mp = matmul(b.m, p)
-    start0 = jnp.where(reachable, start, 0)
-    f1 = -q + b.theta * start0 * q - jnp.sum(c * mp, axis=0)
-    f2 = b.theta * q - jnp.sum(p * mp, axis=0)
-    # SciPy's safeguard against a curvature lost to cancellation along the path.
-    f2 = jnp.maximum(f2, eps * f2[0])
-    dtm = jnp.where(f2 > 0, -f1 / jnp.where(f2 > 0, f2, 1), jnp.inf)
-    stop = reachable & ((f1 >= 0) | (dtm < width) | ~jnp.isfinite(width))
-    j = jnp.argmax(stop)
-    step = jnp.where(f1[j] >= 0, 0, jnp.clip(dtm[j], 0, width[j]))
-    return start0[j] + jnp.where(jnp.isfinite(step), step, 0)
+    pad = blocks * size - n
+    # Segment j starts at starts[j] and ends at ends[j]; the coordinate held from its end
+    # on is the sorted one at j (none past n).
+    starts = jnp.concatenate([jnp.zeros(1, dtype), ts, jnp.full(pad - 1, jnp.inf, dtype)])
+    ends = jnp.concatenate([ts, jnp.full(pad, jnp.inf, dtype)])
+    ds = jnp.concatenate([d[order], jnp.zeros(pad, dtype)])
+    order = jnp.concatenate([order, jnp.zeros(pad, order.dtype)])
+    total = jnp.sum(d * d)
+    mp0 = matmul(b.m, p0)
+    curvature0 = b.theta * total - jnp.sum(p0 * mp0)  # f'' of segment 0, for the safeguard
+
+    def scan(carry):
+        k, held, path, dsq_held, _, _ = carry
+        j = k * size + jnp.arange(size, dtype=jnp.int32)
+        start = lax.dynamic_slice(starts, (k * size,), (size,))
+        end = lax.dynamic_slice(ends, (k * size,), (size,))
+        dk = lax.dynamic_slice(ds, (k * size,), (size,))
+        wk = b.w[:, lax.dynamic_slice(order, (k * size,), (size,))]
+        wk = jnp.where((j < n)[None, :], wk, 0)
+        step = wk * dk[None, :]
+        p = p0[:, None] - (held[:, None] + _exclusive_cumsum(step))
+        dsq = dk * dk
+        q = jnp.maximum(total - (dsq_held + _exclusive_cumsum(dsq)), 0)
+        reachable = jnp.isfinite(start)
+        width = jnp.where(reachable, end - start, jnp.inf)
+        finite_width = jnp.where(jnp.isfinite(width), width, 0)
+        moved = p * finite_width[None, :]
+        c = path[:, None] + _exclusive_cumsum(moved)
+        mp = matmul(b.m, p)
+        start0 = jnp.where(reachable, start, 0)
+        f1 = -q + b.theta * start0 * q - jnp.sum(c * mp, axis=0)
+        f2 = b.theta * q - jnp.sum(p * mp, axis=0)
+        # SciPy's safeguard against a curvature lost to cancellation along the path.
+        f2 = jnp.maximum(f2, eps * curvature0)
+        dtm = jnp.where(f2 > 0, -f1 / jnp.where(f2 > 0, f2, 1), jnp.inf)
+        stop = (j <= n) & reachable & ((f1 >= 0) | (dtm < width) | ~jnp.isfinite(width))
+        i = jnp.argmax(stop)
+        here = jnp.where(f1[i] >= 0, 0, jnp.clip(dtm[i], 0, width[i]))
+        tstar = start0[i] + jnp.where(jnp.isfinite(here), here, 0)
+        found = jnp.any(stop)
+        return (
+            k + 1,
+            held + jnp.sum(step, axis=1),
+            path + jnp.sum(moved, axis=1),
+            dsq_held + jnp.sum(dsq),
+            found,
+            tstar,
+        )
+
+    zeros = jnp.zeros_like(p0)
+    init = (jnp.zeros((), jnp.int32), zeros, zeros, jnp.zeros((), dtype), jnp.array(False))
+    init = (*init, jnp.zeros((), dtype))
+    *_, tstar = lax.while_loop(lambda c: ~c[4] & (c[0] < blocks), scan, init)
+    return tstar
 
 
 def _subspace(x, g, lo, up, xc, free, b: _Compact):

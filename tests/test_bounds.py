@@ -181,12 +181,17 @@ def _dense_cauchy_point(x, g, lo, up, theta, pairs):
     raise AssertionError("the model is unbounded along the path")
 
 
-def test_cauchy_point_matches_a_dense_reference():
+@pytest.mark.parametrize("block", [512, 3, 1])
+def test_cauchy_point_matches_a_dense_reference(block, monkeypatch):
     """The generalized Cauchy point (first segment shortcut and the sorted path) equals
-    a sequential walk with a dense B, with a wrapped-around ring buffer."""
+    a sequential walk with a dense B, with a wrapped-around ring buffer; the sorted path
+    scanned in one block, in blocks of 3 segments (of the 10 of 9 coordinates) and one
+    segment at a time."""
+    from lbfgs_implicit import _box
     from lbfgs_implicit._box import _cauchy_point, _compact
     from lbfgs_implicit._history import init_history, push_history
 
+    monkeypatch.setattr(_box, "CAUCHY_BLOCK", block)
     jax.config.update("jax_enable_x64", True)
     rng = np.random.default_rng(5)
     n, m = 9, 3
