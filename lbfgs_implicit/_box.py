@@ -393,8 +393,7 @@ def _cauchy_step_sorted(t, d, p0, b: _Compact):
     ds = jnp.concatenate([d[order], jnp.zeros(pad, dtype)])
     order = jnp.concatenate([order, jnp.zeros(pad, order.dtype)])
     total = jnp.sum(d * d)
-    mp0 = matmul(b.m, p0)
-    curvature0 = b.theta * total - jnp.sum(p0 * mp0)  # f'' of segment 0, for the safeguard
+    curvature0 = b.theta * total - jnp.sum(p0 * matmul(b.m, p0))  # segment 0's, for the safeguard
 
     def scan(carry):
         k, held, path, dsq_held, _, _ = carry
@@ -434,9 +433,16 @@ def _cauchy_step_sorted(t, d, p0, b: _Compact):
             tstar,
         )
 
-    zeros = jnp.zeros_like(p0)
-    init = (jnp.zeros((), jnp.int32), zeros, zeros, jnp.zeros((), dtype), jnp.array(False))
-    init = (*init, jnp.zeros((), dtype))
+    # (block, sum of the held w_k d_k, sum of width_k p_k, sum of the held d_k^2, found, t*)
+    zero = jnp.zeros((), dtype)
+    init = (
+        jnp.zeros((), jnp.int32),
+        jnp.zeros_like(p0),
+        jnp.zeros_like(p0),
+        zero,
+        jnp.array(False),
+        zero,
+    )
     *_, tstar = lax.while_loop(lambda c: ~c[4] & (c[0] < blocks), scan, init)
     return tstar
 
