@@ -387,7 +387,7 @@ def _cauchy_step_sorted(t, d, p0, b: _Compact):
     ts = t[order]
     pad = blocks * size - n
     # Segment j starts at starts[j] and ends at ends[j]; the coordinate held from its end
-    # on is the sorted one at j (none past n).
+    # on is the sorted one at j (none past n). Padding segments start at inf: unreachable.
     starts = jnp.concatenate([jnp.zeros(1, dtype), ts, jnp.full(pad - 1, jnp.inf, dtype)])
     ends = jnp.concatenate([ts, jnp.full(pad, jnp.inf, dtype)])
     ds = jnp.concatenate([d[order], jnp.zeros(pad, dtype)])
@@ -419,7 +419,7 @@ def _cauchy_step_sorted(t, d, p0, b: _Compact):
         # SciPy's safeguard against a curvature lost to cancellation along the path.
         f2 = jnp.maximum(f2, eps * curvature0)
         dtm = jnp.where(f2 > 0, -f1 / jnp.where(f2 > 0, f2, 1), jnp.inf)
-        stop = (j <= n) & reachable & ((f1 >= 0) | (dtm < width) | ~jnp.isfinite(width))
+        stop = reachable & ((f1 >= 0) | (dtm < width) | ~jnp.isfinite(width))
         i = jnp.argmax(stop)
         here = jnp.where(f1[i] >= 0, 0, jnp.clip(dtm[i], 0, width[i]))
         tstar = start0[i] + jnp.where(jnp.isfinite(here), here, 0)
